@@ -1,0 +1,175 @@
+"""Plans and runs a pipeline: fingerprints every stage, reuses finished ones, runs the rest."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from palmflow.dag import fingerprint as fp_lib
+from palmflow.dag import kinds as kinds_lib
+from palmflow.dag import spec as spec_lib
+from palmflow.dag.store import Store
+from palmflow.errors import ConfigError, PalmflowError, StageFailed
+
+
+@dataclasses.dataclass
+class PlannedStage:
+  name: str
+  kind: str
+  fingerprint: str
+  identity: dict
+  inputs: dict[str, str | list[str]]   # slot -> upstream fingerprint(s)
+  action: str                          # "run" | "reuse" | "resume"
+  reasons: list[str]
+
+
+def _log(msg: str) -> None:
+  ts = datetime.datetime.now().strftime("%H:%M:%S")
+  print(f"[{ts}] {msg}", file=sys.stderr, flush=True)
+
+
+def plan(pipeline: spec_lib.Pipeline, store: Store) -> list[PlannedStage]:
+  """Fingerprints each stage (in dependency order) and decides whether it runs.
+
+  Returns:
+    One `PlannedStage` per stage, with the reasons it runs (what changed).
+  """
+  registry = kinds_lib.registry()
+  fps: dict[str, str] = {}
+  out: list[PlannedStage] = []
+  will_run: set[str] = set()
+  for name in pipeline.order:
+    st = pipeline.stages[name]
+    kind = registry[st.kind]
+    try:
+      identity = kind.identity(st.settings, base_dir=pipeline.base_dir)
+    except FileNotFoundError as e:
+      raise ConfigError(str(e), path=str(pipeline.path), line=st.line, stage=name,
+                        field="settings",
+                        hint="paths are relative to the pipeline file's folder") from None
+    inputs = {slot: ([fps[r] for r in ref] if isinstance(ref, list) else fps[ref])
+              for slot, ref in sorted(st.inputs.items())}
+    fp = fp_lib.fingerprint(kind=st.kind, version=kind.version, identity=identity,
+                            inputs=inputs)
+    fps[name] = fp
+    if store.is_complete(name, fp):
+      out.append(PlannedStage(name, st.kind, fp, identity, inputs, "reuse", ["up to date"]))
+      continue
+    reasons = []
+    latest = store.latest(name)
+    if latest is None:
+      reasons.append("never run")
+    else:
+      changes = fp_lib.diff(latest.get("identity", {}), identity)
+      reasons += [f"setting {c}" for c in changes]
+      for slot, ref in st.inputs.items():
+        if latest.get("inputs", {}).get(slot) != inputs[slot]:
+          refs = ref if isinstance(ref, list) else [ref]
+          why = ("will run" if set(refs) & will_run else "changed")
+          reasons.append(f"input '{slot}' ({', '.join(refs)}) {why}")
+      if not reasons:
+        reasons.append("code version of kind changed")
+    action = "run"
+    if store.stage_dir(name, fp).exists() and kind.resumable:
+      action = "resume"
+      reasons.append("resuming a partial run")
+    will_run.add(name)
+    out.append(PlannedStage(name, st.kind, fp, identity, inputs, action, reasons))
+  return out
+
+
+def format_plan(planned: list[PlannedStage], store: Store) -> str:
+  width = max(len(p.name) for p in planned)
+  lines = []
+  for p in planned:
+    tag = {"reuse": "reuse ", "run": "RUN   ", "resume": "RESUME"}[p.action]
+    lines.append(f"  {tag} {p.name:<{width}}  {p.kind:<9} {p.fingerprint}  "
+                 f"{'; '.join(p.reasons)}")
+  return f"store: {store.root}\n" + "\n".join(lines)
+
+
+def run(pipeline: spec_lib.Pipeline, store: Store, *,
+        log: Callable[[str], None] = _log,
+        only: set[str] | None = None) -> tuple[list[PlannedStage], list[str]]:
+  """Runs every stage that is not finished, in dependency order.
+
+  Args:
+    pipeline: a validated pipeline.
+    store: where outputs go.
+    log: where progress lines go.
+    only: if given, run only these stages (their upstream must be finished or also listed).
+  Returns:
+    (the plan, the names of the stages that ran now).
+  Raises:
+    StageFailed: a stage raised; finished stages stay published, the failed one does not.
+  """
+  registry = kinds_lib.registry()
+  planned = plan(pipeline, store)
+  by_name = {p.name: p for p in planned}
+  log(f"pipeline '{pipeline.name}' ({pipeline.path}), store {store.root}")
+  executed: list[str] = []
+  for p in planned:
+    if p.action == "reuse":
+      log(f"stage {p.name}: up to date ({p.fingerprint}), reused")
+      continue
+    if only is not None and p.name not in only:
+      log(f"stage {p.name}: would run but is not selected; stopping here")
+      break
+    st = pipeline.stages[p.name]
+    kind = registry[st.kind]
+    log(f"stage {p.name} ({st.kind}) {p.fingerprint}: running ({'; '.join(p.reasons)})")
+    out_dir = store.prepare(p.name, p.fingerprint, resumable=kind.resumable)
+
+    def upstream(ref: str) -> kinds_lib.Upstream:
+      u = by_name[ref]
+      return kinds_lib.Upstream(name=ref, kind=u.kind, fingerprint=u.fingerprint,
+                                path=store.stage_dir(ref, u.fingerprint),
+                                manifest=store.manifest(ref, u.fingerprint))
+    inputs = {slot: ([upstream(r) for r in ref] if isinstance(ref, list) else upstream(ref))
+              for slot, ref in st.inputs.items()}
+    all_up = {}
+    stack = list(st.upstream_names())
+    while stack:
+      n = stack.pop()
+      if n not in all_up:
+        all_up[n] = upstream(n)
+        stack.extend(pipeline.stages[n].upstream_names())
+    ctx = kinds_lib.StageContext(
+        name=p.name, pipeline=pipeline.name, out_dir=out_dir, settings=st.settings,
+        inputs=inputs, placement=pipeline.placement, fingerprint=p.fingerprint,
+        all_upstream=all_up, log=lambda m, _n=p.name: log(f"  {_n}: {m}"),
+        store_root=store.root, base_dir=pipeline.base_dir)
+    started = time.time()
+    try:
+      summary = kind.run(ctx) or {}
+    except PalmflowError:
+      raise
+    except Exception as e:  # noqa: BLE001 - reported with the stage's name, then re-raised
+      tb = traceback.format_exc()
+      (out_dir / "error.txt").write_text(tb)
+      raise StageFailed(f"stage '{p.name}' ({st.kind}) failed: {type(e).__name__}: {e}\n"
+                        f"  full traceback: {out_dir / 'error.txt'}\n  partial output "
+                        f"kept in {out_dir} (not marked COMPLETED)") from e
+    finished = time.time()
+    store.publish(p.name, p.fingerprint, {
+        "stage": p.name, "kind": st.kind, "kind_version": kind.version,
+        "fingerprint": p.fingerprint, "identity": p.identity, "inputs": p.inputs,
+        "upstream": {slot: ref for slot, ref in st.inputs.items()},
+        "produces": kind.produces, "summary": summary,
+        "started": datetime.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
+        "finished": datetime.datetime.fromtimestamp(finished).isoformat(timespec="seconds"),
+        "duration_s": round(finished - started, 2), "pipeline_file": str(pipeline.path)})
+    (out_dir / "error.txt").unlink(missing_ok=True)
+    log(f"stage {p.name}: done in {finished - started:.1f}s -> {out_dir}")
+    executed.append(p.name)
+  return planned, executed
+
+
+def resolve_path(base_dir: Path, p: str) -> Path:
+  """A settings path, relative to the pipeline file's folder unless absolute."""
+  q = Path(p).expanduser()
+  return q if q.is_absolute() else (base_dir / q)

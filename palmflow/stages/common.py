@@ -1,0 +1,79 @@
+"""Helpers shared by stage kinds: Beam flags from placement, input digests."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from palmflow.dag.store import file_digest
+
+
+def beam_args(placement: Mapping[str, Any], *, job_name: str) -> list[str]:
+  """Beam pipeline flags from the pipeline file's `placement.beam` (runner named explicitly).
+
+  The runner defaults to DirectRunner: Beam's own default first tries to download the
+  Prism runner, which fails without internet.
+  """
+  beam = dict(placement.get("beam") or {})
+  args = [f"--runner={beam.get('runner', 'DirectRunner')}",
+          f"--job_name={job_name.lower().replace('_', '-')}"]
+  for k, v in (beam.get("options") or {}).items():
+    if isinstance(v, bool):
+      if v:
+        args.append(f"--{k}")
+    else:
+      args.append(f"--{k}={v}")
+  return args
+
+
+def path_identity(base_dir: Path, path: str) -> dict:
+  """Identity of an input file: the path as written plus the content digest (not mtime)."""
+  from palmflow.dag.executor import resolve_path
+  p = resolve_path(base_dir, path)
+  if any(ch in path for ch in "*?["):
+    files = sorted(p.parent.glob(p.name))
+    if not files:
+      raise FileNotFoundError(f"no file matches '{path}' (looked in {p.parent})")
+    return {"path": path, "files": {f.name: file_digest(f) for f in files}}
+  if not p.exists():
+    raise FileNotFoundError(f"file '{path}' not found (resolved to {p})")
+  return {"path": path, "sha256": file_digest(p)}
+
+
+def run_binary(ctx, argv: list[str], *, log_name: str) -> None:
+  """Runs a palmflow binary (train/eval) as a subprocess, as a user would run it.
+
+  The command is saved as `command.sh` in the stage directory; output goes to `log_name`
+  there, and progress lines are echoed. In a terminal, stderr is passed through so the
+  binary's progress bar shows. `placement.train.env` and `.extra_flags` apply (e.g.
+  XLA_FLAGS, multi-host flags); they are not part of the stage's identity.
+  """
+  import os
+  import shlex
+  import subprocess
+  import sys
+  from palmflow.dag.store import write_text
+  placement = dict(ctx.placement.get("train") or {})
+  argv = list(argv) + list(placement.get("extra_flags") or [])
+  env = dict(os.environ)
+  env.update(placement.get("env") or {})
+  repo = str(Path(__file__).resolve().parents[2])
+  env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+  write_text(ctx.out_dir / "command.sh",
+             "#!/bin/sh\n" + shlex.join(argv).replace(" --", " \\\n  --") + "\n")
+  ctx.log(f"$ {' '.join(shlex.quote(a) for a in argv[1:3])} ... "
+          f"(full command: {ctx.out_dir / 'command.sh'})")
+  log_path = ctx.out_dir / log_name
+  interactive = sys.stderr.isatty()
+  with open(log_path, "a", encoding="utf-8") as logf:
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, cwd=repo, text=True,
+                            stderr=None if interactive else subprocess.STDOUT)
+    for line in proc.stdout:
+      logf.write(line)
+      logf.flush()
+      low = line.lower()
+      if " step " in line or "error" in low or "eval" in low or "warning" in low:
+        ctx.log(line.rstrip())
+    rc = proc.wait()
+  if rc != 0:
+    tail = "".join(log_path.read_text(encoding="utf-8").splitlines(True)[-30:])
+    raise RuntimeError(f"{argv[2]} exited with {rc}; last lines of {log_path}:\n{tail}")

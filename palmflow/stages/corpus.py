@@ -1,0 +1,87 @@
+"""`corpus`: read named sources, clean, dedup and write JSONL document shards (a Beam job)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from palmflow.dag.kinds import StageKind, register, setting
+from palmflow.stages.common import beam_args, path_identity
+
+FORMATS = ("python_stdlib", "text", "jsonl", "csv", "tsv", "parquet", "tfrecord", "tfds")
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusSettings:
+  sources: list[dict[str, Any]] = setting(
+      doc="named sources, e.g. {name: stdlib, format: python_stdlib} or {name: books, "
+          "format: text, path: 'data/*.txt.gz', unit: file}; formats: " + ", ".join(FORMATS))
+  normalize: str = setting("NFC", doc="Unicode normalization form (NFC, NFKC, ...; '' = none)")
+  filters: dict[str, Any] = setting(
+      default_factory=dict, doc="FilterConfig fields: min_chars, max_chars, "
+      "min_alpha_fraction, max_repeated_line_fraction, max_line_length")
+  dedup: str = setting("none", doc="none | exact | near | exact+near")
+  near_dedup: dict[str, Any] = setting(
+      default_factory=dict, doc="NearDedup arguments: shingle_size, num_perm, bands, "
+      "threshold, seed")
+  num_shards: int = setting(4, doc="number of output shards")
+
+  def validate(self):
+    names = set()
+    for i, s in enumerate(self.sources):
+      if "name" not in s or "format" not in s:
+        raise ValueError(f"sources.{i}: each source needs 'name' and 'format'")
+      if s["format"] not in FORMATS:
+        raise ValueError(f"sources.{i}.format: unknown format {s['format']!r} "
+                         f"(known: {', '.join(FORMATS)})")
+      if s["name"] in names:
+        raise ValueError(f"sources.{i}.name: duplicate source name {s['name']!r}")
+      names.add(s["name"])
+    if self.dedup not in ("none", "exact", "near", "exact+near"):
+      raise ValueError(f"dedup: {self.dedup!r} is not one of none, exact, near, exact+near")
+    if self.num_shards < 1:
+      raise ValueError("num_shards: must be at least 1")
+
+
+@register
+class Corpus(StageKind):
+  kind = "corpus"
+  version = "1"
+  produces = "documents"
+  settings_cls = CorpusSettings
+  doc = "Beam: read sources, normalize, filter, dedup -> JSONL document shards + stats.json"
+
+  def identity(self, settings, *, base_dir):
+    ident = dataclasses.asdict(settings)
+    srcs = []
+    for s in settings.sources:
+      s = dict(s)
+      if s["format"] == "python_stdlib":
+        from pipelines.transforms.stdlib import python_version
+        s["python_version"] = python_version()
+      elif "path" in s and "://" not in s["path"]:
+        s["content"] = path_identity(base_dir, s["path"])
+      srcs.append(s)
+    ident["sources"] = srcs
+    return ident
+
+  def run(self, ctx):
+    from pipelines import corpus as job
+    from palmflow.dag.executor import resolve_path
+    s = ctx.settings
+    sources = []
+    for src in s.sources:
+      src = dict(src)
+      if "path" in src and "://" not in src["path"]:
+        src["path"] = str(resolve_path(ctx.base_dir, src["path"]))
+      sources.append(src)
+    argv = [f"--sources={json.dumps(sources)}", f"--output_dir={ctx.out_dir}",
+            f"--num_shards={s.num_shards}", f"--normalize={s.normalize}",
+            f"--filters={json.dumps(s.filters) if s.filters else ''}",
+            f"--dedup={s.dedup}", f"--near_dedup={json.dumps(s.near_dedup)}"]
+    ctx.log(f"Beam job pipelines.corpus on {beam_args(ctx.placement, job_name='x')[0]}")
+    stats = job.run(argv + beam_args(ctx.placement, job_name=f"{ctx.pipeline}-{ctx.name}"))
+    ctx.log(f"{stats['documents_in']} documents in, {stats['documents_out']} out, "
+            f"{stats['bytes_out'] / 1e6:.1f} MB")
+    return {"documents": stats["documents_out"], "bytes": stats["bytes_out"],
+            "shard_pattern": stats["shard_pattern"]}

@@ -1,0 +1,150 @@
+"""t5x-style flags for the train/eval/infer binaries: gin files, bindings, search paths.
+
+    --gin_file=runs/pretrain.gin --gin_file=models/palm_tiny.gin      (repeatable, in order)
+    --gin.TRAIN_STEPS=1000 --gin.MODEL_DIR=\"/tmp/run\"                (macro shorthand)
+    --gin_bindings='train_lib.train.eval_period = 50'                 (repeatable)
+    --gin_search_paths=/my/configs,/other                             (relative files/includes)
+
+The repository's `gin/` folder is always searched last. A `--gin.NAME` override of a macro
+that no parsed file references is an error naming the closest macros (gin would otherwise
+accept a misspelt macro silently).
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import re
+from pathlib import Path
+from typing import Sequence
+
+import gin
+
+from palmflow.errors import ConfigError
+
+REPO_GIN_DIR = Path(__file__).resolve().parents[2] / "gin"
+_INCLUDE = re.compile(r"^\s*include\s+['\"]([^'\"]+)['\"]", re.M)
+_MACRO_REF = re.compile(r"%([A-Za-z_][A-Za-z0-9_./]*)")
+_MACRO_DEF = re.compile(r"^([A-Z_][A-Z0-9_]*)\s*=", re.M)
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--gin_file", action="append", default=[],
+                      help="gin file (repeatable; relative paths use --gin_search_paths)")
+  parser.add_argument("--gin_bindings", action="append", default=[],
+                      help="a gin binding (repeatable)")
+  parser.add_argument("--gin_search_paths", default="",
+                      help="comma-separated folders for relative gin files and includes")
+  parser.add_argument("--tfds_data_dir", default=None, help="TFDS data directory")
+  parser.add_argument("--seqio_additional_cache_dirs", default="",
+                      help="comma-separated extra seqio cache directories")
+  parser.add_argument("--task_spec", action="append", default=[],
+                      help="palmflow task.json to register as a seqio task (repeatable)")
+  parser.add_argument("--coordinator_address", default=None,
+                      help="multi-host: host:port of process 0")
+  parser.add_argument("--process_count", type=int, default=None)
+  parser.add_argument("--process_index", type=int, default=None)
+
+
+def split_gin_shorthand(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Separates `--gin.NAME=VALUE` flags (returned as bindings) from the rest."""
+  rest, bindings = [], []
+  for a in argv:
+    if a.startswith("--gin.") and "=" in a:
+      name, value = a[len("--gin."):].split("=", 1)
+      bindings.append(f"{name} = {value}")
+    else:
+      rest.append(a)
+  return rest, bindings
+
+
+def search_paths(flag: str) -> list[Path]:
+  paths = [Path(p) for p in flag.split(",") if p.strip()]
+  return paths + [REPO_GIN_DIR]
+
+
+def resolve(name: str, paths: Sequence[Path]) -> Path:
+  p = Path(name)
+  if p.is_absolute() and p.exists():
+    return p
+  for base in [Path.cwd()] + list(paths):
+    if (base / p).exists():
+      return base / p
+  raise ConfigError("gin file not found", path=name, field="--gin_file",
+                    hint=f"searched {', '.join(str(x) for x in paths)}")
+
+
+def gin_texts(files: Sequence[str], paths: Sequence[Path]) -> dict[str, str]:
+  """Every file's text, includes followed (for fingerprints and macro checks)."""
+  out: dict[str, str] = {}
+
+  def visit(name):
+    p = resolve(name, paths)
+    key = str(p)
+    if key in out:
+      return
+    out[key] = p.read_text(encoding="utf-8")
+    for inc in _INCLUDE.findall(out[key]):
+      visit(inc)
+  for f in files:
+    visit(f)
+  return out
+
+
+def check_macro_overrides(bindings: Sequence[str], texts: dict[str, str]) -> None:
+  """Raises ConfigError for a macro override (`NAME = v`) that no gin file references."""
+  all_text = "\n".join(texts.values()) + "\n" + "\n".join(bindings)
+  referenced = set(_MACRO_REF.findall(all_text)) | set(_MACRO_DEF.findall(
+      "\n".join(texts.values())))
+  for b in bindings:
+    name = b.split("=", 1)[0].strip()
+    if re.fullmatch(r"[A-Z_][A-Z0-9_]*", name) and name not in referenced:
+      close = difflib.get_close_matches(name, sorted(referenced), n=3, cutoff=0.5)
+      raise ConfigError(f"macro {name} is not used by any gin file", field=f"--gin.{name}",
+                        hint=(f"did you mean {' or '.join(close)}?" if close else
+                              f"macros in these files: {', '.join(sorted(referenced))}"))
+
+
+def parse(files: Sequence[str], bindings: Sequence[str], search: str = "") -> None:
+  """Parses gin files then bindings (after checking macro overrides), with clear errors."""
+  paths = search_paths(search)
+  texts = gin_texts(files, paths)
+  check_macro_overrides(bindings, texts)
+  for p in paths:
+    gin.add_config_file_search_path(str(p))
+  try:
+    gin.parse_config_files_and_bindings([str(resolve(f, paths)) for f in files],
+                                        list(bindings), finalize_config=False,
+                                        skip_unknown=False)
+  except (ValueError, KeyError, ImportError, SyntaxError, NameError) as e:
+    raise ConfigError(f"gin configuration error: {e}", field="--gin_file/--gin_bindings",
+                      hint="check the binding's name against the gin files' configurables"
+                      ) from None
+
+
+def parse_flags(argv: Sequence[str], description: str) -> argparse.Namespace:
+  """Parses the t5x flags; `--gin.NAME=V` become bindings appended after --gin_bindings."""
+  rest, shorthand = split_gin_shorthand(argv)
+  parser = argparse.ArgumentParser(description=description)
+  add_flags(parser)
+  args = parser.parse_args(rest)
+  args.gin_bindings = list(args.gin_bindings) + shorthand
+  return args
+
+
+def setup_runtime(args: argparse.Namespace) -> None:
+  """Multi-host init, TFDS dir, seqio cache dirs and task specs, before gin is parsed."""
+  import jax
+  if args.coordinator_address:
+    jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                               num_processes=args.process_count,
+                               process_id=args.process_index)
+  if args.tfds_data_dir:
+    import seqio
+    seqio.set_tfds_data_dir_override(args.tfds_data_dir)
+  if args.seqio_additional_cache_dirs:
+    import seqio
+    seqio.add_global_cache_dirs(args.seqio_additional_cache_dirs.split(","))
+  if args.task_spec:
+    from tasks import specs
+    for p in args.task_spec:
+      specs.register_from_file(p)

@@ -1,0 +1,137 @@
+"""The decoder-only model as the trainer sees it: loss, scoring and decoding over seqio batches.
+
+Batches are what seqio's LM / PrefixLM feature converters produce: `decoder_input_tokens`,
+`decoder_target_tokens`, `decoder_loss_weights`, optionally `decoder_segment_ids`,
+`decoder_positions` (packed blocks) and `decoder_causal_attention` (prefix LM).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from palmflow.trainer import losses
+from palmflow.trainer.models import PaLMConfig, PaLMDecoder
+
+Batch = Mapping[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderOnlyModel:
+  """A PaLM decoder with its loss and decoding settings (t5x `DecoderOnlyModel` analogue).
+
+  Attributes:
+    config: the architecture.
+    optimizer: the optax optimizer used to train it.
+    label_smoothing: LABEL_SMOOTHING.
+    z_loss: Z_LOSS (PaLM: 1e-4).
+    loss_normalizing_factor: None (per real target token), a number, or a
+      `losses.LossNormalizingFactor` name.
+    attend_across_documents: False confines attention to one document of a packed block.
+  """
+
+  config: PaLMConfig
+  optimizer: optax.GradientTransformation | None = None
+  label_smoothing: float = 0.0
+  z_loss: float = 1e-4
+  loss_normalizing_factor: Any = None
+  attend_across_documents: bool = False
+
+  @property
+  def module(self) -> PaLMDecoder:
+    return PaLMDecoder(self.config)
+
+  def init(self, rng: jax.Array, *, batch_size: int, length: int):
+    """Boxed variables (with logical axis names) for inputs of this shape."""
+    tokens = jnp.zeros((batch_size, length), jnp.int32)
+    return self.module.init({"params": rng}, tokens)
+
+  def _logits(self, params, batch: Batch, *, dropout_rng=None):
+    seg = None if self.attend_across_documents else batch.get("decoder_segment_ids")
+    rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+    return self.module.apply(
+        {"params": params}, batch["decoder_input_tokens"], segment_ids=seg,
+        positions=batch.get("decoder_positions"),
+        causal_attention_mask=batch.get("decoder_causal_attention"),
+        deterministic=dropout_rng is None, rngs=rngs)
+
+  def loss_fn(self, params, batch: Batch, dropout_rng=None):
+    """(loss, metrics sums) for one batch; dropout when `dropout_rng` is given."""
+    logits = self._logits(params, batch, dropout_rng=dropout_rng)
+    loss, z, stats = losses.cross_entropy_loss(
+        logits, batch["decoder_target_tokens"], weights=batch["decoder_loss_weights"],
+        label_smoothing=self.label_smoothing, z_loss=self.z_loss,
+        loss_normalizing_factor=self.loss_normalizing_factor)
+    stats = dict(stats, z_loss=z)
+    return loss, stats
+
+  def score_batch(self, params, batch: Batch) -> jax.Array:
+    """Sum of target-token log-likelihoods per example ([batch] float32)."""
+    logits = self._logits(params, batch)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    tok = jnp.take_along_axis(logp, batch["decoder_target_tokens"][..., None], -1)[..., 0]
+    return jnp.sum(tok * batch["decoder_loss_weights"], axis=-1)
+
+  def predict_batch(self, params, batch: Batch, *, max_decode_length: int,
+                    eos_id: int = 1, temperature: float = 0.0, top_k: int = 0,
+                    rng: jax.Array | None = None) -> jax.Array:
+    """Decodes after each example's prefix (greedy, or temperature sampling with top-k).
+
+    The prefix is where `decoder_causal_attention` is 1 (prefix LM); without it the whole
+    non-padding input is the prefix. Each step re-runs the model on the buffer (no cache),
+    which is fine for the short targets of classification and QA.
+
+    Returns:
+      [batch, max_decode_length] int32 tokens, 0 after the first EOS.
+    """
+    tokens = batch["decoder_input_tokens"]
+    b, length = tokens.shape
+    if "decoder_causal_attention" in batch:
+      prefix = batch["decoder_causal_attention"]
+    else:
+      prefix = (batch["decoder_target_tokens"] > 0).astype(jnp.int32)
+    plen = jnp.sum(prefix, axis=-1).astype(jnp.int32)        # [b]
+    idx = jnp.arange(length)[None, :]
+    buf = jnp.where(idx < plen[:, None], tokens, 0)
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+
+    def step(i, carry):
+      buf, out, done, rng = carry
+      logits = self.module.apply({"params": params}, buf, causal_attention_mask=prefix)
+      pos = jnp.clip(plen - 1 + i, 0, length - 1)
+      last = jnp.take_along_axis(logits, pos[:, None, None], axis=1)[:, 0, :]
+      rng, sub = jax.random.split(rng)
+      if temperature > 0:
+        scaled = last / temperature
+        if top_k:
+          kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]
+          scaled = jnp.where(scaled < kth, -1e10, scaled)
+        nxt = jax.random.categorical(sub, scaled).astype(jnp.int32)
+      else:
+        nxt = jnp.argmax(last, axis=-1).astype(jnp.int32)
+      nxt = jnp.where(done, 0, nxt)
+      out = out.at[:, i].set(nxt)
+      write = jnp.clip(pos + 1, 0, length - 1)
+      buf = jnp.where((idx == write[:, None]) & ~done[:, None] & (pos + 1 < length)[:, None],
+                      nxt[:, None], buf)
+      done = done | (nxt == eos_id)
+      return buf, out, done, rng
+    out = jnp.zeros((b, max_decode_length), jnp.int32)
+    done = jnp.zeros((b,), bool)
+    _, out, _, _ = jax.lax.fori_loop(0, max_decode_length, step, (buf, out, done, rng))
+    return out
+
+
+def strip_after_eos(tokens: np.ndarray, eos_id: int = 1) -> list[list[int]]:
+  """Token lists cut at (and without) the first EOS and padding."""
+  out = []
+  for row in np.asarray(tokens):
+    row = row.tolist()
+    if eos_id in row:
+      row = row[:row.index(eos_id)]
+    out.append([t for t in row if t != 0])
+  return out

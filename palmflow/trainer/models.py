@@ -1,0 +1,457 @@
+"""PaLM-style decoder-only language model (flax.linen), free of gin.
+
+The architecture follows the PaLM paper (Chowdhery et al., 2022, section 2): SwiGLU feed-forward,
+the parallel block formulation ``y = x + attn(ln(x)) + mlp(ln(x))``, multi-query attention,
+rotary position embeddings, shared input/output embeddings (pre-softmax logits scaled by
+``1/sqrt(d_model)``), no biases, and layer norms without bias.
+
+Every parameter carries logical axis names (``vocab``, ``embed``, ``mlp``, ``heads``, ``kv``,
+``layers``) so that ``palmflow.trainer.partitioning`` maps it onto a ``data`` x ``model`` mesh.
+Layers are stacked with ``nn.scan``: one layer is traced whatever the depth, so compiling a tiny
+model is quick and ``jax.eval_shape`` of PaLM 540B takes well under a second.
+
+Local check (CPU)::
+
+        python -c "import jax, jax.numpy as jnp; from palmflow.trainer import models; \
+c = models.PaLMConfig(vocab_size=512, num_layers=2, d_model=64, num_heads=4, head_dim=16, \
+d_ff=256); m = models.PaLMDecoder(config=c); t = jnp.zeros((2, 8), jnp.int32); \
+print(m.apply(m.init(jax.random.key(0), t), t).shape)"
+
+On an accelerator the same code runs unchanged; the mesh comes from ``partitioning.Partitioner``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+DTYPES: dict[str, Any] = {
+    "float32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "float16": jnp.float16,
+}
+
+# Finite "minus infinity" for masked attention logits (computed in float32).
+_MASK_VALUE = -1e10
+
+
+@dataclasses.dataclass(frozen=True)
+class PaLMConfig:
+    """Shape and numerics of a PaLM decoder.
+
+    The paper's sizes (Table 1) live in ``gin/models/palm_{8b,62b,540b}.gin``.
+    """
+
+    vocab_size: int
+    """Number of token ids (rows of the embedding matrix); PaLM uses 256k SentencePiece pieces."""
+    num_layers: int
+    """Number of decoder layers."""
+    d_model: int
+    """Width of the residual stream (embedding size)."""
+    num_heads: int
+    """Number of query heads."""
+    head_dim: int
+    """Size of each attention head (PaLM: 256). Must be even (rotary embeddings rotate pairs)."""
+    d_ff: int
+    """Hidden width of the SwiGLU feed-forward (PaLM: 4 * d_model)."""
+    multi_query: bool = True
+    """True: one key/value head shared by all query heads (PaLM). False: multi-head attention."""
+    parallel_block: bool = True
+    """True: ``y = x + attn(ln(x)) + mlp(ln(x))`` with one layer norm (PaLM). False: serial
+    pre-norm block ``x = x + attn(ln1(x)); y = x + mlp(ln2(x))``."""
+    dropout_rate: float = 0.0
+    """Dropout on the attention and MLP outputs when ``deterministic=False`` (PaLM pretraining: 0;
+    t5x finetuning default: 0.1)."""
+    dtype: str = "float32"
+    """Activation/compute dtype: "float32", "bfloat16" or "float16". Softmax, layer-norm statistics
+    and logits are always float32."""
+    param_dtype: str = "float32"
+    """Dtype parameters are stored in (cast to ``dtype`` for compute)."""
+    rope_max_wavelength: float = 10000.0
+    """Longest wavelength of the rotary position embedding."""
+    remat: bool = False
+    """Rematerialise each layer's activations in the backward pass (saves memory, costs compute)."""
+    shared_embedding: bool = True
+    """True: logits = final_norm(x) @ embedding^T / sqrt(d_model) (PaLM). False: a separate
+    ``logits_kernel`` ("embed", "vocab") without scaling."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "num_layers", "d_model", "num_heads", "head_dim", "d_ff"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"PaLMConfig.{name} must be a positive int, got {value!r}.")
+        if self.head_dim % 2:
+            raise ValueError(
+                f"PaLMConfig.head_dim must be even for rotary embeddings, got {self.head_dim}.")
+        for name in ("dtype", "param_dtype"):
+            value = getattr(self, name)
+            if value not in DTYPES:
+                raise ValueError(
+                    f"PaLMConfig.{name} must be one of {sorted(DTYPES)}, got {value!r}.")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(
+                f"PaLMConfig.dropout_rate must be in [0, 1), got {self.dropout_rate!r}.")
+        if self.rope_max_wavelength <= 0:
+            raise ValueError(
+                f"PaLMConfig.rope_max_wavelength must be > 0, got {self.rope_max_wavelength!r}.")
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Number of key/value heads: 1 for multi-query attention, else ``num_heads``."""
+        return 1 if self.multi_query else self.num_heads
+
+    def num_params(self) -> int:
+        """Returns the number of parameters; see `count_params`."""
+        return count_params(self)
+
+
+def count_params(config: PaLMConfig) -> int:
+    """Counts the parameters of `PaLMDecoder` analytically (no tracing).
+
+    Args:
+        config: the model configuration.
+
+    Returns:
+        The number of scalar parameters, equal to the size of ``PaLMDecoder(config).init(...)``.
+    """
+    d, h, k, f = config.d_model, config.num_heads, config.head_dim, config.d_ff
+    attention = d * h * k + 2 * d * config.num_kv_heads * k + h * k * d
+    mlp = 3 * d * f
+    norms = (1 if config.parallel_block else 2) * d
+    per_layer = attention + mlp + norms
+    embeddings = config.vocab_size * d * (1 if config.shared_embedding else 2)
+    return config.num_layers * per_layer + embeddings + d  # + final norm
+
+
+def _kernel_init(in_axis: int | tuple[int, ...], out_axis: int | tuple[int, ...]):
+    """PaLM's "fan-in variance scaling": W ~ N(0, 1/n_in)."""
+    return nn.initializers.variance_scaling(
+        1.0, "fan_in", "normal", in_axis=in_axis, out_axis=out_axis)
+
+
+class LayerNorm(nn.Module):
+    """Layer normalisation with a scale and no bias; statistics in float32.
+
+    Attributes:
+        dtype: output dtype.
+        param_dtype: dtype of the scale parameter.
+        epsilon: added to the variance.
+    """
+
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    epsilon: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """Normalises over the last axis.
+
+        Args:
+            x: [..., embed].
+
+        Returns:
+            The normalised and scaled ``x`` in ``dtype``.
+        """
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+            (x.shape[-1],), self.param_dtype)
+        x = x.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        centred = x - mean
+        var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+        y = centred * jax.lax.rsqrt(var + self.epsilon)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def rotary_sin_cos(positions: Array, *, head_dim: int,
+                   max_wavelength: float) -> tuple[Array, Array]:
+    """Sine and cosine tables of the rotary embedding.
+
+    Args:
+        positions: [batch, length] integer positions.
+        head_dim: size of a head (even).
+        max_wavelength: longest wavelength.
+
+    Returns:
+        (sin, cos), each [batch, length, head_dim // 2] float32.
+    """
+    half = head_dim // 2
+    timescale = max_wavelength ** (jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions.astype(jnp.float32)[..., None] / timescale
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rotary(x: Array, sin: Array, cos: Array) -> Array:
+    """Rotates the halves of the last axis of ``x`` by position-dependent angles.
+
+    Args:
+        x: [batch, length, ..., head_dim].
+        sin: [batch, length, head_dim // 2].
+        cos: [batch, length, head_dim // 2].
+
+    Returns:
+        The rotated ``x``, same shape and dtype.
+    """
+    extra = x.ndim - sin.ndim
+    shape = sin.shape[:2] + (1,) * extra + sin.shape[2:]
+    sin, cos = sin.reshape(shape), cos.reshape(shape)
+    first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def make_attention_mask(*, batch: int, length: int, segment_ids: Array | None = None,
+                        causal_attention_mask: Array | None = None) -> Array:
+    """Which key positions each query position may attend to.
+
+    Args:
+        batch: batch size.
+        length: sequence length.
+        segment_ids: optional [batch, length] packed-document ids (0 = padding); attention stays
+            inside a document.
+        causal_attention_mask: optional [batch, length], 1 on prefix (input) positions; attention
+            among prefix positions is bidirectional (prefix LM).
+
+    Returns:
+        [batch, 1, length, length] bool, True where query i may attend to key j.
+    """
+    idx = jnp.arange(length)
+    mask = jnp.broadcast_to(idx[:, None] >= idx[None, :], (batch, length, length))
+    if causal_attention_mask is not None:
+        prefix = causal_attention_mask.astype(bool)
+        mask = mask | (prefix[:, :, None] & prefix[:, None, :])
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return mask[:, None, :, :]
+
+
+class Attention(nn.Module):
+    """Multi-query (or multi-head) causal self-attention with rotary embeddings, no biases.
+
+    Attributes:
+        config: the model configuration.
+    """
+
+    config: PaLMConfig
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array, sin: Array, cos: Array) -> Array:
+        """Attends.
+
+        Args:
+            x: [batch, length, embed] normalised input in the compute dtype.
+            mask: [batch, 1, length, length] bool from `make_attention_mask`.
+            sin: [batch, length, head_dim // 2] from `rotary_sin_cos`.
+            cos: same shape as ``sin``.
+
+        Returns:
+            [batch, length, embed] in the compute dtype.
+        """
+        c = self.config
+        dtype, param_dtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
+        d, h, k = c.d_model, c.num_heads, c.head_dim
+
+        def heads_kernel(name: str) -> Array:
+            init = nn.with_logical_partitioning(_kernel_init(0, (1, 2)), ("embed", "heads", "kv"))
+            return self.param(name, init, (d, h, k), param_dtype).astype(dtype)
+
+        query = jnp.einsum("bld,dhk->blhk", x, heads_kernel("query"))
+        if c.multi_query:
+            def kv_kernel(name: str) -> Array:
+                return self.param(
+                    name, nn.with_logical_partitioning(_kernel_init(0, 1), ("embed", "kv")),
+                    (d, k), param_dtype).astype(dtype)
+            key = jnp.einsum("bld,dk->blk", x, kv_kernel("key"))
+            value = jnp.einsum("bld,dk->blk", x, kv_kernel("value"))
+            kv_names = ("batch", "length", "kv")
+        else:
+            key = jnp.einsum("bld,dhk->blhk", x, heads_kernel("key"))
+            value = jnp.einsum("bld,dhk->blhk", x, heads_kernel("value"))
+            kv_names = ("batch", "length", "heads", "kv")
+        query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
+        key = nn.with_logical_constraint(key, kv_names)
+        value = nn.with_logical_constraint(value, kv_names)
+
+        query = apply_rotary(query, sin, cos) * jnp.asarray(k ** -0.5, dtype)
+        key = apply_rotary(key, sin, cos)
+
+        if c.multi_query:
+            logits = jnp.einsum("bqhk,bsk->bhqs", query, key, preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("bqhk,bshk->bhqs", query, key, preferred_element_type=jnp.float32)
+        logits = jnp.where(mask, logits, _MASK_VALUE)
+        probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+        if c.multi_query:
+            context = jnp.einsum("bhqs,bsk->bqhk", probs, value)
+        else:
+            context = jnp.einsum("bhqs,bshk->bqhk", probs, value)
+        context = nn.with_logical_constraint(context, ("batch", "length", "heads", "kv"))
+
+        out_kernel = self.param(
+            "out", nn.with_logical_partitioning(_kernel_init((0, 1), 2), ("heads", "kv", "embed")),
+            (h, k, d), param_dtype).astype(dtype)
+        out = jnp.einsum("bqhk,hkd->bqd", context, out_kernel)
+        return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+
+class SwiGLU(nn.Module):
+    """Feed-forward ``(swish(x W_gate) * (x W_in)) W_out`` without biases.
+
+    Attributes:
+        config: the model configuration.
+    """
+
+    config: PaLMConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """Applies the feed-forward.
+
+        Args:
+            x: [batch, length, embed] in the compute dtype.
+
+        Returns:
+            [batch, length, embed] in the compute dtype.
+        """
+        c = self.config
+        dtype, param_dtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
+
+        def kernel(name: str, shape: tuple[int, int], names: tuple[str, str]) -> Array:
+            return self.param(name, nn.with_logical_partitioning(_kernel_init(0, 1), names),
+                              shape, param_dtype).astype(dtype)
+
+        wi_shape, wi_names = (c.d_model, c.d_ff), ("embed", "mlp")
+        gate = jnp.einsum("bld,df->blf", x, kernel("wi_gate", wi_shape, wi_names))
+        lin = jnp.einsum("bld,df->blf", x, kernel("wi", wi_shape, wi_names))
+        hidden = nn.with_logical_constraint(nn.silu(gate) * lin, ("batch", "length", "mlp"))
+        out = jnp.einsum("blf,fd->bld", hidden, kernel("wo", (c.d_ff, c.d_model), ("mlp", "embed")))
+        return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+
+class DecoderLayer(nn.Module):
+    """One PaLM block (parallel or serial formulation), shaped for ``nn.scan``.
+
+    Attributes:
+        config: the model configuration.
+        deterministic: disables dropout.
+    """
+
+    config: PaLMConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array, sin: Array,
+                 cos: Array) -> tuple[Array, None]:
+        """Applies the block.
+
+        Args:
+            x: [batch, length, embed] residual stream in the compute dtype.
+            mask: [batch, 1, length, length] bool attention mask.
+            sin: rotary table, [batch, length, head_dim // 2].
+            cos: rotary table, [batch, length, head_dim // 2].
+
+        Returns:
+            (new residual stream, None): the scan carry and an empty per-layer output.
+        """
+        c = self.config
+        dtype, param_dtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
+        dropout = nn.Dropout(rate=c.dropout_rate, deterministic=self.deterministic)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        if c.parallel_block:
+            normed = LayerNorm(dtype=dtype, param_dtype=param_dtype, name="pre_norm")(x)
+            attn = Attention(config=c, name="attention")(normed, mask, sin, cos)
+            mlp = SwiGLU(config=c, name="mlp")(normed)
+            y = x + dropout(attn) + dropout(mlp)
+        else:
+            normed = LayerNorm(dtype=dtype, param_dtype=param_dtype, name="pre_attention_norm")(x)
+            x = x + dropout(Attention(config=c, name="attention")(normed, mask, sin, cos))
+            normed = LayerNorm(dtype=dtype, param_dtype=param_dtype, name="pre_mlp_norm")(x)
+            y = x + dropout(SwiGLU(config=c, name="mlp")(normed))
+        return nn.with_logical_constraint(y, ("batch", "length", "embed")), None
+
+
+class PaLMDecoder(nn.Module):
+    """PaLM decoder-only language model.
+
+    Parameters (logical axes): ``embedding`` (vocab, embed); ``layers/...`` stacked along a leading
+    ``layers`` axis: ``attention/query`` (embed, heads, kv), ``attention/key|value`` (embed, kv)
+    for multi-query else (embed, heads, kv), ``attention/out`` (heads, kv, embed),
+    ``mlp/wi_gate|wi`` (embed, mlp), ``mlp/wo`` (mlp, embed), norm ``scale`` (embed,);
+    ``final_norm/scale``; ``logits_kernel`` (embed, vocab) only without shared embeddings.
+
+    Attributes:
+        config: the model configuration.
+    """
+
+    config: PaLMConfig
+
+    @nn.compact
+    def __call__(self, tokens: Array, *, segment_ids: Array | None = None,
+                 positions: Array | None = None, causal_attention_mask: Array | None = None,
+                 deterministic: bool = True) -> Array:
+        """Computes next-token logits.
+
+        Args:
+            tokens: [batch, length] int token ids (decoder input tokens), each < vocab_size
+                (an out-of-range id yields NaN logits rather than an error under jit).
+            segment_ids: optional [batch, length] ids of packed documents (0 = padding);
+                attention is confined to the query's own document.
+            positions: optional [batch, length] positions for the rotary embedding; for packed
+                blocks pass the per-document positions (seqio's ``decoder_positions``).
+                Default: 0..length-1 in every row.
+            causal_attention_mask: optional [batch, length], 1 on prefix positions (seqio's
+                ``decoder_causal_attention``); attention is bidirectional among them (prefix LM).
+            deterministic: if False, applies dropout (needs the "dropout" rng).
+
+        Returns:
+            [batch, length, vocab_size] float32 logits.
+        """
+        c = self.config
+        dtype, param_dtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
+        batch, length = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        mask = make_attention_mask(batch=batch, length=length, segment_ids=segment_ids,
+                                   causal_attention_mask=causal_attention_mask)
+        sin, cos = rotary_sin_cos(positions, head_dim=c.head_dim,
+                                  max_wavelength=c.rope_max_wavelength)
+
+        # PaLM: no layer norm on the embeddings, so they are initialised N(0, 1).
+        embedding = self.param(
+            "embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                      ("vocab", "embed")),
+            (c.vocab_size, c.d_model), param_dtype)
+        x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+        layer_cls = DecoderLayer
+        if c.remat:
+            layer_cls = nn.remat(layer_cls, prevent_cse=False)
+        stack = nn.scan(
+            layer_cls,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            length=c.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, _ = stack(config=c, deterministic=deterministic, name="layers")(x, mask, sin, cos)
+
+        x = LayerNorm(dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
+        if c.shared_embedding:
+            logits = jnp.einsum("bld,vd->blv", x, embedding.astype(dtype),
+                                preferred_element_type=jnp.float32)
+            logits = logits / np.sqrt(c.d_model).astype(np.float32)
+        else:
+            init = nn.with_logical_partitioning(_kernel_init(0, 1), ("embed", "vocab"))
+            kernel = self.param("logits_kernel", init, (c.d_model, c.vocab_size), param_dtype)
+            logits = jnp.einsum("bld,dv->blv", x, kernel.astype(dtype),
+                                preferred_element_type=jnp.float32)
+        return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))

@@ -1,0 +1,309 @@
+"""The training loop (library code: no gin here; `palmflow.trainer.train` binds it).
+
+    train(model=..., train_dataset_cfg=..., partitioner=..., model_dir=..., total_steps=...)
+
+Restore order at start (t5x): the latest valid checkpoint in `model_dir`, else
+`restore_cfg.path` (INITIAL_CHECKPOINT_PATH), else from scratch. `total_steps` is absolute:
+fine-tuning 1000 steps from a step-20000 checkpoint means total_steps=21000. A resumed run
+skips the batches already consumed and folds the step into the dropout key, so it ends with
+the same parameters as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from palmflow.trainer import checkpoints as ckpt_lib
+from palmflow.trainer import data as data_lib
+from palmflow.trainer.lm import DecoderOnlyModel
+from palmflow.trainer.partitioning import Partitioner
+
+log = logging.getLogger("palmflow.train")
+
+
+class MetricsWriter:
+  """Appends metrics to `<dir>/metrics.jsonl` and TensorBoard event files in `<dir>`."""
+
+  def __init__(self, directory: Path, *, tensorboard: bool = True):
+    self.dir = Path(directory)
+    self.dir.mkdir(parents=True, exist_ok=True)
+    self._tb = None
+    self._enabled = jax.process_index() == 0
+    if tensorboard and self._enabled:
+      import tensorflow as tf
+      self._tb = tf.summary.create_file_writer(str(self.dir))
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    if not self._enabled:
+      return
+    with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+      f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}})
+              + "\n")
+    if self._tb is not None:
+      import tensorflow as tf
+      with self._tb.as_default():
+        for k, v in metrics.items():
+          tf.summary.scalar(k, float(v), step=int(step))
+      self._tb.flush()
+
+
+def _truncate_metrics(path: Path, max_step: int) -> None:
+  """Drops logged lines after `max_step` (a resumed run re-logs those steps)."""
+  if not path.exists():
+    return
+  keep = [l for l in path.read_text().splitlines()
+          if l.strip() and json.loads(l)["step"] <= max_step]
+  path.write_text("".join(l + "\n" for l in keep))
+
+
+class Progress:
+  """A tqdm bar in a terminal, a plain log line every `every` steps otherwise."""
+
+  def __init__(self, *, start: int, total: int, every: int, desc: str):
+    self._tty = sys.stderr.isatty() and jax.process_index() == 0
+    self._every, self._desc, self._total = every, desc, total
+    self._bar = None
+    if self._tty:
+      from tqdm import tqdm
+      self._bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
+
+  def update(self, step: int, metrics: dict[str, float]) -> None:
+    text = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+    if self._bar is not None:
+      self._bar.update(1)
+      if step % self._every == 0:
+        self._bar.set_postfix_str(text)
+    elif step % self._every == 0 or step == self._total:
+      if jax.process_index() == 0:
+        print(f"{self._desc} step {step}/{self._total} {text}", file=sys.stderr, flush=True)
+
+  def close(self):
+    if self._bar is not None:
+      self._bar.close()
+
+
+def _split_microbatches(batch, n: int):
+  return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
+
+
+def make_train_step(model: DecoderOnlyModel, tx: optax.GradientTransformation, *,
+                    num_microbatches: int, dropout_seed: int,
+                    learning_rate_fn: Callable | None) -> Callable:
+  """(params, opt_state, batch, step) -> (params, opt_state, metrics)."""
+  use_dropout = model.config.dropout_rate > 0
+
+  def grads_of(params, batch, rng):
+    def f(p):
+      loss, stats = model.loss_fn(p, batch, dropout_rng=rng)
+      nf = stats["normalizing_factor"]
+      return loss * jax.lax.stop_gradient(nf), (stats, nf)
+    (weighted, (stats, nf)), g = jax.value_and_grad(f, has_aux=True)(params)
+    return weighted, nf, g, stats
+
+  def step_fn(params, opt_state, batch, step):
+    rng = jax.random.fold_in(jax.random.PRNGKey(dropout_seed), step) if use_dropout else None
+    if num_microbatches <= 1:
+      weighted, nf, grads, stats = grads_of(params, batch, rng)
+    else:
+      micro = _split_microbatches(batch, num_microbatches)
+
+      def body(carry, xs):
+        i, mb = xs
+        r = jax.random.fold_in(rng, i) if rng is not None else None
+        w, n, g, s = grads_of(params, mb, r)
+        acc_w, acc_n, acc_g, acc_s = carry
+        return (acc_w + w, acc_n + n, jax.tree.map(jnp.add, acc_g, g),
+                jax.tree.map(jnp.add, acc_s, s)), None
+      zeros_g = jax.tree.map(jnp.zeros_like, params)
+      _, _, _, s0 = grads_of(params, jax.tree.map(lambda x: x[0], micro), None)
+      zeros_s = jax.tree.map(jnp.zeros_like, s0)
+      (weighted, nf, grads, stats), _ = jax.lax.scan(
+          body, (jnp.zeros([]), jnp.zeros([]), zeros_g, zeros_s),
+          (jnp.arange(num_microbatches), micro))
+    nf = jnp.maximum(nf, 1e-8)
+    grads = jax.tree.map(lambda g: g / nf, grads)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {
+        "loss": weighted / nf,
+        "cross_ent_loss": stats["cross_ent_loss_sum"] / jnp.maximum(
+            stats["accuracy_denominator"], 1e-8),
+        "accuracy": stats["accuracy_numerator"] / jnp.maximum(
+            stats["accuracy_denominator"], 1e-8),
+        "grad_norm": optax.global_norm(grads),
+        "nonpadding_tokens": stats["accuracy_denominator"],
+    }
+    if learning_rate_fn is not None:
+      metrics["learning_rate"] = learning_rate_fn(step)
+    return params, opt_state, metrics
+  return step_fn
+
+
+def make_eval_step(model: DecoderOnlyModel) -> Callable:
+  def eval_fn(params, batch):
+    _, stats = model.loss_fn(params, batch)
+    return {"cross_ent_loss_sum": stats["cross_ent_loss_sum"],
+            "accuracy_numerator": stats["accuracy_numerator"],
+            "weights": stats["accuracy_denominator"]}
+  return eval_fn
+
+
+def evaluate_loss(eval_fn, params, ds, partitioner: Partitioner, *, max_batches: int) -> dict:
+  """Token-level loss and accuracy over up to `max_batches` batches of `ds`."""
+  tot = {"cross_ent_loss_sum": 0.0, "accuracy_numerator": 0.0, "weights": 0.0}
+  for i, batch in enumerate(ds.as_numpy_iterator()):
+    if i >= max_batches:
+      break
+    out = eval_fn(params, partitioner.shard_batch(batch))
+    for k in tot:
+      tot[k] += float(out[k])
+  w = max(tot["weights"], 1e-8)
+  return {"loss": tot["cross_ent_loss_sum"] / w, "accuracy": tot["accuracy_numerator"] / w}
+
+
+def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
+          partitioner: Partitioner, model_dir: str, total_steps: int,
+          train_eval_dataset_cfg: data_lib.DatasetConfig | None = None,
+          checkpoint_cfg: ckpt_lib.SaveCheckpointConfig = ckpt_lib.SaveCheckpointConfig(),
+          restore_cfg: ckpt_lib.RestoreCheckpointConfig | None = None,
+          num_microbatches: int = 1, eval_period: int = 100, eval_steps: int = 20,
+          log_every: int = 10, random_seed: int = 0,
+          learning_rate_fn: Callable | None = None,
+          stop_after_steps: int | None = None) -> dict[str, Any]:
+  """Trains `model` until step `total_steps`, checkpointing into `model_dir`.
+
+  Args:
+    model: the model, with its optimizer.
+    train_dataset_cfg: training data.
+    partitioner: mesh and logical axis rules.
+    model_dir: MODEL_DIR (checkpoints, metrics, model-info.txt).
+    total_steps: TRAIN_STEPS, an absolute step.
+    train_eval_dataset_cfg: data for periodic loss/accuracy evaluation (None: none).
+    checkpoint_cfg: save period, keep-N, dtype.
+    restore_cfg: INITIAL_CHECKPOINT_PATH and how to restore it.
+    num_microbatches: gradient accumulation; the same update as the whole batch.
+    eval_period: steps between evaluations (and the last step).
+    eval_steps: batches per evaluation.
+    log_every: steps between log lines / progress updates.
+    random_seed: RANDOM_SEED (parameter init and dropout).
+    learning_rate_fn: the schedule, for logging the learning rate.
+    stop_after_steps: stop (after a checkpoint) once this many steps ran in this call
+      (for tests of interruption; None runs to `total_steps`).
+  Returns:
+    Final metrics: {"step", "train": {...}, "eval": {...}}.
+  """
+  if model.optimizer is None:
+    raise ValueError("the model has no optimizer; bind OPTIMIZER in the model gin file")
+  model_dir = Path(model_dir)
+  model_dir.mkdir(parents=True, exist_ok=True)
+  tx = model.optimizer
+  cfg = train_dataset_cfg
+  length = sum(cfg.task_feature_lengths.values())
+  if num_microbatches > 1 and cfg.batch_size % num_microbatches:
+    raise ValueError(f"BATCH_SIZE {cfg.batch_size} is not divisible by num_microbatches "
+                     f"{num_microbatches}")
+
+  init_fn = functools.partial(model.init, batch_size=1, length=length)
+  variables, abstract = partitioner.sharded_init(init_fn, jax.random.PRNGKey(random_seed))
+  params = variables["params"]
+  (model_dir / "model-info.txt").write_text(partitioner.describe(abstract["params"]))
+  opt_state = jax.jit(tx.init)(params)
+  abstract_of = lambda t: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), t)
+
+  checkpointer = ckpt_lib.Checkpointer(model_dir, checkpoint_cfg)
+  start_step, consumed = 0, 0
+  restored = checkpointer.restore_latest(abstract_of(params), abstract_of(opt_state))
+  if restored is not None:
+    start_step, params, opt_state, meta = restored
+    consumed = int(meta.get("data_batches_consumed", start_step))
+    log.info("resuming from %s/checkpoint_%d", model_dir, start_step)
+  elif restore_cfg is not None and restore_cfg.path:
+    got = ckpt_lib.restore_initial(restore_cfg, abstract_of(params), abstract_of(opt_state))
+    if got is not None:
+      start_step, params, init_opt = got
+      if init_opt is not None:
+        opt_state = init_opt
+      log.info("initialized from %s (step %d)", restore_cfg.path, start_step)
+  first_step = start_step - consumed  # the step this run's data started at
+
+  train_writer = MetricsWriter(model_dir / "train")
+  _truncate_metrics(model_dir / "train" / "metrics.jsonl", start_step)
+  eval_writer = None
+  if train_eval_dataset_cfg is not None:
+    eval_writer = MetricsWriter(model_dir / "training_eval" /
+                                train_eval_dataset_cfg.mixture_or_task_name)
+    _truncate_metrics(eval_writer.dir / "metrics.jsonl", start_step)
+
+  step_fn = partitioner.partition(
+      make_train_step(model, tx, num_microbatches=num_microbatches, dropout_seed=random_seed,
+                      learning_rate_fn=learning_rate_fn), donate_argnums=(0, 1))
+  eval_fn = partitioner.partition(make_eval_step(model))
+  ds = data_lib.get_dataset(cfg, shard_index=jax.process_index(),
+                            num_shards=jax.process_count(), skip_batches=consumed)
+  it = ds.as_numpy_iterator()
+
+  def run_eval(step, params):
+    if train_eval_dataset_cfg is None:
+      return {}
+    eds = data_lib.get_dataset(train_eval_dataset_cfg, shard_index=jax.process_index(),
+                               num_shards=jax.process_count(), num_epochs=1)
+    m = evaluate_loss(eval_fn, params, eds, partitioner, max_batches=eval_steps)
+    eval_writer.write(step, m)
+    log.info("eval step %d: %s", step, m)
+    return m
+
+  def save(step):
+    checkpointer.save(step, params, opt_state,
+                      {"step": step, "data_batches_consumed": step - first_step,
+                       "mixture_or_task_name": cfg.mixture_or_task_name})
+
+  step = start_step
+  last_train, last_eval = {}, {}
+  progress = Progress(start=start_step, total=total_steps, every=log_every, desc="train")
+  tokens_per_batch = cfg.batch_size * length
+  t_last, ran = time.time(), 0
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  if start_step == 0 and total_steps > 0 and train_eval_dataset_cfg is not None:
+    last_eval = run_eval(0, params)
+  while step < total_steps:
+    batch = partitioner.shard_batch(next(it))
+    params, opt_state, metrics = step_fn(params, opt_state, batch, jnp.asarray(step))
+    step += 1
+    ran += 1
+    if step % log_every == 0 or step == total_steps:
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      now = time.time()
+      steps_done = log_every if step % log_every == 0 else (step - start_step) % log_every
+      dt = max(now - t_last, 1e-9)
+      metrics["steps_per_second"] = steps_done / dt
+      metrics["tokens_per_second"] = steps_done * tokens_per_batch / dt
+      metrics["model_flops_per_second"] = 6 * n_params * metrics["tokens_per_second"]
+      t_last = now
+      train_writer.write(step, metrics)
+      last_train = metrics
+      progress.update(step, {k: metrics[k] for k in ("loss", "accuracy")})
+    else:
+      progress.update(step, {})
+    if step % eval_period == 0 or step == total_steps:
+      last_eval = run_eval(step, params) or last_eval
+    if step % checkpoint_cfg.period == 0 or step == total_steps:
+      save(step)
+    if stop_after_steps is not None and ran >= stop_after_steps:
+      if step % checkpoint_cfg.period:
+        save(step)
+      break
+  progress.close()
+  checkpointer.close()
+  return {"step": step, "train": last_train, "eval": last_eval,
+          "num_params": n_params}

@@ -1,0 +1,163 @@
+"""Beam job: read named sources, normalize, filter, dedup, write JSONL document shards.
+
+Local:
+    python -m pipelines.corpus --runner=DirectRunner --output_dir=/tmp/corpus \
+        --sources='[{"name": "stdlib", "format": "python_stdlib"}]'
+Dataflow:
+    python -m pipelines.corpus --runner=DataflowRunner --project=P --region=R \
+        --temp_location=gs://B/tmp --setup_file=./setup.py --output_dir=gs://B/corpus \
+        --sources='[{"name": "books", "format": "text", "path": "gs://B/books/*.txt"}]'
+
+Writes `documents.jsonl-NNNNN-of-NNNNN` (one JSON document per line, sorted by id within a
+shard) and `stats.json` (documents in/out, bytes, rejections by reason, per-source counts).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines.transforms import shards
+
+STATS = "stats.json"
+
+
+def read_sources(pbegin, sources: list[dict]):
+  """Reads every named source into one PCollection of documents."""
+  pcolls = []
+  others = [s for s in sources if s.get("format") != "python_stdlib"]
+  for s in sources:
+    if s.get("format") == "python_stdlib":
+      from pipelines.transforms.stdlib import ReadPythonStdlib
+      opts = {k: v for k, v in s.items() if k in ("include", "exclude", "sample_fraction",
+                                                   "seed")}
+      pcolls.append(pbegin | f"Read[{s['name']}]" >> ReadPythonStdlib(name=s["name"],
+                                                                        **opts))
+  if others:
+    from pipelines.transforms.ingest import ReadSources
+    pcolls.append(pbegin | "ReadFiles" >> ReadSources(others))
+  if len(pcolls) == 1:
+    return pcolls[0]
+  return tuple(pcolls) | "AllSources" >> beam.Flatten()
+
+
+class _Count(beam.DoFn):
+  """Counts documents and bytes per source (Beam metrics, read back into stats.json)."""
+
+  def __init__(self, stage: str):
+    self._stage = stage
+
+  def process(self, doc):
+    src = doc.get("source", "?")
+    beam.metrics.Metrics.counter(f"palmflow.{self._stage}", f"docs[{src}]").inc()
+    beam.metrics.Metrics.counter(f"palmflow.{self._stage}", f"bytes[{src}]").inc(
+        len(doc["text"].encode("utf-8")))
+    yield doc
+
+
+def build(p: beam.Pipeline, args) -> None:
+  """Adds the job's transforms to `p`."""
+  sources = json.loads(args.sources)
+  docs = (read_sources(p, sources)
+          | "CountIn" >> beam.ParDo(_Count("in")))
+  rejected = []
+  if args.normalize:
+    from pipelines.transforms.clean import Normalize
+    docs = docs | "Normalize" >> Normalize(form=args.normalize)
+  filters = json.loads(args.filters or "{}")
+  if filters:
+    from pipelines.transforms.clean import Filter, FilterConfig
+    out = docs | "Filter" >> Filter(FilterConfig(**filters))
+    docs, rej = out.kept, out.rejected
+    rejected.append(rej)
+  if args.dedup in ("exact", "near", "exact+near"):
+    from pipelines.transforms import dedup
+    if "exact" in args.dedup:
+      out = docs | "ExactDedup" >> dedup.ExactDedup()
+      docs = out.kept
+      rejected.append(out.removed | "ExactReason" >> beam.Map(
+          lambda i: {"id": i, "reason": "exact_duplicate"}))
+    if "near" in args.dedup:
+      cfg = json.loads(args.near_dedup or "{}")
+      out = docs | "NearDedup" >> dedup.NearDedup(**cfg)
+      docs = out.kept
+      rejected.append(out.removed | "NearReason" >> beam.Map(
+          lambda i: {"id": i, "reason": "near_duplicate"}))
+  docs = docs | "CountOut" >> beam.ParDo(_Count("out"))
+  prefix = FileSystems.join(args.output_dir, "documents")
+  _ = (docs
+       | "Key" >> beam.Map(lambda d: (shards.stable_hash(d["id"]),
+                                      json.dumps(d, ensure_ascii=False,
+                                                 sort_keys=True).encode("utf-8")))
+       | "WriteShards" >> shards.WriteShards(prefix, num_shards=args.num_shards, fmt="jsonl"))
+  if rejected:
+    from pipelines.transforms.clean import SummarizeRejections
+    _ = ((tuple(rejected) | "AllRejected" >> beam.Flatten())
+         | "Summarize" >> SummarizeRejections(max_samples=5)
+         | "WriteRejections" >> beam.Map(_write_json, FileSystems.join(args.output_dir,
+                                                                       "rejections.json")))
+
+
+def _write_json(obj, path):
+  with FileSystems.create(path + ".tmp") as f:
+    f.write(json.dumps(obj, indent=2, sort_keys=True).encode())
+  FileSystems.rename([path + ".tmp"], [path])
+
+
+def stats_from_metrics(result) -> dict:
+  """Per-source document and byte counts from the finished job's counters."""
+  out: dict = {"in": {}, "out": {}, "counters": {}}
+  for c in result.metrics().query()["counters"]:
+    ns, name, value = c.key.metric.namespace, c.key.metric.name, c.committed
+    if value is None:
+      value = c.attempted
+    if ns in ("palmflow.in", "palmflow.out"):
+      what, _, src = name.partition("[")
+      out[ns.split(".")[1]].setdefault(src.rstrip("]"), {})[what] = value
+    else:
+      out["counters"][f"{ns}/{name}"] = value
+  return out
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--sources", required=True, help="JSON list of source specs")
+  parser.add_argument("--output_dir", required=True)
+  parser.add_argument("--num_shards", type=int, default=4)
+  parser.add_argument("--normalize", default="NFC", help="Unicode form, or '' for none")
+  parser.add_argument("--filters", default="", help="JSON FilterConfig fields")
+  parser.add_argument("--dedup", default="none", choices=["none", "exact", "near",
+                                                          "exact+near"])
+  parser.add_argument("--near_dedup", default="", help="JSON NearDedup arguments")
+  return parser.parse_known_args(argv)
+
+
+def run(argv=None) -> dict:
+  """Runs the job; returns the stats it also writes to `<output_dir>/stats.json`."""
+  args, beam_args = parse_args(argv)
+  options = PipelineOptions(beam_args)
+  with beam.Pipeline(options=options) as p:
+    build(p, args)
+  result = p.result if hasattr(p, "result") else None
+  stats = stats_from_metrics(result) if result is not None else {}
+  rej_path = FileSystems.join(args.output_dir, "rejections.json")
+  if FileSystems.exists(rej_path):
+    with FileSystems.open(rej_path) as f:
+      stats["rejections"] = json.loads(f.read())
+  stats["documents_in"] = sum(v.get("docs", 0) for v in stats.get("in", {}).values())
+  stats["documents_out"] = sum(v.get("docs", 0) for v in stats.get("out", {}).values())
+  stats["bytes_out"] = sum(v.get("bytes", 0) for v in stats.get("out", {}).values())
+  stats["shard_pattern"] = shards.shard_pattern(
+      FileSystems.join(args.output_dir, "documents"), args.num_shards, "jsonl")
+  _write_json(stats, FileSystems.join(args.output_dir, STATS))
+  return stats
+
+
+if __name__ == "__main__":
+  logging.getLogger().setLevel(logging.INFO)
+  run()

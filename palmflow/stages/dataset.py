@@ -49,6 +49,10 @@ class DatasetSettings:
       None, doc="training-time augmentation, e.g. {token_dropout: 0.1}: registers "
                 "'<task>.augmented' for training")
   seed: int = setting(0, doc="split/shuffle seed")
+  inputs_length: int | None = setting(None, doc="TASK_FEATURE_LENGTHS inputs (default: the "
+                                                "longest tokenized input, at most 256)")
+  targets_length: int | None = setting(None, doc="TASK_FEATURE_LENGTHS targets (default: the "
+                                                 "longest tokenized target)")
 
   def validate(self):
     if self.source not in ("python_stdlib_packages", "files"):
@@ -130,6 +134,19 @@ def read_labelled_file(path: Path, *, fmt: str | None, text_field: str, label_fi
   return rows
 
 
+def _feature_lengths(splits, vocab_path, inputs_length, targets_length) -> dict[str, int]:
+  """Token lengths (with EOS) covering the data, rounded up to a multiple of 8."""
+  import sentencepiece as spm
+  sp = spm.SentencePieceProcessor(model_file=vocab_path)
+  rows = [r for rows in splits.values() for r in rows]
+  up8 = lambda n: -(-n // 8) * 8
+  if inputs_length is None:
+    inputs_length = min(256, up8(1 + max(len(x) for x in sp.encode([r["inputs"] for r in rows]))))
+  if targets_length is None:
+    targets_length = up8(1 + max(len(x) for x in sp.encode([r["targets"] for r in rows])))
+  return {"inputs": inputs_length, "targets": targets_length}
+
+
 @register
 class Dataset(StageKind):
   kind = "dataset"
@@ -191,12 +208,13 @@ class Dataset(StageKind):
     labels = sorted(set(names.values()) if names else
                     {r["targets"] for r in splits["train"]})
     vocab = ctx.inputs["vocab"]
+    vocab_path = str(vocab.path / vocab.manifest["summary"]["model"])
+    lengths = _feature_lengths(splits, vocab_path, s.inputs_length, s.targets_length)
     from palmflow.stages.blocks import task_name
     spec = {"type": "text_to_text", "name": task_name(ctx.pipeline, ctx.name, ctx.fingerprint),
             "files": {k: str(ctx.out_dir / f"{k}.jsonl") for k in splits},
-            "vocab_path": str(vocab.path / vocab.manifest["summary"]["model"]),
-            "vocab_sha256": vocab.manifest["summary"]["sha256"],
-            "label_names": labels, "augment": s.augment,
+            "vocab_path": vocab_path, "vocab_sha256": vocab.manifest["summary"]["sha256"],
+            "feature_lengths": lengths, "label_names": labels, "augment": s.augment,
             "feature_converter": "prefix_lm", "splits": list(splits)}
     write_json(ctx.out_dir / "task.json", spec)
     counts = {k: len(v) for k, v in splits.items()}

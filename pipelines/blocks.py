@@ -1,12 +1,18 @@
 """Beam job: tokenize documents and block them into fixed-length sequences (PaLM style).
 
 Documents are tokenized with a SentencePiece model (built in each worker's `DoFn.setup`),
-concatenated with EOS between them and cut into blocks of exactly `block_length` tokens.
+concatenated with EOS after each and cut into blocks of exactly `block_length` tokens: the
+documents of each bucket (a seeded hash of the id picks it; the unit of parallelism) are
+concatenated in id order, full blocks are cut, and the buckets' shorter tails are packed
+together at the end, so the whole output has at most one partly padded block.
 Each block carries `targets`, `targets_segment_ids` (1, 2, ... per document inside the block,
-0 on padding) and `targets_positions` (restarting at 0 for each document), so a model can
-confine attention to one document. `--mode=pad` instead trims or pads each document into its
-own block(s). Blocks are shuffled across shards by a seeded hash; the output is identical
-byte for byte for the same input, vocabulary and seed.
+0 on padding) and `targets_positions` (restarting at 0 where each document starts; the rest
+of a document cut by a block boundary continues as a segment of its own in the next block
+(segment 1), or among the packed tails, its positions again from 0, so positions stay below
+`block_length`), so a model can confine attention to one document. `--mode=pad` instead trims or pads each document into its own block.
+Blocks are shuffled across shards by a seeded hash; the output is identical byte for byte
+for the same input, vocabulary and seed. `stats.json` has documents in and out, tokens,
+blocks, packing efficiency (non-pad tokens / all tokens), per-source counts and rejections.
 
 Local:
     python -m pipelines.blocks --runner=DirectRunner --documents='/tmp/corpus/documents*' \
@@ -83,55 +89,176 @@ def _example(tokens, segments, positions) -> bytes:
       "targets_positions": feat(positions)})).SerializeToString()
 
 
-class Block(beam.DoFn):
-  """(bucket, [(doc_id, ids)]) -> (sort_key, tf.Example bytes) blocks of `block_length`."""
+def block_features(tokens: np.ndarray, docs: np.ndarray, length: int):
+  """One block's (targets, segment ids, positions), padded to `length`.
 
-  def __init__(self, block_length: int, seed: int, mode: str):
-    self._len, self._seed, self._mode = block_length, seed, mode
+  Args:
+    tokens: at most `length` token ids (each document's tokens followed by its EOS).
+    docs: for each token, a number naming its document (equal numbers are adjacent).
+    length: the block length.
+  Returns:
+    Three int64 arrays of `length`: the tokens then PAD_ID; segment ids 1, 2, ... for the
+    documents in order of appearance, 0 on padding; positions restarting at 0 where each
+    document (or the rest of a document cut by the previous block boundary) starts, 0 on
+    padding. Positions stay below `length`, so any position scheme sized for the block fits.
+  """
+  n = len(tokens)
+  starts = np.ones(n, dtype=bool)
+  starts[1:] = docs[1:] != docs[:-1]
+  seg = np.cumsum(starts, dtype=np.int64)
+  pos = np.arange(n, dtype=np.int64) - np.flatnonzero(starts)[seg - 1]
+  pad = length - n
+  return (np.pad(np.asarray(tokens, np.int64), (0, pad)), np.pad(seg, (0, pad)),
+          np.pad(pos, (0, pad)))
+
+
+def source_of(doc_id: str) -> str:
+  """The source name of a document id (`<source>:<file>:<key>`, see transforms/ingest.py)."""
+  return doc_id.partition(":")[0]
+
+
+class _CountingBlockFn(beam.DoFn):
+  """Counters shared by the blocking DoFns (they feed `stats.json`)."""
+
+  def __init__(self, block_length: int, seed: int):
+    self._len, self._seed = block_length, seed
     self._blocks = beam.metrics.Metrics.counter(NS, "blocks")
     self._real = beam.metrics.Metrics.counter(NS, "non_pad_tokens")
     self._all = beam.metrics.Metrics.counter(NS, "block_tokens")
-    self._trimmed = beam.metrics.Metrics.counter(NS, "trimmed_tokens")
+    self._docs_out = beam.metrics.Metrics.counter(NS, "documents_out")
+    self._per_source: dict = {}
 
-  def _emit(self, bucket, index, tokens, segments, positions):
+  def _count_doc(self, doc_id: str, tokens: int) -> None:
+    self._docs_out.inc()
+    src = source_of(doc_id)
+    if src not in self._per_source:
+      self._per_source[src] = (beam.metrics.Metrics.counter(NS, f"source_documents[{src}]"),
+                               beam.metrics.Metrics.counter(NS, f"source_tokens[{src}]"))
+    docs, toks = self._per_source[src]
+    docs.inc()
+    toks.inc(tokens)
+
+  def _emit(self, key_parts, tokens, segments, positions):
     self._blocks.inc()
     self._real.inc(int((segments > 0).sum()))
     self._all.inc(len(tokens))
-    key = shards.stable_hash(self._seed, "shuffle", bucket, index)
-    return key, _example(tokens, segments, positions)
+    return shards.stable_hash(self._seed, "shuffle", *key_parts), _example(
+        tokens, segments, positions)
+
+
+def _sorted_docs(docs):
+  """A bucket's documents in a fixed order (GroupByKey gives them in any order)."""
+  return sorted(docs, key=lambda d: (d[0], d[1].tobytes()))
+
+
+class Block(_CountingBlockFn):
+  """(bucket, [(doc_id, ids)]) -> (sort_key, tf.Example bytes) full blocks of `block_length`.
+
+  Documents are concatenated in id order with EOS after each and cut into full blocks; the
+  tail shorter than a block goes to the `remainder` output as `(0, (bucket, tokens, docs))`
+  so that `BlockRemainders` can pack all buckets' tails together: the whole output then has
+  at most one partly padded block. (`mode` is kept for compatibility: `pad` is `PadBlock`.)
+  """
+
+  REMAINDER = "remainder"
+
+  def __init__(self, block_length: int, seed: int, mode: str = "concat"):
+    super().__init__(block_length, seed)
+    if mode != "concat":
+      raise ValueError(f"Block does mode 'concat'; mode {mode!r} is PadBlock's")
 
   def process(self, item):
     bucket, docs = item
-    docs = sorted(docs, key=lambda d: d[0])
+    docs = _sorted_docs(docs)
+    for doc_id, ids in docs:
+      self._count_doc(doc_id, len(ids) + 1)
     L = self._len
-    if self._mode == "pad":
-      for i, (_, ids) in enumerate(docs):
-        ids = np.append(ids, EOS_ID).astype(np.int64)
-        if len(ids) > L:
-          self._trimmed.inc(len(ids) - L)
-          ids = ids[:L]
-        n = len(ids)
-        pad = L - n
-        yield self._emit(bucket, i, np.pad(ids, (0, pad)),
-                         np.pad(np.ones(n, np.int64), (0, pad)),
-                         np.pad(np.arange(n, dtype=np.int64), (0, pad)))
-      return
     tokens = np.concatenate([np.append(ids, EOS_ID) for _, ids in docs]).astype(np.int64)
     doc_index = np.concatenate([np.full(len(ids) + 1, j, np.int64)
                                 for j, (_, ids) in enumerate(docs)])
-    positions = np.concatenate([np.arange(len(ids) + 1, dtype=np.int64) for _, ids in docs])
+    full = len(tokens) // L
+    for b in range(full):
+      sl = slice(b * L, (b + 1) * L)
+      yield self._emit((bucket, b), *block_features(tokens[sl], doc_index[sl], L))
+    if full * L < len(tokens):
+      yield beam.pvalue.TaggedOutput(self.REMAINDER, (0, (bucket, tokens[full * L:],
+                                                          doc_index[full * L:])))
+
+
+class BlockRemainders(_CountingBlockFn):
+  """(0, [(bucket, tokens, docs)]) -> blocks of the buckets' tails, in bucket order.
+
+  Only the last block is padded. A document cut at its bucket's last full block continues
+  here as a new segment.
+  """
+
+  def process(self, item):
+    _, tails = item
+    tails = sorted(tails, key=lambda t: t[0])
+    if not tails:
+      return
+    L = self._len
+    tokens = np.concatenate([t[1] for t in tails])
+    # documents numbered across buckets: (bucket index, doc index) -> one increasing number
+    offsets = np.cumsum([0] + [int(t[2].max()) + 1 for t in tails[:-1]])
+    docs = np.concatenate([t[2] + off for t, off in zip(tails, offsets)])
     for b, start in enumerate(range(0, len(tokens), L)):
-      t, d, p = tokens[start:start + L], doc_index[start:start + L], positions[start:start + L]
-      # segment ids restart at 1 inside each block; a document cut by a block boundary
-      # continues in the next block with its positions carried over.
-      seg = (d - d[0] + 1).astype(np.int64)
-      pad = L - len(t)
-      yield self._emit(bucket, b, np.pad(t, (0, pad)), np.pad(seg, (0, pad)),
-                       np.pad(p, (0, pad)))
+      sl = slice(start, start + L)
+      yield self._emit(("remainder", b), *block_features(tokens[sl], docs[sl], L))
+
+
+class PadBlock(_CountingBlockFn):
+  """(bucket, (doc_id, ids)) -> one block per document: ids + EOS, trimmed or padded."""
+
+  def __init__(self, block_length: int, seed: int):
+    super().__init__(block_length, seed)
+    self._trimmed = beam.metrics.Metrics.counter(NS, "trimmed_tokens")
+    self._trimmed_docs = beam.metrics.Metrics.counter(NS, "trimmed_documents")
+
+  def process(self, item):
+    _, (doc_id, ids) = item
+    ids = np.append(ids, EOS_ID).astype(np.int64)
+    self._count_doc(doc_id, len(ids))
+    if len(ids) > self._len:
+      self._trimmed.inc(len(ids) - self._len)
+      self._trimmed_docs.inc()
+      ids = ids[:self._len]
+    yield self._emit(("doc", doc_id),
+                     *block_features(ids, np.zeros(len(ids), np.int64), self._len))
+
+
+class BlockTokens(beam.PTransform):
+  """(bucket, (doc_id, token ids)) -> (sort_key, serialized tf.Example) blocks.
+
+  `concat` (PaLM): each bucket's documents joined with EOS and cut into blocks of exactly
+  `block_length`, the buckets' tails packed together at the end (at most one padded block
+  in all). `pad`: one block per document, trimmed or padded. The sort key is a seeded hash:
+  `WriteShards` uses it to shuffle blocks across shards.
+  """
+
+  def __init__(self, *, block_length: int, seed: int = 0, mode: str = "concat"):
+    super().__init__()
+    if mode not in ("concat", "pad"):
+      raise ValueError(f"mode must be 'concat' or 'pad', not {mode!r}")
+    if block_length < 2:
+      raise ValueError(f"block_length must be at least 2, not {block_length}")
+    self._len, self._seed, self._mode = block_length, seed, mode
+
+  def expand(self, tokens):
+    if self._mode == "pad":
+      return tokens | "PadBlock" >> beam.ParDo(PadBlock(self._len, self._seed))
+    blocked = (tokens
+               | "GroupBuckets" >> beam.GroupByKey()
+               | "Block" >> beam.ParDo(Block(self._len, self._seed)).with_outputs(
+                   Block.REMAINDER, main="blocks"))
+    tails = (blocked[Block.REMAINDER]
+             | "GroupRemainders" >> beam.GroupByKey()
+             | "BlockRemainders" >> beam.ParDo(BlockRemainders(self._len, self._seed)))
+    return (blocked.blocks, tails) | "AllBlocks" >> beam.Flatten()
 
 
 class TokenizeAndBlock(beam.PTransform):
-  """documents -> (sort_key, serialized tf.Example) blocks."""
+  """documents -> (sort_key, serialized tf.Example) blocks (see `BlockTokens`)."""
 
   def __init__(self, *, vocab_path: str, block_length: int, seed: int = 0,
                num_buckets: int = 8, mode: str = "concat"):
@@ -144,8 +271,8 @@ class TokenizeAndBlock(beam.PTransform):
   def expand(self, docs):
     return (docs
             | "Tokenize" >> beam.ParDo(Tokenize(self._vocab, self._buckets, self._seed))
-            | "GroupBuckets" >> beam.GroupByKey()
-            | "Block" >> beam.ParDo(Block(self._len, self._seed, self._mode)))
+            | "Block" >> BlockTokens(block_length=self._len, seed=self._seed,
+                                     mode=self._mode))
 
 
 def build(p: beam.Pipeline, args) -> None:
@@ -172,10 +299,39 @@ def parse_args(argv=None):
   parser.add_argument("--num_shards", type=int, default=4)
   parser.add_argument("--num_buckets", type=int, default=8,
                       help="documents are concatenated within each bucket (a unit of "
-                           "parallelism); more buckets, more partial final blocks")
+                           "parallelism: a bucket's documents are held by one worker)")
   parser.add_argument("--format", default="tfrecord", choices=["tfrecord", "array_record"])
   parser.add_argument("--seed", type=int, default=0)
   return parser.parse_known_args(argv)
+
+
+def stats_from_counters(c: dict, args) -> dict:
+  """`stats.json` from the job's counters (namespace NS) and its arguments."""
+  per_source: dict = {}
+  for name, value in c.items():
+    what, _, src = name.partition("[")
+    if what in ("source_documents", "source_tokens") and src:
+      per_source.setdefault(src.rstrip("]"), {})[what.split("_")[1]] = value
+  docs_in = c.get("documents", 0)
+  rejections = {"empty_after_tokenization": c.get("empty_documents", 0)}
+  if args.mode == "pad":
+    rejections["trimmed_documents"] = c.get("trimmed_documents", 0)
+  return {
+      "documents": docs_in, "documents_in": docs_in,
+      "documents_out": c.get("documents_out", 0),
+      "empty_documents": c.get("empty_documents", 0),
+      "tokens": c.get("tokens", 0), "blocks": c.get("blocks", 0),
+      "block_length": args.block_length, "mode": args.mode,
+      "non_pad_tokens": c.get("non_pad_tokens", 0),
+      "block_tokens": c.get("block_tokens", 0),
+      "trimmed_tokens": c.get("trimmed_tokens", 0),
+      "packing_efficiency": c.get("non_pad_tokens", 0) / max(1, c.get("block_tokens", 0)),
+      "per_source": per_source, "rejections": rejections,
+      "num_shards": args.num_shards, "num_buckets": args.num_buckets,
+      "format": args.format, "seed": args.seed,
+      "shard_pattern": shards.shard_pattern(FileSystems.join(args.output_dir, "blocks"),
+                                            args.num_shards, args.format),
+  }
 
 
 def run(argv=None) -> dict:
@@ -185,20 +341,12 @@ def run(argv=None) -> dict:
   build(p, args)
   result = p.run()
   result.wait_until_finish()
-  c = {}
+  c: dict = {}
   for m in result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NS))["counters"]:
-    c[m.key.metric.name] = m.committed if m.committed is not None else m.attempted
-  stats = {
-      "documents": c.get("documents", 0), "empty_documents": c.get("empty_documents", 0),
-      "tokens": c.get("tokens", 0), "blocks": c.get("blocks", 0),
-      "block_length": args.block_length, "mode": args.mode,
-      "non_pad_tokens": c.get("non_pad_tokens", 0),
-      "trimmed_tokens": c.get("trimmed_tokens", 0),
-      "packing_efficiency": c.get("non_pad_tokens", 0) / max(1, c.get("block_tokens", 0)),
-      "num_shards": args.num_shards, "format": args.format, "seed": args.seed,
-      "shard_pattern": shards.shard_pattern(FileSystems.join(args.output_dir, "blocks"),
-                                            args.num_shards, args.format),
-  }
+    # the same counter name can come from several steps (Block and BlockRemainders): sum
+    value = m.committed if m.committed is not None else m.attempted
+    c[m.key.metric.name] = c.get(m.key.metric.name, 0) + (value or 0)
+  stats = stats_from_counters(c, args)
   with FileSystems.create(FileSystems.join(args.output_dir, "stats.json.tmp")) as f:
     f.write(json.dumps(stats, indent=2, sort_keys=True).encode())
   FileSystems.rename([FileSystems.join(args.output_dir, "stats.json.tmp")],

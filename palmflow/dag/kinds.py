@@ -94,6 +94,7 @@ _KIND_MODULES = (
     "palmflow.stages.corpus",
     "palmflow.stages.vocab",
     "palmflow.stages.blocks",
+    "palmflow.stages.mixture",
     "palmflow.stages.dataset",
     "palmflow.stages.train",
     "palmflow.stages.evaluate",

@@ -243,22 +243,25 @@ def from_dict(raw: Any, *, path: Path, lines: dict[tuple, int] | None = None) ->
     stages[name] = Stage(name=name, kind=body["kind"], settings=settings, inputs=inputs,
                          line=lines.get(kp))
 
-  # references and types
+  # references, then cycles, then types
+  for st in stages.values():
+    for slot, ref in st.inputs.items():
+      for r in (ref if isinstance(ref, list) else [ref]):
+        if r not in stages:
+          raise err(f"input '{slot}' refers to stage '{r}', which is not in the file",
+                    ("stages", st.name, "inputs", slot), stage=st.name,
+                    field=f"inputs.{slot}", hint=_closest(r, stages))
+  order = _toposort(stages, err)
   for st in stages.values():
     kind = registry[st.kind]
     for slot, ref in st.inputs.items():
       for r in (ref if isinstance(ref, list) else [ref]):
         kp = ("stages", st.name, "inputs", slot)
-        if r not in stages:
-          raise err(f"input '{slot}' refers to stage '{r}', which is not in the file",
-                    kp, stage=st.name, field=f"inputs.{slot}", hint=_closest(r, stages))
         produced = registry[stages[r].kind].produces
         if produced not in kind.slots[slot].accepts:
           raise err(f"input '{slot}' needs a stage producing "
                     f"{' or '.join(kind.slots[slot].accepts)}, but '{r}' ({stages[r].kind}) "
                     f"produces {produced}", kp, stage=st.name, field=f"inputs.{slot}")
-
-  order = _toposort(stages, err)
   return Pipeline(name=raw["pipeline"], path=path.resolve(), stages=stages, order=order,
                   placement=raw.get("placement") or {}, raw=raw)
 

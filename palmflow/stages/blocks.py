@@ -35,7 +35,7 @@ def task_name(pipeline: str, stage: str, fingerprint: str) -> str:
 @register
 class Blocks(StageKind):
   kind = "blocks"
-  version = "1"
+  version = "2"
   produces = "task"
   settings_cls = BlocksSettings
   slots = {"documents": Slot(("documents",)), "vocab": Slot(("vocabulary",))}

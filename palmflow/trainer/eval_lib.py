@@ -1,12 +1,20 @@
-"""Evaluation and inference with seqio: the task's metrics on decoded or ranked predictions.
+"""Evaluation and inference with seqio: the task's metrics, predictions and scores.
 
-Modes:
-  - `predict`: greedy (or temperature / top-k) decoding after each example's inputs.
-  - `rank`: classification by log-likelihood: every label option of the task is scored after
-    the inputs and the most likely one is the prediction (robust for small models).
-  - `score`: the log-likelihood of each example's target (infer only).
-Outputs follow t5x: `<dir>/<task>-<step>.jsonl` (inputs, prediction, target) and
-`<dir>/<task>-metrics.jsonl` (one line per evaluated step).
+`evaluate` (the eval binary) runs seqio's Evaluator with the task's metrics:
+  - mode `predict`: greedy decoding after each example's inputs (or temperature sampling,
+    optionally top-k, with `temperature` > 0);
+  - mode `rank`: classification by log-likelihood: every label option of the task is scored
+    after the inputs and the most likely one is the prediction (robust for small models).
+It writes, as t5x's inference_eval: `<dir>/<task>-<step>.jsonl` (one line per example: inputs,
+prediction and target as the metrics saw them, after decoding and the task's postprocessing)
+and `<dir>/<task>-metrics.jsonl` (one line per evaluated step).
+
+`infer` (the infer binary) needs no metrics and writes t5x's infer layout,
+`<dir>/<task>-<mode>.jsonl-00000-of-00001`, one JSON per example:
+  - `predict`: {"inputs": {...}, "prediction": "decoded text"}
+  - `score`: {"inputs": {...}, "score": log-likelihood of the example's targets}
+  - `predict_with_aux`: {"inputs": {...}, "prediction": ..., "aux": {"scores": ll}}, where
+    `scores` is the log-likelihood of the decoded prediction.
 """
 from __future__ import annotations
 
@@ -23,16 +31,23 @@ import seqio
 
 from palmflow.trainer import checkpoints as ckpt_lib
 from palmflow.trainer import data as data_lib
-from palmflow.trainer.lm import DecoderOnlyModel, strip_after_eos
+from palmflow.trainer.lm import DecoderOnlyModel
 from palmflow.trainer.partitioning import Partitioner
 
 log = logging.getLogger("palmflow.eval")
-MODES = ("predict", "rank", "score")
+EVAL_MODES = ("predict", "rank")
+INFER_MODES = ("predict", "score", "predict_with_aux")
+EOS_ID = 1
 
 
 def load_params(model: DecoderOnlyModel, checkpoint_path: str, partitioner: Partitioner,
-                length: int):
-  """(step, params) restored from a `checkpoint_<step>` directory, sharded as the rules say."""
+                length: int, *, vocab_digest: str | None = None):
+  """(step, params) restored from a `checkpoint_<step>` directory, sharded as the rules say.
+
+  Raises:
+    ConfigError: the checkpoint's shapes or vocabulary differ from the model's (naming the
+      parameter), or there is no finished checkpoint there.
+  """
   init_fn = functools.partial(model.init, batch_size=1, length=length)
   abstract = partitioner.abstract_init(init_fn, jax.random.PRNGKey(0))
   shardings = partitioner.get_param_shardings(abstract)["params"]
@@ -40,17 +55,18 @@ def load_params(model: DecoderOnlyModel, checkpoint_path: str, partitioner: Part
   shapes = nn.unbox(abstract)["params"]
   target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, shardings)
-  got = ckpt_lib.restore_initial(ckpt_lib.RestoreCheckpointConfig(path=checkpoint_path),
-                                 target, None)
-  step, params, _ = got
+  step, params, _ = ckpt_lib.restore_initial(
+      ckpt_lib.RestoreCheckpointConfig(path=checkpoint_path), target, None,
+      vocab_digest=vocab_digest)
   return step, params
 
 
 def _batches(ds, batch_size):
+  """(indices, stacked features) chunks of an enumerated dataset of (index, example)."""
   rows = list(ds.as_numpy_iterator())
   for i in range(0, len(rows), batch_size):
     chunk = rows[i:i + batch_size]
-    idx = [r[0] for r in chunk]
+    idx = [int(r[0]) for r in chunk]
     feats = {k: np.stack([r[1][k] for r in chunk]) for k in chunk[0][1]}
     yield idx, feats
 
@@ -63,14 +79,29 @@ def _pad_rows(feats: dict, batch_size: int) -> tuple[dict, int]:
           for k, v in feats.items()}, n
 
 
-def _option_batch(inputs: list[np.ndarray], option: np.ndarray, length: int) -> dict:
-  """Prefix-LM features for `inputs[i] + option` (loss on the option tokens only)."""
-  b = len(inputs)
+def _prefixes(feats: dict) -> list[np.ndarray]:
+  """Each row's prefix tokens (the inputs, with their EOS) of a PrefixLM / LM batch."""
+  targets = feats["decoder_target_tokens"]
+  if "decoder_causal_attention" in feats:
+    # PrefixLM: causal_attention covers the inputs plus the first decoder position.
+    plen = feats["decoder_causal_attention"].sum(-1) - 1
+  else:
+    plen = (targets > 0).sum(-1)
+  return [targets[i, :max(0, int(p))] for i, p in enumerate(plen)]
+
+
+def option_batch(prefixes: list[np.ndarray], options: list[np.ndarray], length: int) -> dict:
+  """PrefixLM features for `prefixes[i] + options[i]`, loss on the option tokens only.
+
+  The layout is the one seqio's PrefixLMFeatureConverter gives a (inputs, targets) pair, so
+  `DecoderOnlyModel.score_batch` returns the log-likelihood of each option given its prefix.
+  """
+  b = len(prefixes)
   out = {k: np.zeros((b, length), np.int32) for k in (
       "decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights",
       "decoder_causal_attention")}
-  for i, inp in enumerate(inputs):
-    seq = np.concatenate([inp, option])[:length]
+  for i, (inp, opt) in enumerate(zip(prefixes, options)):
+    seq = np.concatenate([np.asarray(inp, np.int32), np.asarray(opt, np.int32)])[:length]
     n = len(seq)
     out["decoder_target_tokens"][i, :n] = seq
     out["decoder_input_tokens"][i, 1:n] = seq[:n - 1]
@@ -79,55 +110,150 @@ def _option_batch(inputs: list[np.ndarray], option: np.ndarray, length: int) -> 
   return out
 
 
-def make_fns(*, model: DecoderOnlyModel, params, partitioner: Partitioner, batch_size: int,
-             mode: str, max_decode_length: int, label_options: list[list[int]] | None,
-             temperature: float = 0.0, top_k: int = 0, seed: int = 0):
-  """seqio predict_fn / score_fn closures over the model and its parameters."""
-  score = partitioner.partition(model.score_batch)
-  predict = partitioner.partition(functools.partial(
-      model.predict_batch, max_decode_length=max_decode_length, temperature=temperature,
-      top_k=top_k))
+def _through_eos(tokens: np.ndarray) -> np.ndarray:
+  """A decoded row up to and including its first EOS (the whole row if none)."""
+  row = np.asarray(tokens)
+  hits = np.nonzero(row == EOS_ID)[0]
+  row = row[:hits[0] + 1] if len(hits) else row
+  return row[row != 0]
 
-  def predict_fn(ds, model_feature_shapes=None):
+
+class ModelFns:
+  """seqio-style predict / score / predict_with_aux functions over one set of parameters.
+
+  Each takes an enumerated dataset of (index, model features) and returns [(index, output)]
+  (predict_with_aux: that and {"scores": [...]}); predictions are fixed-width token rows
+  (EOS, then padding), which seqio decodes and postprocesses for the metrics.
+
+  Attributes:
+    option_scores: in rank mode, {example index: [score of each label option]}.
+  """
+
+  def __init__(self, *, model: DecoderOnlyModel, params, partitioner: Partitioner,
+               batch_size: int, mode: str, max_decode_length: int,
+               label_options: list[list[int]] | None = None, temperature: float = 0.0,
+               top_k: int = 0, seed: int = 0):
+    if mode == "rank" and not label_options:
+      raise ValueError("rank mode needs label options")
+    self._params, self._partitioner = params, partitioner
+    self._batch_size, self._mode, self._options = batch_size, mode, label_options
+    self._seed = seed
+    self._score = partitioner.partition(model.score_batch)
+    self._predict = partitioner.partition(functools.partial(
+        model.predict_batch, max_decode_length=max_decode_length, eos_id=EOS_ID,
+        temperature=temperature, top_k=top_k))
+    self.option_scores: dict[int, list[float]] = {}
+
+  def _score_rows(self, prefixes, options, length) -> np.ndarray:
+    b = self._batch_size
+    rows, n = option_batch(prefixes, options, length), len(prefixes)
+    padded, _ = _pad_rows(rows, b)
+    got = self._score(self._params, self._partitioner.shard_batch(padded))
+    return np.asarray(got)[:n]
+
+  def _decode(self, bi: int, padded: dict) -> np.ndarray:
+    rng = jax.random.fold_in(jax.random.PRNGKey(self._seed), bi)
+    got = self._predict(self._params, self._partitioner.shard_batch(padded), rng=rng)
+    return np.asarray(got)
+
+  def _rank(self, idx, feats) -> np.ndarray:
+    length = feats["decoder_target_tokens"].shape[1]
+    prefixes = _prefixes(feats)
+    scores = np.stack([self._score_rows(prefixes, [opt] * len(prefixes), length)
+                       for opt in self._options], -1)
+    for i, s in zip(idx, scores):
+      self.option_scores[i] = s.tolist()
+    width = max(len(o) for o in self._options)
+    return np.stack([np.pad(np.asarray(self._options[j], np.int32),
+                            (0, width - len(self._options[j])))
+                     for j in np.argmax(scores, -1)])
+
+  def predict(self, ds, model_feature_shapes=None):
     del model_feature_shapes
     out = []
-    for bi, (idx, feats) in enumerate(_batches(ds, batch_size)):
-      padded, n = _pad_rows(feats, batch_size)
-      if mode == "rank":
-        length = feats["decoder_target_tokens"].shape[1]
-        plen = padded["decoder_causal_attention"].sum(-1)
-        inputs = [padded["decoder_target_tokens"][i, :max(0, p - 1)] for i, p in
-                  enumerate(plen)]
-        scores = []
-        for opt in label_options:
-          ob = _option_batch(inputs, np.asarray(opt, np.int32), length)
-          scores.append(np.asarray(score(params, partitioner.shard_batch(ob))))
-        best = np.argmax(np.stack(scores, -1), -1)
-        toks = [list(label_options[j])[:-1] for j in best[:n]]
+    for bi, (idx, feats) in enumerate(_batches(ds, self._batch_size)):
+      if self._mode == "rank":
+        toks = self._rank(idx, feats)
       else:
-        rng = jax.random.fold_in(jax.random.PRNGKey(seed), bi)
-        got = predict(params, partitioner.shard_batch(padded), rng=rng)
-        toks = strip_after_eos(np.asarray(got)[:n])
-      out.extend(zip(idx, toks))
+        padded, n = _pad_rows(feats, self._batch_size)
+        toks = self._decode(bi, padded)[:n]
+      out.extend(zip(idx, list(toks)))
       _progress(len(out))
     return out
 
-  def score_fn(ds, model_feature_shapes=None):
+  def score(self, ds, model_feature_shapes=None):
     del model_feature_shapes
     out = []
-    for idx, feats in _batches(ds, batch_size):
-      padded, n = _pad_rows(feats, batch_size)
-      s = np.asarray(score(params, partitioner.shard_batch(padded)))[:n]
+    for idx, feats in _batches(ds, self._batch_size):
+      padded, n = _pad_rows(feats, self._batch_size)
+      s = np.asarray(self._score(self._params, self._partitioner.shard_batch(padded)))[:n]
       out.extend(zip(idx, s.tolist()))
       _progress(len(out))
     return out
-  return predict_fn, score_fn
+
+  def predict_with_aux(self, ds, model_feature_shapes=None):
+    """Predictions and {"scores": log-likelihood of each prediction given its inputs}."""
+    del model_feature_shapes
+    out, scores = [], []
+    for bi, (idx, feats) in enumerate(_batches(ds, self._batch_size)):
+      length = feats["decoder_target_tokens"].shape[1]
+      if self._mode == "rank":
+        toks = self._rank(idx, feats)
+        scores.extend(float(np.max(self.option_scores[i])) for i in idx)
+      else:
+        padded, n = _pad_rows(feats, self._batch_size)
+        toks = self._decode(bi, padded)[:n]
+        scores.extend(self._score_rows(_prefixes(feats), [_through_eos(t) for t in toks],
+                                       length).tolist())
+      out.extend(zip(idx, list(toks)))
+      _progress(len(out))
+    return out, {"scores": scores}
+
+
+def make_fns(**kwargs):
+  """(predict_fn, score_fn) for seqio's Evaluator; see `ModelFns` for the arguments."""
+  fns = ModelFns(**kwargs)
+  return fns.predict, fns.score
 
 
 def _progress(n: int) -> None:
   end = "\r" if sys.stderr.isatty() else "\n"
   if sys.stderr.isatty() or n % 256 == 0:
     print(f"eval: {n} examples", end=end, file=sys.stderr, flush=True)
+
+
+def _text(x):
+  if isinstance(x, bytes):
+    return x.decode("utf-8", "replace")
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if isinstance(x, np.generic):
+    return x.item()
+  return x
+
+
+def _label_options(task, mixture_or_task_name: str) -> tuple[list[str], list[list[int]]]:
+  labels = getattr(task, "label_names", None)
+  if not labels:
+    raise ValueError(f"task {mixture_or_task_name} has no label_names; use mode=predict")
+  vocab = task.output_features["targets"].vocabulary
+  return list(labels), [list(vocab.encode(l)) + [EOS_ID] for l in labels]
+
+
+def _task_vocab_digest(task) -> str | None:
+  feature = task.output_features.get("targets")
+  return ckpt_lib.vocabulary_digest(feature.vocabulary) if feature is not None else None
+
+
+def _capturing_logger():
+  """A seqio Logger class that keeps what the metrics saw (decoded, postprocessed)."""
+  captured: dict[str, dict] = {}
+
+  class Capture(seqio.Logger):
+
+    def __call__(self, task_name, step, metrics, dataset, inferences, targets):
+      captured[task_name] = {"inferences": dict(inferences or {}), "targets": targets}
+  return Capture, captured
 
 
 def evaluate(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Partitioner,
@@ -147,60 +273,140 @@ def evaluate(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Part
     task_feature_lengths: e.g. {"inputs": 128, "targets": 8}.
     output_dir: EVAL_OUTPUT_DIR; predictions and metrics are written here.
     split: the split to evaluate.
-    batch_size: examples per model call.
+    batch_size: examples per model call (a multiple of the data-parallel devices).
     mode: "predict" (decode) or "rank" (score each label option; classification tasks).
     max_decode_length: decode steps (default: the targets length).
     num_examples: evaluate only the first N examples.
     json_write_n_results: write at most N predictions to the JSONL (None: all).
     feature_converter: "prefix_lm" (text-to-text) or "lm".
-    temperature, top_k, seed: sampling (temperature 0 is greedy).
+    temperature, top_k, seed: sampling (temperature 0 is greedy; top_k 0 keeps all tokens).
     module: modules to import for task registration.
   Returns:
-    {"step", "metrics": {task: {name: value}}, "predictions_file"}.
+    {"step", "metrics": {task: {name: value}}, "predictions_files": {task: path}, "mode"}.
   """
-  if mode not in ("predict", "rank"):
-    raise ValueError(f"mode must be predict or rank for evaluation, not {mode!r}")
+  if mode not in EVAL_MODES:
+    raise ValueError(f"mode must be one of {EVAL_MODES} for evaluation, not {mode!r}")
   task = data_lib.get_task_or_mixture(mixture_or_task_name, module)
   length = sum(task_feature_lengths.values())
-  step, params = load_params(model, checkpoint_path, partitioner, length)
+  step, params = load_params(model, checkpoint_path, partitioner, length,
+                             vocab_digest=_task_vocab_digest(task))
   converter = data_lib.make_feature_converter(feature_converter, pack=False)
+  logger_cls, captured = _capturing_logger()
+  out = Path(output_dir)
+  out.mkdir(parents=True, exist_ok=True)
   evaluator = seqio.Evaluator(
       mixture_or_task_name=mixture_or_task_name, feature_converter=converter,
       eval_split=split, sequence_length=dict(task_feature_lengths), num_examples=num_examples,
-      use_memory_cache=True, seed=seed)
-  options = None
+      use_memory_cache=True, seed=seed, logger_cls=[logger_cls], log_dir=str(out))
+  labels, options = (None, None)
   if mode == "rank":
-    labels = getattr(task, "label_names", None)
-    if not labels:
-      raise ValueError(f"task {mixture_or_task_name} has no label_names; use mode=predict")
-    vocab = task.output_features["targets"].vocabulary
-    options = [list(vocab.encode(l)) + [1] for l in labels]
-  predict_fn, score_fn = make_fns(
-      model=model, params=params, partitioner=partitioner, batch_size=batch_size, mode=mode,
-      max_decode_length=max_decode_length or task_feature_lengths["targets"],
-      label_options=options, temperature=temperature, top_k=top_k, seed=seed)
-  metrics_future, outputs = evaluator.evaluate(compute_metrics=True, step=step,
-                                               predict_fn=predict_fn, score_fn=score_fn)
+    labels, options = _label_options(task, mixture_or_task_name)
+  fns = ModelFns(model=model, params=params, partitioner=partitioner, batch_size=batch_size,
+                 mode=mode, max_decode_length=max_decode_length or task_feature_lengths["targets"],
+                 label_options=options, temperature=temperature, top_k=top_k, seed=seed)
+  metrics_future, _ = evaluator.evaluate(
+      compute_metrics=True, step=step, predict_fn=fns.predict, score_fn=fns.score,
+      predict_with_aux_fn=fns.predict_with_aux)
   metrics = metrics_future.result()
   metrics = {t: {k: float(getattr(v, "value", v)) for k, v in m.items()}
              for t, m in metrics.items()}
-  out = Path(output_dir)
-  out.mkdir(parents=True, exist_ok=True)
   files = {}
   for t in evaluator.eval_tasks:
-    preds = outputs[t.name].get(seqio.metrics.ModelOutputType.PREDICTION, [])
-    targets = evaluator._cached_targets[t.name]  # pylint: disable=protected-access
-    inputs = [ex.get("inputs_pretokenized", b"")
-              for ex in evaluator.cached_task_datasets[t.name].as_numpy_iterator()]
+    got = captured.get(t.name, {})
+    inf, targets = got.get("inferences", {}), got.get("targets") or []
+    examples = list(evaluator.cached_task_datasets[t.name].as_numpy_iterator())
     path = out / f"{t.name}-{step}.jsonl"
-    rows = list(zip(inputs, preds, targets))[:json_write_n_results]
     with open(path, "w", encoding="utf-8") as f:
-      for inp, p, tgt in rows:
-        dec = lambda x: x.decode("utf-8", "replace") if isinstance(x, bytes) else x
-        f.write(json.dumps({"inputs": dec(inp), "prediction": dec(p), "target": dec(tgt)},
-                           ensure_ascii=False) + "\n")
+      for i, ex in enumerate(examples[:json_write_n_results]):
+        row = {"inputs": _text(ex.get("inputs_pretokenized", ex.get("inputs", b"")))}
+        for key in ("prediction", "score"):
+          if key in inf:
+            row[key] = _text(inf[key][i])
+        if i < len(targets):
+          row["target"] = _text(targets[i])
+        if mode == "rank" and i in fns.option_scores:
+          row["label_scores"] = dict(zip(labels, fns.option_scores[i]))
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
     with open(out / f"{t.name}-metrics.jsonl", "a", encoding="utf-8") as f:
       f.write(json.dumps({"step": step, **metrics.get(t.name, {})}) + "\n")
     files[t.name] = str(path)
   log.info("eval at step %d: %s", step, metrics)
   return {"step": step, "metrics": metrics, "predictions_files": files, "mode": mode}
+
+
+def infer(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Partitioner,
+          mixture_or_task_name: str, task_feature_lengths: dict[str, int], output_dir: str,
+          mode: str = "predict", split: str = "validation", batch_size: int = 32,
+          max_decode_length: int | None = None, num_examples: int | None = None,
+          feature_converter: str = "prefix_lm", temperature: float = 0.0, top_k: int = 0,
+          seed: int = 0, module: str | None = None) -> dict[str, Any]:
+  """Predictions or scores of a checkpoint on every task of a mixture (t5x's infer).
+
+  Args:
+    model: the model.
+    checkpoint_path: CHECKPOINT_PATH, a `checkpoint_<step>` directory.
+    partitioner: mesh and rules.
+    mixture_or_task_name: MIXTURE_OR_TASK_NAME (a mixture runs each of its tasks).
+    task_feature_lengths: e.g. {"inputs": 128, "targets": 8}.
+    output_dir: INFER_OUTPUT_DIR.
+    mode: "predict", "score" (needs targets) or "predict_with_aux".
+    split: the split to run on.
+    batch_size: examples per model call (a multiple of the data-parallel devices).
+    max_decode_length: decode steps (default: the targets length).
+    num_examples: only the first N examples of each task.
+    feature_converter: "prefix_lm" (text-to-text) or "lm".
+    temperature, top_k, seed: sampling (temperature 0 is greedy).
+    module: modules to import for task registration.
+  Returns:
+    {"step", "mode", "files": {task: path}, "examples": {task: count}}.
+  """
+  if mode not in INFER_MODES:
+    raise ValueError(f"mode must be one of {INFER_MODES}, not {mode!r}")
+  top = data_lib.get_task_or_mixture(mixture_or_task_name, module)
+  length = sum(task_feature_lengths.values())
+  step, params = load_params(model, checkpoint_path, partitioner, length,
+                             vocab_digest=_task_vocab_digest(top))
+  converter = data_lib.make_feature_converter(feature_converter, pack=False)
+  fns = ModelFns(model=model, params=params, partitioner=partitioner, batch_size=batch_size,
+                 mode="predict", max_decode_length=max_decode_length or task_feature_lengths["targets"],
+                 temperature=temperature, top_k=top_k, seed=seed)
+  out = Path(output_dir)
+  if jax.process_index() == 0:
+    out.mkdir(parents=True, exist_ok=True)
+  files, counts = {}, {}
+  for task in seqio.get_subtasks(top):
+    if split not in task.splits:
+      log.warning("task %s has no split %r (it has %s): skipped", task.name, split,
+                  list(task.splits))
+      continue
+    task_ds = task.get_dataset(sequence_length=dict(task_feature_lengths), split=split,
+                               shuffle=False, num_epochs=1, seed=seed, use_cached=False)
+    if num_examples:
+      task_ds = task_ds.take(num_examples)
+    task_ds = task_ds.cache()
+    model_ds = converter(task_ds, dict(task_feature_lengths)).enumerate()
+    vocab = task.output_features["targets"].vocabulary
+    if mode == "score":
+      results = [{"score": float(s)} for _, s in sorted(fns.score(model_ds))]
+    else:
+      if mode == "predict":
+        idx_toks, aux = fns.predict(model_ds), None
+      else:
+        idx_toks, aux = fns.predict_with_aux(model_ds)
+      order = np.argsort([i for i, _ in idx_toks])
+      results = [{"prediction": vocab.decode(_through_eos(idx_toks[j][1]).tolist())}
+                 for j in order]
+      if aux is not None:
+        for r, j in zip(results, order):
+          r["aux"] = {"scores": float(aux["scores"][j])}
+    path = out / f"{task.name}-{mode}.jsonl-00000-of-00001"
+    if jax.process_index() == 0:
+      tmp = path.with_name(path.name + ".tmp")
+      with open(tmp, "w", encoding="utf-8") as f:
+        for ex, r in zip(task_ds.as_numpy_iterator(), results):
+          inputs = {k: _text(v) for k, v in ex.items()}
+          f.write(json.dumps({"inputs": inputs, **r}, ensure_ascii=False) + "\n")
+      tmp.replace(path)
+    files[task.name], counts[task.name] = str(path), len(results)
+    log.info("infer %s: %d examples -> %s", task.name, len(results), path)
+  return {"step": step, "mode": mode, "files": files, "examples": counts}

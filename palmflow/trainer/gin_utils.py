@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Sequence
@@ -135,6 +136,10 @@ def setup_runtime(args: argparse.Namespace) -> None:
   """Multi-host init, TFDS dir, seqio cache dirs and task specs, before gin is parsed."""
   import jax
   if args.coordinator_address:
+    # CPU hosts need a cross-process collectives backend (gloo); it must be chosen before the
+    # CPU client starts. GPU/TPU ignore it. JAX_CPU_COLLECTIVES_IMPLEMENTATION still wins.
+    if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=args.coordinator_address,
                                num_processes=args.process_count,
                                process_id=args.process_index)

@@ -81,12 +81,31 @@ def adafactor(*, learning_rate: Schedule | float, factored: bool = True,
               decay_exponent: float = 0.8, clipping_threshold: float | None = 1.0,
               multiply_by_parameter_scale: bool = True, momentum: float | None = None,
               weight_decay_exponent: float | None = 2.0,
-              global_norm_clip: float | None = None) -> optax.GradientTransformation:
-  """Adafactor with PaLM's settings by default.
+              global_norm_clip: float | None = 1.0, min_dim_size_to_factor: int = 128,
+              epsilon: float = 1e-30) -> optax.GradientTransformation:
+  """Adafactor with PaLM's settings by default (PaLM paper, section 5).
 
-  β2 follows 1 - k^-0.8 (`decay_exponent`), updates are clipped at RMS 1.0, parameter-scaled,
-  without momentum; weight decay is decoupled with rate lr(step)**2 (`weight_decay_exponent`,
-  None to disable); `factored=False` keeps full second moments.
+  Per step k = 1, 2, ... and parameter W with gradient G (after global-norm clipping):
+    β2 = 1 - k^-decay_exponent (0 at k = 1, so the first step normalises by |G|)
+    V = β2 V + (1 - β2) (G² + epsilon); factored into row and column means when W has two
+        dimensions of at least `min_dim_size_to_factor` (`factored=False`: always full V)
+    U = G / sqrt(V), clipped to RMS(U) <= clipping_threshold (update clipping 1.0)
+    ΔW = -lr(k-1) · max(RMS(W), 1e-3) · U  (parameter scaling)  - lr(k-1)^weight_decay_exponent · W
+
+  Args:
+    learning_rate: a schedule (step -> lr, step counted from 0) or a constant.
+    factored: factor the second moments of large matrices (PaLM: yes).
+    decay_exponent: the 0.8 of β2 = 1 - k^-0.8.
+    clipping_threshold: update clipping (RMS); None disables it.
+    multiply_by_parameter_scale: scale the step by RMS(W) (at least 1e-3).
+    momentum: first-moment decay (PaLM: none).
+    weight_decay_exponent: decoupled weight decay at rate lr**exponent (PaLM: lr²); None
+      disables it.
+    global_norm_clip: clip the gradients' global norm first (PaLM: 1.0); None disables it.
+    min_dim_size_to_factor: smaller matrices keep a full second moment.
+    epsilon: added to G² (PaLM/t5x: 1e-30).
+  Returns:
+    The optax transformation (a chain: clip, adafactor, weight decay).
   """
   sched = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
   parts = []
@@ -95,7 +114,8 @@ def adafactor(*, learning_rate: Schedule | float, factored: bool = True,
   parts.append(optax.adafactor(learning_rate=sched, decay_rate=decay_exponent,
                                clipping_threshold=clipping_threshold,
                                multiply_by_parameter_scale=multiply_by_parameter_scale,
-                               momentum=momentum, factored=factored))
+                               momentum=momentum, factored=factored,
+                               min_dim_size_to_factor=min_dim_size_to_factor, eps=epsilon))
   if weight_decay_exponent:
     parts.append(decoupled_lr_squared_weight_decay(sched, exponent=weight_decay_exponent))
   return optax.chain(*parts)
@@ -104,7 +124,17 @@ def adafactor(*, learning_rate: Schedule | float, factored: bool = True,
 def adamw(*, learning_rate: Schedule | float, b1: float = 0.9, b2: float = 0.99,
           eps: float = 1e-8, weight_decay: float = 0.0,
           global_norm_clip: float | None = 1.0) -> optax.GradientTransformation:
-  """AdamW with optional global-norm gradient clipping."""
+  """AdamW (bias-corrected Adam plus decoupled weight decay lr · weight_decay · W) after
+  optional global-norm gradient clipping.
+
+  Args:
+    learning_rate: a schedule or a constant.
+    b1, b2, eps: Adam's moment decays and denominator epsilon.
+    weight_decay: decoupled weight decay coefficient (multiplied by the learning rate).
+    global_norm_clip: clip the gradients' global norm first; None disables it.
+  Returns:
+    The optax transformation.
+  """
   parts = []
   if global_norm_clip:
     parts.append(optax.clip_by_global_norm(global_norm_clip))

@@ -25,6 +25,7 @@ import optax
 
 from palmflow.trainer import checkpoints as ckpt_lib
 from palmflow.trainer import data as data_lib
+from palmflow.trainer import precision as precision_lib
 from palmflow.trainer.lm import DecoderOnlyModel
 from palmflow.trainer.partitioning import Partitioner
 
@@ -96,57 +97,180 @@ def _split_microbatches(batch, n: int):
   return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
 
 
+def _constant_normalizer(loss_normalizing_factor) -> float | None:
+  """The number a numeric `loss_normalizing_factor` divides by (None for the named ones)."""
+  f = loss_normalizing_factor
+  if isinstance(f, (int, float, np.number)) and not isinstance(f, bool):
+    return float(f)
+  return None
+
+
 def make_train_step(model: DecoderOnlyModel, tx: optax.GradientTransformation, *,
                     num_microbatches: int, dropout_seed: int,
                     learning_rate_fn: Callable | None) -> Callable:
-  """(params, opt_state, batch, step) -> (params, opt_state, metrics)."""
-  use_dropout = model.config.dropout_rate > 0
+  """(params, opt_state, batch, step) -> (params, opt_state, metrics).
 
-  def grads_of(params, batch, rng):
+  The gradient is that of the whole batch's loss: each microbatch contributes its summed token
+  loss and its normalizer (for NUM_REAL_TARGET_TOKENS, its count of non-padding tokens), and
+  the sums are divided once at the end, so microbatches with unequal numbers of real tokens
+  give the same update as the large batch. With a numeric `loss_normalizing_factor` the sum is
+  divided by that number, as for one batch.
+
+  If `opt_state` carries a loss scale (`precision.with_dynamic_loss_scale`), the loss is
+  multiplied by it before differentiation and the gradients divided by it afterwards; the
+  wrapped optimizer then skips non-finite steps. Metrics then include `loss_scale` (the scale
+  this step used) and `skipped_steps` (the total so far).
+  """
+  use_dropout = model.config.dropout_rate > 0
+  constant_nf = _constant_normalizer(model.loss_normalizing_factor)
+
+  def grads_of(params, batch, rng, scale):
+    """(summed loss, normalizer, gradient of the summed loss * scale, stats)."""
     def f(p):
       loss, stats = model.loss_fn(p, batch, dropout_rng=rng)
-      nf = stats["normalizing_factor"]
-      return loss * jax.lax.stop_gradient(nf), (stats, nf)
-    (weighted, (stats, nf)), g = jax.value_and_grad(f, has_aux=True)(params)
-    return weighted, nf, g, stats
+      return loss * scale, (loss, stats)
+    # The scale multiplies the *normalised* loss, as usual for float16 recipes; the gradient
+    # is then turned into that of the summed loss so that microbatches add up.
+    (_, (loss, stats)), g = jax.value_and_grad(f, has_aux=True)(params)
+    nf = jax.lax.stop_gradient(stats["normalizing_factor"])
+    return loss * nf, nf, jax.tree.map(lambda x: x * nf.astype(x.dtype), g), stats
 
   def step_fn(params, opt_state, batch, step):
     rng = jax.random.fold_in(jax.random.PRNGKey(dropout_seed), step) if use_dropout else None
+    loss_scale = precision_lib.loss_scale_of(opt_state)
+    scale = loss_scale.scale if loss_scale is not None else jnp.ones([], jnp.float32)
     if num_microbatches <= 1:
-      weighted, nf, grads, stats = grads_of(params, batch, rng)
+      weighted, nf, grads, stats = grads_of(params, batch, rng, scale)
     else:
       micro = _split_microbatches(batch, num_microbatches)
 
       def body(carry, xs):
         i, mb = xs
         r = jax.random.fold_in(rng, i) if rng is not None else None
-        w, n, g, s = grads_of(params, mb, r)
+        w, n, g, s = grads_of(params, mb, r, scale)
         acc_w, acc_n, acc_g, acc_s = carry
         return (acc_w + w, acc_n + n, jax.tree.map(jnp.add, acc_g, g),
                 jax.tree.map(jnp.add, acc_s, s)), None
       zeros_g = jax.tree.map(jnp.zeros_like, params)
-      _, _, _, s0 = grads_of(params, jax.tree.map(lambda x: x[0], micro), None)
-      zeros_s = jax.tree.map(jnp.zeros_like, s0)
+      s_shape = jax.eval_shape(lambda: grads_of(
+          params, jax.tree.map(lambda x: x[0], micro), None, scale)[3])
+      zeros_s = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), s_shape)
       (weighted, nf, grads, stats), _ = jax.lax.scan(
           body, (jnp.zeros([]), jnp.zeros([]), zeros_g, zeros_s),
           (jnp.arange(num_microbatches), micro))
+    if constant_nf is not None:
+      nf = jnp.asarray(constant_nf, jnp.float32)
     nf = jnp.maximum(nf, 1e-8)
-    grads = jax.tree.map(lambda g: g / nf, grads)
+    grads = jax.tree.map(lambda g: (g / (nf * scale)).astype(g.dtype), grads)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = {
         "loss": weighted / nf,
         "cross_ent_loss": stats["cross_ent_loss_sum"] / jnp.maximum(
             stats["accuracy_denominator"], 1e-8),
+        "z_loss": stats["z_loss_sum"] / jnp.maximum(stats["accuracy_denominator"], 1e-8),
         "accuracy": stats["accuracy_numerator"] / jnp.maximum(
             stats["accuracy_denominator"], 1e-8),
         "grad_norm": optax.global_norm(grads),
         "nonpadding_tokens": stats["accuracy_denominator"],
     }
+    if loss_scale is not None:
+      metrics["loss_scale"] = scale
+      metrics["skipped_steps"] = precision_lib.loss_scale_of(opt_state).skipped_steps
     if learning_rate_fn is not None:
       metrics["learning_rate"] = learning_rate_fn(step)
     return params, opt_state, metrics
   return step_fn
+
+
+def model_flops_per_token(config, *, num_params: int, length: int) -> float:
+  """Training FLOPs per token of a decoder (PaLM paper, appendix B).
+
+      6 * N + 12 * L * H * Q * T
+
+  N parameters taking part in matmuls (each in one multiply-add forward and two backward: 6
+  FLOPs; a shared embedding counts once, as the output projection; an unshared input
+  embedding is a lookup and is not counted), L layers, H query heads of size Q (H * Q =
+  d_model in PaLM) and T = `length` tokens of context (attention scores and weighted values:
+  2 * 2 * H * Q * T forward per token, times 3 with the backward). Rematerialisation and
+  padding are not counted: this is *model* FLOPs, the numerator of MFU.
+
+  Args:
+    config: the PaLMConfig.
+    num_params: all parameters of the model.
+    length: T, the sequence length.
+  Returns:
+    FLOPs per trained token.
+  """
+  lookup = 0 if config.shared_embedding else config.vocab_size * config.d_model
+  return float(6 * (num_params - lookup) + 12 * config.num_layers * config.num_heads * config.head_dim
+               * length)
+
+
+def _partition_specs(params) -> dict[str, str]:
+  """{parameter path: its arrays' PartitionSpec} as actually placed (for train_result.json)."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  return {"/".join(str(getattr(k, "key", k)) for k in path):
+          str(getattr(x.sharding, "spec", "replicated")) for path, x in flat}
+
+
+def _vocab_digest(cfg: data_lib.DatasetConfig) -> str | None:
+  """The digest of the training task's targets vocabulary (recorded in checkpoints)."""
+  task = data_lib.get_task_or_mixture(cfg.mixture_or_task_name, cfg.module)
+  feature = task.output_features.get("targets")
+  return ckpt_lib.vocabulary_digest(feature.vocabulary) if feature is not None else None
+
+
+def _on_mesh(tree, mesh):
+  """Leaves not placed on `mesh` (e.g. optimizer step counters) replicated over it."""
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def place(x):
+    sh = getattr(x, "sharding", None)
+    if isinstance(sh, jax.sharding.NamedSharding) and sh.mesh == mesh:
+      return x
+    return jax.device_put(x, rep)
+  return jax.tree.map(place, tree)
+
+
+def restore_train_state(checkpointer: ckpt_lib.Checkpointer, params, opt_state, *, mesh,
+                        restore_cfg: ckpt_lib.RestoreCheckpointConfig | None,
+                        total_steps: int, vocab_digest: str | None = None):
+  """Where a run starts: (step, params, opt_state, data batches already consumed).
+
+  t5x's order: the latest usable checkpoint in MODEL_DIR (resume: step, state and data
+  position as saved), else `restore_cfg.path` (INITIAL_CHECKPOINT_PATH: its step and
+  parameters, fresh data), else the freshly initialized state at step 0.
+
+  Raises:
+    ConfigError: the initial checkpoint's shapes or vocabulary differ from the model's, or
+      TRAIN_STEPS is not beyond its step (TRAIN_STEPS is absolute).
+  """
+  opt_state = _on_mesh(opt_state, mesh)
+  abstract_of = lambda t: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), t)
+  restored = checkpointer.restore_latest(abstract_of(params), abstract_of(opt_state))
+  if restored is not None:
+    step, params, opt_state, meta = restored
+    consumed = int(meta.get("data_batches_consumed", step))
+    log.info("resuming from %s (data position: %d batches consumed)",
+             ckpt_lib.step_dir(checkpointer.dir, step), consumed)
+    return step, params, opt_state, consumed
+  if restore_cfg is not None and restore_cfg.path:
+    got = ckpt_lib.restore_initial(restore_cfg, abstract_of(params), abstract_of(opt_state),
+                                   vocab_digest=vocab_digest)
+    if got is not None:
+      step, params, init_opt = got
+      if step >= total_steps:
+        from palmflow.errors import ConfigError
+        raise ConfigError(
+            f"TRAIN_STEPS={total_steps} is not beyond the initial checkpoint's step {step}",
+            field="TRAIN_STEPS", path=str(restore_cfg.path),
+            hint=f"TRAIN_STEPS is absolute: to fine-tune N steps set it to {step} + N")
+      log.info("initialized from %s (step %d); training until step %d", restore_cfg.path,
+               step, total_steps)
+      return step, params, (init_opt if init_opt is not None else opt_state), 0
+  return 0, params, opt_state, 0
 
 
 def make_eval_step(model: DecoderOnlyModel) -> Callable:
@@ -179,6 +303,8 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
           num_microbatches: int = 1, eval_period: int = 100, eval_steps: int = 20,
           log_every: int = 10, random_seed: int = 0,
           learning_rate_fn: Callable | None = None,
+          precision: precision_lib.PrecisionPolicy | None = None,
+          peak_flops_per_second: float | None = None,
           stop_after_steps: int | None = None) -> dict[str, Any]:
   """Trains `model` until step `total_steps`, checkpointing into `model_dir`.
 
@@ -197,6 +323,11 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
     log_every: steps between log lines / progress updates.
     random_seed: RANDOM_SEED (parameter init and dropout).
     learning_rate_fn: the schedule, for logging the learning rate.
+    precision: compute dtype and loss scaling (gin: PRECISION from gin/precision/*.gin);
+      None means the model's own dtype without loss scaling.
+    peak_flops_per_second: peak FLOP/s of one device for the compute dtype; when given, `mfu`
+      = model_flops_per_second / (peak * devices in the mesh) is logged (None: only
+      model_flops_per_second; see `model_flops_per_token`).
     stop_after_steps: stop (after a checkpoint) once this many steps ran in this call
       (for tests of interruption; None runs to `total_steps`).
   Returns:
@@ -206,7 +337,12 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
     raise ValueError("the model has no optimizer; bind OPTIMIZER in the model gin file")
   model_dir = Path(model_dir)
   model_dir.mkdir(parents=True, exist_ok=True)
-  tx = model.optimizer
+  policy = precision or precision_lib.PrecisionPolicy(compute_dtype=model.config.dtype)
+  policy.check_model_dtype(model.config.dtype)
+  if policy.compute_dtype == "float16" and policy.dynamic_loss_scale is None:
+    log.warning("float16 compute without loss scaling: small gradients may flush to zero "
+                "(include gin/precision/float16.gin for dynamic loss scaling)")
+  tx = policy.wrap_optimizer(model.optimizer)
   cfg = train_dataset_cfg
   length = sum(cfg.task_feature_lengths.values())
   if num_microbatches > 1 and cfg.batch_size % num_microbatches:
@@ -218,23 +354,12 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
   params = variables["params"]
   (model_dir / "model-info.txt").write_text(partitioner.describe(abstract["params"]))
   opt_state = jax.jit(tx.init)(params)
-  abstract_of = lambda t: jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), t)
 
   checkpointer = ckpt_lib.Checkpointer(model_dir, checkpoint_cfg)
-  start_step, consumed = 0, 0
-  restored = checkpointer.restore_latest(abstract_of(params), abstract_of(opt_state))
-  if restored is not None:
-    start_step, params, opt_state, meta = restored
-    consumed = int(meta.get("data_batches_consumed", start_step))
-    log.info("resuming from %s/checkpoint_%d", model_dir, start_step)
-  elif restore_cfg is not None and restore_cfg.path:
-    got = ckpt_lib.restore_initial(restore_cfg, abstract_of(params), abstract_of(opt_state))
-    if got is not None:
-      start_step, params, init_opt = got
-      if init_opt is not None:
-        opt_state = init_opt
-      log.info("initialized from %s (step %d)", restore_cfg.path, start_step)
+  vocab_digest = _vocab_digest(cfg)
+  start_step, params, opt_state, consumed = restore_train_state(
+      checkpointer, params, opt_state, mesh=partitioner.mesh, restore_cfg=restore_cfg,
+      total_steps=total_steps, vocab_digest=vocab_digest)
   first_step = start_step - consumed  # the step this run's data started at
 
   train_writer = MetricsWriter(model_dir / "train")
@@ -245,9 +370,13 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
                                 train_eval_dataset_cfg.mixture_or_task_name)
     _truncate_metrics(eval_writer.dir / "metrics.jsonl", start_step)
 
+  # Pin the outputs to the inputs' shardings: parameters stay sharded as the rules say.
+  state_shardings = (partitioner.get_param_shardings(abstract["params"]),
+                     jax.tree.map(lambda x: x.sharding, opt_state))
   step_fn = partitioner.partition(
       make_train_step(model, tx, num_microbatches=num_microbatches, dropout_seed=random_seed,
-                      learning_rate_fn=learning_rate_fn), donate_argnums=(0, 1))
+                      learning_rate_fn=learning_rate_fn),
+      out_shardings=state_shardings + (None,), donate_argnums=(0, 1))
   eval_fn = partitioner.partition(make_eval_step(model))
   ds = data_lib.get_dataset(cfg, shard_index=jax.process_index(),
                             num_shards=jax.process_count(), skip_batches=consumed)
@@ -266,7 +395,8 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
   def save(step):
     checkpointer.save(step, params, opt_state,
                       {"step": step, "data_batches_consumed": step - first_step,
-                       "mixture_or_task_name": cfg.mixture_or_task_name})
+                       "mixture_or_task_name": cfg.mixture_or_task_name,
+                       "vocab_sha256": vocab_digest})
 
   step = start_step
   last_train, last_eval = {}, {}
@@ -274,6 +404,7 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
   tokens_per_batch = cfg.batch_size * length
   t_last, ran = time.time(), 0
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  flops_per_token = model_flops_per_token(model.config, num_params=n_params, length=length)
   if start_step == 0 and total_steps > 0 and train_eval_dataset_cfg is not None:
     last_eval = run_eval(0, params)
   while step < total_steps:
@@ -288,7 +419,10 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
       dt = max(now - t_last, 1e-9)
       metrics["steps_per_second"] = steps_done / dt
       metrics["tokens_per_second"] = steps_done * tokens_per_batch / dt
-      metrics["model_flops_per_second"] = 6 * n_params * metrics["tokens_per_second"]
+      metrics["model_flops_per_second"] = flops_per_token * metrics["tokens_per_second"]
+      if peak_flops_per_second:
+        metrics["mfu"] = metrics["model_flops_per_second"] / (
+            peak_flops_per_second * partitioner.mesh.devices.size)
       t_last = now
       train_writer.write(step, metrics)
       last_train = metrics
@@ -297,13 +431,14 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
       progress.update(step, {})
     if step % eval_period == 0 or step == total_steps:
       last_eval = run_eval(step, params) or last_eval
-    if step % checkpoint_cfg.period == 0 or step == total_steps:
+    periodic = step % checkpoint_cfg.period == 0 or step == total_steps
+    if periodic:
       save(step)
     if stop_after_steps is not None and ran >= stop_after_steps:
-      if step % checkpoint_cfg.period:
+      if not periodic:
         save(step)
       break
   progress.close()
   checkpointer.close()
   return {"step": step, "train": last_train, "eval": last_eval,
-          "num_params": n_params}
+          "num_params": n_params, "param_partition_specs": _partition_specs(params)}

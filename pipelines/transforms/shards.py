@@ -1,9 +1,13 @@
 """Deterministic sharded output: the same input and seed give the same bytes in every shard.
 
 Elements are `(sort_key: int, record: bytes)`. A record goes to shard `sort_key % num_shards`
-and each shard is written in `sort_key` order, under a temporary name renamed into place,
-so a shard file either is whole or does not exist. Works with local paths and any Beam
-filesystem (gs://...).
+and each shard is written in `sort_key` order (ties by record bytes), under a temporary name
+renamed into place, so a shard file either is whole or does not exist. Every shard is written,
+empty or not, so the shard pattern always matches `num_shards` files.
+
+Formats: `tfrecord`, `jsonl` and `text` (one record per line; records must not contain a
+newline) work with local paths and any Beam filesystem (gs://...); `array_record` writes
+through the library's own C++ I/O, so local (or FUSE-mounted) paths only.
 """
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ import hashlib
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-FORMATS = ("tfrecord", "jsonl", "array_record")
+FORMATS = ("tfrecord", "jsonl", "text", "array_record")
+_EXT = {"tfrecord": "tfrecord", "jsonl": "jsonl", "text": "txt", "array_record": "array_record"}
 
 
 def stable_hash(*parts) -> int:
@@ -22,13 +27,13 @@ def stable_hash(*parts) -> int:
 
 
 def shard_name(prefix: str, index: int, count: int, fmt: str) -> str:
-  ext = {"tfrecord": "tfrecord", "jsonl": "jsonl", "array_record": "array_record"}[fmt]
-  return f"{prefix}.{ext}-{index:05d}-of-{count:05d}"
+  """The file name of shard `index` of `count` (e.g. `blocks.tfrecord-00001-of-00004`)."""
+  return f"{prefix}.{_EXT[fmt]}-{index:05d}-of-{count:05d}"
 
 
 def shard_pattern(prefix: str, count: int, fmt: str) -> str:
-  ext = {"tfrecord": "tfrecord", "jsonl": "jsonl", "array_record": "array_record"}[fmt]
-  return f"{prefix}.{ext}-*-of-{count:05d}"
+  """A glob matching all `count` shards written under `prefix` in format `fmt`."""
+  return f"{prefix}.{_EXT[fmt]}-*-of-{count:05d}"
 
 
 class _WriteShard(beam.DoFn):
@@ -45,12 +50,14 @@ class _WriteShard(beam.DoFn):
       with FileSystems.create(tmp) as f:
         for r in records:
           _TFRecordUtil.write_record(f, r)
-    elif self._fmt == "jsonl":
+    elif self._fmt in ("jsonl", "text"):
       with FileSystems.create(tmp) as f:
         for r in records:
           f.write(r + b"\n")
     else:  # array_record: local paths only (the library writes through its own C++ I/O)
+      import os
       from array_record.python.array_record_module import ArrayRecordWriter
+      os.makedirs(os.path.dirname(os.path.abspath(tmp)), exist_ok=True)
       w = ArrayRecordWriter(tmp, "group_size:1")
       for r in records:
         w.write(r)

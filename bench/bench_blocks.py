@@ -1,0 +1,319 @@
+"""Benchmark: the Beam tokenize+block job against a plain Python loop doing the same work.
+
+In one go, on the same ~20 MB corpus and the same SentencePiece model:
+  loop    read the JSONL documents, encode them with sentencepiece (batched), concatenate with
+          EOS, cut into blocks of `--block_length` with segment ids and positions, serialize
+          tf.Example, write a TFRecord file: the plain Python baseline;
+  beam1   `pipelines.blocks.run` on DirectRunner, `--direct_num_workers=1`;
+  beam2   the same with `--direct_running_mode=multi_processing --direct_num_workers=2`.
+Each variant runs `--repeats` times, interleaved, and the best time counts (the machines are
+shared). Ratios are Beam time / loop time (lower is better; < 1 is faster than the loop).
+
+The corpus is built from ../shared/data (tiny-shakespeare and Moby Dick paragraphs, SST-2
+sentences) and the running Python's standard library source files, in that order, until
+`--target_mb` MB of text; the vocabulary (8k unigram by default) is trained once on a sample of
+it. Both are cached in `--work_dir`.
+
+    .venv/bin/python bench/bench_blocks.py --results bench/results_data.md
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT / ".." / "shared" / "data"
+EOS_ID, PAD_ID = 1, 0
+
+
+# ----------------------------------------------------------------------------- corpus, vocab
+
+def _paragraphs(text: str):
+  para: list[str] = []
+  for line in text.splitlines():
+    if line.strip():
+      para.append(line)
+    elif para:
+      yield "\n".join(para)
+      para = []
+  if para:
+    yield "\n".join(para)
+
+
+def iter_documents(data: Path):
+  """(id, text) of the benchmark corpus, in a fixed order."""
+  from pipelines.transforms.ingest import strip_gutenberg_lines
+  text = (data / "tiny_shakespeare" / "input.txt").read_text(encoding="utf-8")
+  for i, p in enumerate(_paragraphs(text)):
+    yield f"shakespeare:input.txt:{i}", p
+  lines = (data / "gutenberg_moby_dick" / "2701-0.txt").read_text(
+      encoding="utf-8-sig").splitlines()
+  lo, hi = strip_gutenberg_lines(lines) or (0, len(lines))
+  for i, p in enumerate(_paragraphs("\n".join(lines[lo:hi]))):
+    yield f"moby_dick:2701-0.txt:{i}", p
+  with open(data / "glue_sst2" / "train.tsv", encoding="utf-8") as f:
+    next(f)
+    for i, line in enumerate(f):
+      yield f"sst2:train.tsv:{i}", line.split("\t")[0].strip()
+  stdlib = Path(sysconfig.get_paths()["stdlib"])
+  for path in sorted(stdlib.rglob("*.py")):
+    rel = path.relative_to(stdlib).as_posix()
+    if rel.startswith(("site-packages/", "dist-packages/")):
+      continue
+    try:
+      yield f"stdlib:{rel}:0", path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError):
+      continue
+
+
+def build_corpus(out_dir: Path, target_bytes: int, num_files: int) -> dict:
+  """Writes `documents.jsonl-NNNNN-of-NNNNN` until `target_bytes` of text; returns info."""
+  out_dir.mkdir(parents=True, exist_ok=True)
+  docs = []
+  total = 0
+  for doc_id, text in iter_documents(DATA):
+    if not text.strip():
+      continue
+    docs.append({"id": doc_id, "source": doc_id.partition(":")[0], "text": text})
+    total += len(text.encode("utf-8"))
+    if total >= target_bytes:
+      break
+  per = -(-len(docs) // num_files)
+  for k in range(num_files):
+    with open(out_dir / f"documents.jsonl-{k:05d}-of-{num_files:05d}", "w",
+              encoding="utf-8") as f:
+      for d in docs[k * per:(k + 1) * per]:
+        f.write(json.dumps(d, ensure_ascii=False) + "\n")
+  sources: dict = {}
+  for d in docs:
+    sources[d["source"]] = sources.get(d["source"], 0) + 1
+  info = {"documents": len(docs), "text_bytes": total, "sources": sources,
+          "files": num_files}
+  (out_dir / "info.json").write_text(json.dumps(info, indent=2))
+  return info
+
+
+def train_vocab(doc_dir: Path, path: Path, vocab_size: int, max_lines: int) -> None:
+  """An 8k-style unigram model on every k-th non-blank line of the corpus."""
+  from palmflow.stages.vocab import VocabSettings, train_sentencepiece
+  lines = []
+  for name in sorted(glob.glob(str(doc_dir / "documents.jsonl-*"))):
+    with open(name, encoding="utf-8") as f:
+      for row in f:
+        lines.extend(s[:4096] for s in json.loads(row)["text"].splitlines() if s.strip())
+  step = max(1, len(lines) // max_lines)
+  model = train_sentencepiece(lines[::step], VocabSettings(
+      vocab_size=vocab_size, model_type="unigram", num_threads=os.cpu_count() or 1))
+  path.write_bytes(model)
+
+
+# ----------------------------------------------------------------------------- the plain loop
+
+def plain_loop(doc_files: list[str], vocab: str, out_path: str, block_length: int,
+               batch_size: int = 1024) -> dict:
+  """The same work as the Beam job, as one plain Python loop; returns its counts."""
+  import numpy as np
+  import sentencepiece as spm
+  import tensorflow as tf
+  sp = spm.SentencePieceProcessor(model_file=vocab)
+  L = block_length
+  feat = lambda a: tf.train.Feature(int64_list=tf.train.Int64List(value=a.tolist()))
+  counts = {"documents": 0, "tokens": 0, "blocks": 0, "non_pad_tokens": 0}
+  carry_tok = np.zeros(0, np.int64)   # tokens not yet in a block, and their document numbers
+  carry_doc = np.zeros(0, np.int64)
+  next_doc = 0
+
+  with tf.io.TFRecordWriter(out_path) as writer:
+    def emit(tok, doc):
+      n = len(tok)
+      starts = np.ones(n, bool)
+      starts[1:] = doc[1:] != doc[:-1]
+      seg = np.cumsum(starts, dtype=np.int64)
+      pos = np.arange(n, dtype=np.int64) - np.flatnonzero(starts)[seg - 1]
+      pad = L - n
+      ex = tf.train.Example(features=tf.train.Features(feature={
+          "targets": feat(np.pad(tok, (0, pad))),
+          "targets_segment_ids": feat(np.pad(seg, (0, pad))),
+          "targets_positions": feat(np.pad(pos, (0, pad)))}))
+      writer.write(ex.SerializeToString())
+      counts["blocks"] += 1
+      counts["non_pad_tokens"] += n
+
+    def flush(texts):
+      nonlocal carry_tok, carry_doc, next_doc
+      ids = [x for x in sp.encode(texts) if x]
+      counts["documents"] += len(texts)
+      if not ids:
+        return
+      lengths = np.array([len(x) + 1 for x in ids])
+      tok = np.concatenate([carry_tok] + [np.append(np.asarray(x, np.int64), EOS_ID)
+                                          for x in ids])
+      doc = np.concatenate([carry_doc, np.repeat(np.arange(next_doc, next_doc + len(ids)),
+                                                 lengths)])
+      next_doc += len(ids)
+      counts["tokens"] += int(lengths.sum())
+      full = len(tok) // L
+      for b in range(full):
+        emit(tok[b * L:(b + 1) * L], doc[b * L:(b + 1) * L])
+      carry_tok, carry_doc = tok[full * L:], doc[full * L:]
+
+    batch: list[str] = []
+    for name in doc_files:
+      with open(name, encoding="utf-8") as f:
+        for line in f:
+          batch.append(json.loads(line)["text"])
+          if len(batch) >= batch_size:
+            flush(batch)
+            batch = []
+    if batch:
+      flush(batch)
+    if len(carry_tok):
+      emit(carry_tok, carry_doc)
+  return counts
+
+
+# ----------------------------------------------------------------------------- runs
+
+def run_beam(docs_glob: str, vocab: str, out_dir: str, block_length: int, workers: int,
+             num_buckets: int, num_shards: int) -> dict:
+  from pipelines import blocks
+  argv = [f"--documents={docs_glob}", f"--vocab={vocab}", f"--output_dir={out_dir}",
+          f"--block_length={block_length}", f"--num_buckets={num_buckets}",
+          f"--num_shards={num_shards}", "--runner=DirectRunner",
+          f"--direct_num_workers={workers}"]
+  if workers > 1:
+    argv.append("--direct_running_mode=multi_processing")
+  return blocks.run(argv)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--work_dir", default=os.path.join(tempfile.gettempdir(),
+                                                         "palmflow_bench_blocks"),
+                      help="cache of the corpus and vocabulary, and the runs' outputs")
+  parser.add_argument("--target_mb", type=float, default=20.0, help="corpus text size (1e6 B)")
+  parser.add_argument("--vocab_size", type=int, default=8000)
+  parser.add_argument("--vocab_lines", type=int, default=200_000,
+                      help="lines in the vocabulary training sample")
+  parser.add_argument("--block_length", type=int, default=2048)
+  parser.add_argument("--num_buckets", type=int, default=8)
+  parser.add_argument("--num_shards", type=int, default=4)
+  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--variants", default="loop,beam1,beam2")
+  parser.add_argument("--results", default="", help="write a Markdown results table here")
+  args = parser.parse_args(argv)
+  if not DATA.exists():
+    print(f"../shared/data not found at {DATA.resolve()}", file=sys.stderr)
+    return 2
+
+  work = Path(args.work_dir)
+  key = hashlib.sha256(f"{args.target_mb}:v1".encode()).hexdigest()[:10]
+  corpus = work / f"corpus-{key}"
+  if not (corpus / "info.json").exists():
+    t = time.perf_counter()
+    shutil.rmtree(corpus, ignore_errors=True)
+    build_corpus(corpus, int(args.target_mb * 1e6), num_files=4)
+    print(f"built corpus in {time.perf_counter() - t:.1f}s", flush=True)
+  info = json.loads((corpus / "info.json").read_text())
+  vocab = corpus / f"spm-unigram-{args.vocab_size}.model"
+  if not vocab.exists():
+    t = time.perf_counter()
+    train_vocab(corpus, vocab, args.vocab_size, args.vocab_lines)
+    print(f"trained vocabulary in {time.perf_counter() - t:.1f}s", flush=True)
+  docs_glob = str(corpus / "documents.jsonl-*")
+  doc_files = sorted(glob.glob(docs_glob))
+  mb = info["text_bytes"] / 1e6
+  print(f"corpus: {info['documents']} documents, {mb:.1f} MB of text {info['sources']}",
+        flush=True)
+
+  import apache_beam  # noqa: F401  (imports outside the timings, for every variant alike)
+  import sentencepiece  # noqa: F401
+  import tensorflow  # noqa: F401
+  variants = [v for v in args.variants.split(",") if v]
+  times: dict[str, list[float]] = {v: [] for v in variants}
+  results: dict[str, dict] = {}
+  for r in range(args.repeats):
+    for v in variants:
+      out = work / "out" / v
+      shutil.rmtree(out, ignore_errors=True)
+      out.mkdir(parents=True)
+      t = time.perf_counter()
+      if v == "loop":
+        res = plain_loop(doc_files, str(vocab), str(out / "blocks.tfrecord"), args.block_length)
+      else:
+        res = run_beam(docs_glob, str(vocab), str(out), args.block_length,
+                       workers=int(v[len("beam"):]), num_buckets=args.num_buckets,
+                       num_shards=args.num_shards)
+      dt = time.perf_counter() - t
+      times[v].append(dt)
+      results[v] = res
+      print(f"repeat {r + 1} {v:6s} {dt:7.2f}s  {mb / dt:6.2f} MB/s", flush=True)
+
+  best = {v: min(ts) for v, ts in times.items()}
+  loop = best.get("loop")
+  summary = {
+      "corpus_mb": round(mb, 2), "documents": info["documents"],
+      "block_length": args.block_length, "vocab_size": args.vocab_size,
+      "best_seconds": {v: round(t, 2) for v, t in best.items()},
+      "all_seconds": {v: [round(t, 2) for t in ts] for v, ts in times.items()},
+      "mb_per_s": {v: round(mb / t, 2) for v, t in best.items()},
+      "ratio_to_loop": ({v: round(t / loop, 3) for v, t in best.items() if v != "loop"}
+                        if loop else {}),
+      "cpus": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()],
+  }
+  for v in variants:
+    if v != "loop":
+      s = results[v]
+      summary.setdefault("packing_efficiency", {})[v] = s["packing_efficiency"]
+      summary.setdefault("blocks", {})[v] = s["blocks"]
+      summary.setdefault("non_pad_tokens", {})[v] = s["non_pad_tokens"]
+  if "loop" in results:
+    summary.setdefault("blocks", {})["loop"] = results["loop"]["blocks"]
+    summary.setdefault("non_pad_tokens", {})["loop"] = results["loop"]["non_pad_tokens"]
+  print(json.dumps(summary, indent=2))
+  if args.results:
+    write_results(Path(args.results), summary, info, args)
+  return 0
+
+
+def write_results(path: Path, s: dict, info: dict, args) -> None:
+  cmd = ("`.venv/bin/python bench/bench_blocks.py --repeats "
+         f"{args.repeats} --results {args.results}`")
+  lines = [
+      "## Tokenize + block: Beam job vs plain Python loop", "",
+      f"Command: {cmd} (from the repository root; needs ../shared/data).", "",
+      f"Corpus: {s['corpus_mb']} MB of text, {s['documents']} documents "
+      f"({', '.join(f'{k} {v}' for k, v in info['sources'].items())}); SentencePiece "
+      f"unigram {s['vocab_size']}; blocks of {s['block_length']} tokens. Machine: "
+      f"{s['cpus']} cores ({platform.processor() or platform.machine()}), shared with other "
+      f"jobs (load average at the end {s['load_avg']}); best of {args.repeats} interleaved "
+      "runs each.", "",
+      "| variant | seconds (best) | all runs | MB/s | time / loop |",
+      "|---|---|---|---|---|"]
+  names = {"loop": "plain Python loop", "beam1": "Beam DirectRunner, 1 worker",
+           "beam2": "Beam DirectRunner, 2 workers (multi_processing)"}
+  for v, t in s["best_seconds"].items():
+    ratio = "1" if v == "loop" else f"{s['ratio_to_loop'].get(v, float('nan')):.2f}×"
+    lines.append(f"| {names.get(v, v)} | {t:.2f} | {', '.join(map(str, s['all_seconds'][v]))}"
+                 f" | {s['mb_per_s'][v]:.2f} | {ratio} |")
+  if s.get("packing_efficiency"):
+    eff = ", ".join(f"{v} {100 * e:.4f}%" for v, e in s["packing_efficiency"].items())
+    lines += ["", f"Packing efficiency (non-pad / all tokens, from the job's stats.json): "
+              f"{eff}; blocks: {s['blocks']}; non-pad tokens: {s['non_pad_tokens']}."]
+  path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+  sys.exit(main())

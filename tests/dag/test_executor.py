@@ -1,0 +1,133 @@
+"""Reuse, selective reruns, atomic publication and plans, with small in-test stage kinds."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from palmflow.dag import executor, kinds, spec
+from palmflow.dag.store import Store
+from palmflow.errors import StageFailed
+
+RUNS: list[str] = []
+
+
+@dataclasses.dataclass(frozen=True)
+class CountSettings:
+  n: int = kinds.setting(1, doc="a number")
+  fail: bool = kinds.setting(False, doc="raise while running")
+
+
+@kinds.register
+class Count(kinds.StageKind):
+  kind = "test_count"
+  produces = "documents"
+  settings_cls = CountSettings
+  slots = {"up": kinds.Slot(("documents",), required=False)}
+
+  def run(self, ctx):
+    RUNS.append(ctx.name)
+    (ctx.out_dir / "partial.txt").write_text("x")
+    if ctx.settings.fail:
+      raise RuntimeError("boom")
+    total = ctx.settings.n
+    if "up" in ctx.inputs:
+      total += ctx.inputs["up"].manifest["summary"]["total"]
+    return {"total": total}
+
+
+PIPE = """\
+pipeline: t
+placement: {beam: {runner: DirectRunner}}
+stages:
+  a: {kind: test_count, settings: {n: 1}}
+  b: {kind: test_count, inputs: {up: a}, settings: {n: 10}}
+  c: {kind: test_count, inputs: {up: b}, settings: {n: 100}}
+  d: {kind: test_count, settings: {n: 1000}}
+"""
+
+
+def load(tmp_path, text=PIPE):
+  p = tmp_path / "p.yaml"
+  p.write_text(textwrap.dedent(text))
+  return spec.load(p)
+
+
+def test_rerun_reuses_and_changes_rerun_downstream_only(tmp_path):
+  store = Store(tmp_path / "store")
+  RUNS.clear()
+  _, ran = executor.run(load(tmp_path), store, log=lambda m: None)
+  assert ran == ["a", "b", "c", "d"] and RUNS == ran
+  c_fp = [p for p in executor.plan(load(tmp_path), store) if p.name == "c"][0].fingerprint
+  assert store.manifest("c", c_fp)["summary"]["total"] == 111
+
+  RUNS.clear()
+  planned, ran = executor.run(load(tmp_path), store, log=lambda m: None)
+  assert ran == [] and RUNS == [] and all(p.action == "reuse" for p in planned)
+
+  changed = PIPE.replace("settings: {n: 10}", "settings: {n: 20}")
+  plan = {p.name: p for p in executor.plan(load(tmp_path, changed), store)}
+  assert plan["a"].action == "reuse" and plan["d"].action == "reuse"
+  assert plan["b"].action == "run" and "setting n: 10 -> 20" in plan["b"].reasons
+  assert plan["c"].action == "run" and any("input 'up' (b) will run" in r
+                                           for r in plan["c"].reasons)
+  RUNS.clear()
+  _, ran = executor.run(load(tmp_path, changed), store, log=lambda m: None)
+  assert ran == ["b", "c"] == RUNS
+
+
+def test_placement_is_not_identity(tmp_path):
+  store = Store(tmp_path / "store")
+  executor.run(load(tmp_path), store, log=lambda m: None)
+  moved = PIPE.replace("runner: DirectRunner", "runner: DataflowRunner, options: {region: x}")
+  assert all(p.action == "reuse" for p in executor.plan(load(tmp_path, moved), store))
+
+
+def test_failed_stage_is_not_published_and_reruns(tmp_path):
+  store = Store(tmp_path / "store")
+  failing = PIPE.replace("settings: {n: 100}", "settings: {n: 100, fail: true}")
+  with pytest.raises(StageFailed, match="stage 'c' .*boom"):
+    executor.run(load(tmp_path, failing), store, log=lambda m: None)
+  plan = {p.name: p for p in executor.plan(load(tmp_path, failing), store)}
+  assert plan["a"].action == plan["b"].action == "reuse"
+  c_dir = store.stage_dir("c", plan["c"].fingerprint)
+  assert (c_dir / "partial.txt").exists() and not (c_dir / "COMPLETED").exists()
+  assert "boom" in (c_dir / "error.txt").read_text()
+  assert plan["c"].action == "run"   # not resumable: its partial dir is wiped on rerun
+  RUNS.clear()
+  with pytest.raises(StageFailed):
+    executor.run(load(tmp_path, failing), store, log=lambda m: None)
+  assert RUNS == ["c"]
+
+
+def test_completed_marker_is_last_and_manifest_complete(tmp_path):
+  store = Store(tmp_path / "store")
+  planned, _ = executor.run(load(tmp_path), store, log=lambda m: None)
+  for p in planned:
+    d = store.stage_dir(p.name, p.fingerprint)
+    m = json.loads((d / "manifest.json").read_text())
+    assert m["fingerprint"] == p.fingerprint == d.name
+    assert (d / "COMPLETED").stat().st_mtime_ns >= (d / "manifest.json").stat().st_mtime_ns
+    assert not list(d.glob(".*.tmp"))
+
+
+def test_plan_cli_output(tmp_path, capsys):
+  from palmflow import cli
+  (tmp_path / "p.yaml").write_text(PIPE)
+  assert cli.main(["plan", str(tmp_path / "p.yaml"), "--store", str(tmp_path / "s")]) == 0
+  out = capsys.readouterr().out
+  assert out.count("RUN") == 4 and "never run" in out
+  assert cli.main(["run", str(tmp_path / "p.yaml"), "--store", str(tmp_path / "s")]) == 0
+  assert cli.main(["run", str(tmp_path / "p.yaml"), "--store", str(tmp_path / "s")]) == 0
+  assert "all 4 stages are up to date" in capsys.readouterr().out
+
+
+def test_store_env_var(tmp_path, monkeypatch, capsys):
+  from palmflow import cli
+  (tmp_path / "p.yaml").write_text(PIPE)
+  monkeypatch.setenv("PALMFLOW_STORE", str(tmp_path / "envstore"))
+  assert cli.main(["run", str(tmp_path / "p.yaml")]) == 0
+  assert (tmp_path / "envstore" / "a").is_dir()

@@ -1,0 +1,101 @@
+"""Pipeline file validation: every error names the file, line, stage and field; exit code 2."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from palmflow import cli
+from palmflow.dag import spec
+from palmflow.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+GOOD = """\
+pipeline: demo
+stages:
+  corpus:
+    kind: corpus
+    settings:
+      sources: [{name: stdlib, format: python_stdlib, sample_fraction: 0.1}]
+  vocab:
+    kind: vocab
+    inputs: {documents: corpus}
+    settings: {vocab_size: 500}
+  blocks:
+    kind: blocks
+    inputs: {documents: corpus, vocab: vocab}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+  p = tmp_path / "pipeline.yaml"
+  p.write_text(textwrap.dedent(text))
+  return p
+
+
+def test_valid_file_orders_stages(tmp_path):
+  p = spec.load(write(tmp_path, GOOD))
+  assert p.order == ["corpus", "vocab", "blocks"]
+  assert p.stages["vocab"].settings.vocab_size == 500
+
+
+@pytest.mark.parametrize("edit, expect", [
+    (("kind: vocab", "kind: vocabulary"), ["pipeline.yaml:8,", "stage 'vocab'", "field 'kind'",
+                                           "unknown stage kind 'vocabulary'", "did you mean 'vocab'"]),
+    (("{vocab_size: 500}", "{vocab_sise: 500}"), ["pipeline.yaml:10,", "stage 'vocab'",
+                                                  "field 'settings.vocab_sise'",
+                                                  "did you mean 'vocab_size'"]),
+    (("{vocab_size: 500}", "{vocab_size: many}"), ["stage 'vocab'", "settings.vocab_size",
+                                                   "'many' is not of type 'integer'"]),
+    (("inputs: {documents: corpus, vocab: vocab}", "inputs: {documents: corpus, vocab: vocabb}"),
+     ["stage 'blocks'", "field 'inputs.vocab'", "'vocabb', which is not in the file"]),
+    (("inputs: {documents: corpus}\n", "inputs: {documents: blocks}\n"),
+     ["cycle", "vocab -> blocks -> vocab"]),
+    (("inputs: {documents: corpus, vocab: vocab}", "inputs: {documents: corpus, vocab: corpus}"),
+     ["needs a stage producing vocabulary", "'corpus' (corpus) produces documents"]),
+    (("pipeline: demo", "pipeline: demo\nstagez: {}"), ["pipeline.yaml:2,", "unknown field 'stagez'"]),
+    (("format: python_stdlib", "format: pdf"), ["sources.0.format", "unknown format 'pdf'"]),
+])
+def test_invalid_files_are_rejected_with_location(tmp_path, edit, expect):
+  old, new = edit
+  assert old in GOOD
+  path = write(tmp_path, GOOD.replace(old, new, 1))
+  with pytest.raises(ConfigError) as e:
+    spec.load(path)
+  msg = str(e.value)
+  assert str(path) in msg
+  for part in expect:
+    assert part in msg, msg
+
+
+def test_cli_exit_code_and_nothing_runs(tmp_path, capsys):
+  path = write(tmp_path, GOOD.replace("kind: vocab", "kind: nope"))
+  store = tmp_path / "store"
+  assert cli.main(["run", str(path), "--store", str(store)]) == 2
+  assert "unknown stage kind 'nope'" in capsys.readouterr().err
+  assert not store.exists()
+
+
+def test_missing_input_file_is_a_config_error(tmp_path, capsys):
+  text = GOOD.replace("{name: stdlib, format: python_stdlib, sample_fraction: 0.1}",
+                      "{name: books, format: text, path: missing/*.txt}")
+  path = write(tmp_path, text)
+  assert cli.main(["plan", str(path), "--store", str(tmp_path / "s")]) == 2
+  err = capsys.readouterr().err
+  assert "stage 'corpus'" in err and "missing/*.txt" in err
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+  path = write(tmp_path, GOOD.replace("kind: vocab", "kind: [vocab"))
+  with pytest.raises(ConfigError, match=r"pipeline.yaml:\d+"):
+    spec.load(path)
+
+
+def test_every_shipped_pipeline_file_is_valid():
+  files = sorted((REPO / "pipelines" / "examples").glob("*.yaml"))
+  assert files
+  for f in files:
+    p = spec.load(f)
+    assert p.order, f

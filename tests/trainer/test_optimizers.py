@@ -1,0 +1,235 @@
+"""Optimizers and schedules against hand computations; gradient accumulation over microbatches.
+
+Hand computations use numpy in float64 and the formulas of the PaLM paper (section 5) and of
+t5x's factor-style schedules; the optax-based implementations must match them to float32
+precision.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from palmflow.trainer import lm, models, optimizers, train_lib
+
+
+def _sched(**kw):
+  s = optimizers.create_learning_rate_scheduler(**kw)
+  return lambda step: float(s(step))
+
+
+# ---------------------------------------------------------------- schedules
+
+
+def test_constant_linear_warmup_rsqrt_decay():
+  s = _sched(factors="constant * linear_warmup * rsqrt_decay", base_learning_rate=2.0,
+             warmup_steps=100)
+  # 2 * min(1, step / 100) / sqrt(max(step, 100))
+  for step, want in [(0, 0.0), (25, 2 * 0.25 / 10), (100, 0.2), (400, 0.1), (10000, 0.02)]:
+    assert s(step) == pytest.approx(want, rel=1e-6), step
+
+
+def test_cosine_and_linear_decay_after_warmup_and_floor():
+  cos = _sched(factors="constant * linear_warmup * cosine_decay", base_learning_rate=2.0,
+               warmup_steps=10, decay_steps=100)
+  # warmup, then 2 * 0.5 * (1 + cos(pi * (step - 10) / 100)), 0 after the decay
+  for step, want in [(5, 1.0), (10, 2.0), (35, 1.0 + math.cos(math.pi / 4)), (60, 1.0),
+                     (110, 0.0), (500, 0.0)]:
+    assert cos(step) == pytest.approx(want, abs=1e-6), step
+  lin = _sched(factors="constant * linear_decay", base_learning_rate=2.0, warmup_steps=10,
+               decay_steps=100, min_learning_rate=0.1)
+  for step, want in [(0, 2.0), (10, 2.0), (35, 1.5), (100, 0.2), (110, 0.1), (300, 0.1)]:
+    assert lin(step) == pytest.approx(want, rel=1e-6), step
+  rsqrt_norm = _sched(factors="constant * rsqrt_normalized_decay", base_learning_rate=1.0,
+                      warmup_steps=100)
+  assert rsqrt_norm(50) == pytest.approx(1.0) and rsqrt_norm(400) == pytest.approx(0.5)
+
+
+def test_unknown_factor_is_named():
+  with pytest.raises(ValueError, match="'cosine'.*known: constant"):
+    optimizers.create_learning_rate_scheduler(factors="constant * cosine")
+
+
+# ---------------------------------------------------------------- Adafactor
+
+
+def _rms(x):
+  return np.sqrt(np.mean(np.square(x)))
+
+
+def _adafactor_reference(params, grads_seq, lrs, *, factored_keys=(), clip_norm=1.0,
+                         decay_exponent=0.8, eps=1e-30, wd_exponent=2.0):
+  """PaLM's Adafactor in numpy (float64): global-norm clip, β2 = 1 - k^-0.8, factored second
+  moments for `factored_keys`, update clipping at RMS 1, parameter scaling, decay lr**2."""
+  p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+  v = {k: None for k in p}
+  for k_step, (grads, lr) in enumerate(zip(grads_seq, lrs), start=1):
+    g = {k: np.asarray(x, np.float64) for k, x in grads.items()}
+    norm = math.sqrt(sum(np.sum(x ** 2) for x in g.values()))
+    if clip_norm is not None and norm > clip_norm:
+      g = {k: x * clip_norm / norm for k, x in g.items()}
+    beta2 = 1.0 - k_step ** -decay_exponent
+    new_p = {}
+    for k, gk in g.items():
+      g2 = gk ** 2 + eps
+      if k in factored_keys:  # rows: mean over the last (larger) axis; columns: over the first
+        r, c = g2.mean(axis=1), g2.mean(axis=0)
+        if v[k] is not None:
+          r, c = beta2 * v[k][0] + (1 - beta2) * r, beta2 * v[k][1] + (1 - beta2) * c
+        v[k] = (r, c)
+        vhat = np.outer(r, c) / r.mean()
+      else:
+        v[k] = g2 if v[k] is None else beta2 * v[k] + (1 - beta2) * g2
+        vhat = v[k]
+      u = gk / np.sqrt(vhat)
+      u = u / max(1.0, _rms(u) / 1.0)
+      new_p[k] = p[k] - lr * max(_rms(p[k]), 1e-3) * u - lr ** wd_exponent * p[k]
+    p = new_p
+  return p
+
+
+def _run(tx, params, grads_seq):
+  state = tx.init(params)
+  for g in grads_seq:
+    updates, state = tx.update(g, state, params)
+    params = optax.apply_updates(params, updates)
+  return params
+
+
+def _grads(shapes, n, seed=0, scale=3.0):
+  rng = np.random.default_rng(seed)
+  return [{k: jnp.asarray(rng.normal(size=s) * scale, jnp.float32) for k, s in shapes.items()}
+          for _ in range(n)]
+
+
+def test_adafactor_first_step_is_sign_times_param_rms_plus_lr_squared_decay():
+  # k = 1: β2 = 0, so V = G² and U = sign(G) (RMS 1, unclipped); the step is
+  # -lr * RMS(W) * sign(G) - lr² * W, whatever the global-norm clipping did to |G|.
+  params = {"w": jnp.asarray([[0.5, -1.0, 2.0], [1.0, 0.25, -0.5]], jnp.float32),
+            "b": jnp.asarray([3.0, -4.0], jnp.float32)}
+  grads = {"w": jnp.asarray([[1.0, -2.0, 0.5], [-3.0, 4.0, 1.0]]), "b": jnp.asarray([7., -1.])}
+  lr = 0.1
+  out = _run(optimizers.adafactor(learning_rate=lr), params, [grads])
+  for k in params:
+    p = np.asarray(params[k], np.float64)
+    want = p - lr * _rms(p) * np.sign(np.asarray(grads[k])) - lr ** 2 * p
+    np.testing.assert_allclose(out[k], want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_adafactor_three_steps_match_the_palm_formulas(factored):
+  shapes = {"w": (4, 6), "v": (5,), "tiny": (3,)}
+  rng = np.random.default_rng(1)
+  params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+  params["tiny"] = jnp.asarray([1e-5, -2e-5, 0.0], jnp.float32)  # parameter scale floor 1e-3
+  grads_seq = _grads(shapes, 3)  # global norm ~ 3 * sqrt(32) > 1: clipped
+  schedule = lambda step: 0.01 * (step + 1.0)  # lr(k - 1) at step k: decay uses it squared
+  tx = optimizers.adafactor(learning_rate=schedule, factored=factored, min_dim_size_to_factor=4)
+  out = _run(tx, params, grads_seq)
+  want = _adafactor_reference(params, grads_seq, [0.01, 0.02, 0.03],
+                              factored_keys=("w",) if factored else ())
+  for k in params:
+    np.testing.assert_allclose(out[k], want[k], rtol=2e-5, atol=1e-9, err_msg=k)
+
+
+def test_adafactor_factors_only_large_matrices_and_optional_settings():
+  params = {"big": jnp.zeros((128, 256)), "small": jnp.zeros((64, 256)), "vec": jnp.zeros(300)}
+  inner = optimizers.adafactor(learning_rate=0.1).init(params)[1][0]  # after the clip
+  assert inner.v_row["big"].shape == (128,) and inner.v_col["big"].shape == (256,)
+  assert inner.v["small"].shape == (64, 256) and inner.v["vec"].shape == (300,)
+  unfactored = optimizers.adafactor(learning_rate=0.1, factored=False).init(params)[1][0]
+  assert unfactored.v["big"].shape == (128, 256)
+  # No weight decay, no global clip, no update clip, no parameter scaling: plain sign step.
+  bare = optimizers.adafactor(learning_rate=0.5, weight_decay_exponent=None,
+                              global_norm_clip=None, clipping_threshold=None,
+                              multiply_by_parameter_scale=False)
+  p = {"x": jnp.asarray([1.0, 2.0])}
+  out = _run(bare, p, [{"x": jnp.asarray([-3.0, 0.1])}])
+  np.testing.assert_allclose(out["x"], [1.5, 1.5], rtol=1e-6)
+
+
+# ---------------------------------------------------------------- AdamW and clipping
+
+
+def test_adamw_two_steps_match_hand_computation():
+  p0 = np.array([1.0, -2.0, 0.5])
+  g1, g2 = np.array([0.1, -0.2, 0.0]), np.array([0.3, 0.1, -0.4])  # norms < 1: not clipped
+  lr, b1, b2, eps, wd = 0.1, 0.9, 0.99, 1e-8, 0.01
+  tx = optimizers.adamw(learning_rate=lr, b1=b1, b2=b2, eps=eps, weight_decay=wd)
+  out = _run(tx, {"p": jnp.asarray(p0, jnp.float32)},
+             [{"p": jnp.asarray(g1, jnp.float32)}, {"p": jnp.asarray(g2, jnp.float32)}])
+  p, m, v = p0.copy(), 0.0, 0.0
+  for t, g in enumerate([g1, g2], start=1):
+    m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g ** 2
+    mhat, vhat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+    p = p - lr * (mhat / (np.sqrt(vhat) + eps) + wd * p)
+  np.testing.assert_allclose(out["p"], p, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("scale,clipped", [(0.1, False), (10.0, True)])
+def test_global_norm_clipping_rescales_all_gradients_together(scale, clipped):
+  grads = {"a": jnp.asarray([3.0, 0.0]) * scale, "b": jnp.asarray([[4.0]]) * scale}  # norm 5s
+  params = jax.tree.map(jnp.zeros_like, grads)
+  for tx in (optimizers.adamw(learning_rate=0.1, global_norm_clip=1.0),
+             optimizers.adafactor(learning_rate=0.1, global_norm_clip=1.0)):
+    state = tx.update(grads, tx.init(params), params)[1]
+    factor = 1.0 / (5 * scale) if clipped else 1.0
+    if isinstance(state[1][0], optax.ScaleByAdamState):  # mu = (1 - b1) * clipped g
+      seen = state[1][0].mu
+      jax.tree.map(lambda s, g: np.testing.assert_allclose(s, 0.1 * g * factor, rtol=1e-6),
+                   seen, grads)
+    else:  # Adafactor's first second moment is the clipped g² (+1e-30)
+      seen = state[1][0].v
+      jax.tree.map(lambda s, g: np.testing.assert_allclose(s, (g * factor) ** 2, rtol=1e-5, atol=1e-20),
+                   seen, grads)
+
+
+# ---------------------------------------------------------------- microbatches
+
+MB_CONFIG = models.PaLMConfig(vocab_size=64, num_layers=1, d_model=32, num_heads=4, head_dim=8,
+                              d_ff=64)
+
+
+def _padded_batch():
+  """8 rows of 16 positions; row i has 16 - 2 * i real target tokens, so the 4 microbatches
+  of 2 rows hold 30, 22, 14 and 6 real tokens."""
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(2, 64, size=(8, 17)).astype(np.int32)
+  lengths = 16 - 2 * np.arange(8)
+  weights = (np.arange(16)[None] < lengths[:, None]).astype(np.float32)
+  targets = np.where(weights > 0, tokens[:, 1:], 0).astype(np.int32)
+  inputs = np.where(weights > 0, tokens[:, :-1], 0).astype(np.int32)
+  return {"decoder_input_tokens": inputs, "decoder_target_tokens": targets,
+          "decoder_loss_weights": weights}
+
+
+@pytest.mark.parametrize("normalizer", [None, 50.0, "AVERAGE_PER_SEQUENCE"])
+def test_microbatches_give_the_large_batch_update(normalizer):
+  # SGD with lr 1: the update is minus the gradient, so parameters compare gradients exactly
+  # (Adafactor's first step is sign(G), which would hide differences).
+  model = lm.DecoderOnlyModel(config=MB_CONFIG, optimizer=optax.sgd(1.0),
+                              loss_normalizing_factor=normalizer)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), batch_size=1, length=16))["params"]
+  batch = _padded_batch()
+  steps = {n: train_lib.make_train_step(model, model.optimizer, num_microbatches=n,
+                                        dropout_seed=0, learning_rate_fn=None) for n in (1, 4)}
+
+  @jax.jit  # one compilation for the three computations
+  def run(params, batch):
+    state = model.optimizer.init(params)
+    loss, grad = jax.value_and_grad(lambda p: model.loss_fn(p, batch)[0])(params)
+    return steps[1](params, state, batch, 0), steps[4](params, state, batch, 0), loss, grad
+
+  (p1, _, m1), (p4, _, m4), loss, grad = run(params, batch)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-7), p1, p4)
+  for k in ("loss", "cross_ent_loss", "accuracy", "grad_norm", "nonpadding_tokens"):
+    np.testing.assert_allclose(m1[k], m4[k], rtol=2e-5, err_msg=k)
+  assert float(m1["nonpadding_tokens"]) == 72
+  # The gradient really is that of the whole batch's loss.
+  jax.tree.map(lambda p, g, q: np.testing.assert_allclose(p - q, g, rtol=2e-4, atol=1e-6),
+               params, grad, p4)
+  assert float(m4["loss"]) == pytest.approx(float(loss), rel=1e-5)

@@ -89,11 +89,10 @@ def build_corpus(out_dir: Path, target_bytes: int, num_files: int) -> dict:
     total += len(text.encode("utf-8"))
     if total >= target_bytes:
       break
-  per = -(-len(docs) // num_files)
-  for k in range(num_files):
+  for k in range(num_files):  # document i goes to file i % num_files: balanced, mixed
     with open(out_dir / f"documents.jsonl-{k:05d}-of-{num_files:05d}", "w",
               encoding="utf-8") as f:
-      for d in docs[k * per:(k + 1) * per]:
+      for d in docs[k::num_files]:
         f.write(json.dumps(d, ensure_ascii=False) + "\n")
   sources: dict = {}
   for d in docs:
@@ -219,7 +218,7 @@ def main(argv=None) -> int:
     return 2
 
   work = Path(args.work_dir)
-  key = hashlib.sha256(f"{args.target_mb}:v1".encode()).hexdigest()[:10]
+  key = hashlib.sha256(f"{args.target_mb}:v2".encode()).hexdigest()[:10]
   corpus = work / f"corpus-{key}"
   if not (corpus / "info.json").exists():
     t = time.perf_counter()

@@ -46,10 +46,17 @@ def draw_dag(stages: dict, edges: list[tuple[str, str]], path: Path) -> None:
     for i, n in enumerate(names):
       pos[n] = (c * 2.6, -(i - (len(names) - 1) / 2) * 1.3)
   fig, ax = plt.subplots(figsize=(max(6, 2.6 * len(cols)), 1.6 + 1.3 * max(map(len, cols.values()))))
+  # The report reads every stage; draw only its edges from sinks to keep the picture legible.
+  has_down = {a for a, b in edges if stages[b]["kind"] != "report"}
+  edges = [(a, b) for a, b in edges if stages[b]["kind"] != "report" or a not in has_down]
   for a, b in edges:
     (x0, y0), (x1, y1) = pos[a], pos[b]
+    span = depth[b] - depth[a]
+    to_report = stages[b]["kind"] == "report"
     ax.annotate("", xy=(x1 - 0.95, y1), xytext=(x0 + 0.95, y0),
-                arrowprops=dict(arrowstyle="->", color="#555"))
+                arrowprops=dict(arrowstyle="->", color="#bbb" if to_report else "#444",
+                                linestyle="--" if to_report else "-",
+                                connectionstyle=f"arc3,rad={0.25 if span > 1 else 0.0}"))
   for n, (x, y) in pos.items():
     info = stages[n]
     color = {"reuse": "#d9ead3", "run": "#cfe2f3"}.get(info.get("action"), "#eeeeee")

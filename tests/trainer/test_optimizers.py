@@ -5,6 +5,7 @@ t5x's factor-style schedules; the optax-based implementations must match them to
 precision.
 """
 
+import functools
 import math
 
 import flax.linen as nn
@@ -213,7 +214,8 @@ def test_microbatches_give_the_large_batch_update(normalizer):
   # (Adafactor's first step is sign(G), which would hide differences).
   model = lm.DecoderOnlyModel(config=MB_CONFIG, optimizer=optax.sgd(1.0),
                               loss_normalizing_factor=normalizer)
-  params = nn.unbox(model.init(jax.random.PRNGKey(0), batch_size=1, length=16))["params"]
+  init = jax.jit(functools.partial(model.init, batch_size=1, length=16))
+  params = nn.unbox(init(jax.random.PRNGKey(0)))["params"]
   batch = _padded_batch()
   steps = {n: train_lib.make_train_step(model, model.optimizer, num_microbatches=n,
                                         dropout_seed=0, learning_rate_fn=None) for n in (1, 4)}

@@ -52,7 +52,8 @@ def make_model(dtype: str) -> lm.DecoderOnlyModel:
 
 
 def init_params(model):
-  return nn.unbox(model.init(jax.random.PRNGKey(0), batch_size=1, length=LENGTH))["params"]
+  init = jax.jit(functools.partial(model.init, batch_size=1, length=LENGTH))
+  return nn.unbox(init(jax.random.PRNGKey(0)))["params"]
 
 
 @functools.lru_cache(maxsize=None)

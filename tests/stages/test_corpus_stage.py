@@ -1,0 +1,59 @@
+"""The corpus stage on the shared datasets: many sources, filters, dedup, stats.json."""
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from palmflow.dag import executor, spec
+from palmflow.dag.store import Store
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="../shared/data not present")
+def test_corpus_stage_on_shared_data_with_bad_bytes(tmp_path):
+  bad = tmp_path / "bad.txt"
+  bad.write_bytes(b"A line of ordinary text that is long enough to keep.\n"
+                  b"Broken \xff\xfe bytes and a NUL \x00 inside a long enough line here.\n")
+  (tmp_path / "p.yaml").write_text(textwrap.dedent(f"""\
+      pipeline: shared_text
+      stages:
+        corpus:
+          kind: corpus
+          settings:
+            sources:
+              - {{name: moby, format: text, path: {DATA}/gutenberg_moby_dick/2701-0.txt,
+                 unit: paragraph, strip_gutenberg: true}}
+              - {{name: sst2, format: tsv, path: {DATA}/glue_sst2/dev.tsv, text_column: sentence}}
+              - {{name: bad, format: text, path: bad.txt, unit: line}}
+            filters: {{min_chars: 40, min_alpha_fraction: 0.6}}
+            dedup: exact+near
+            num_shards: 3
+      """))
+  store = Store(tmp_path / "store")
+  pipeline = spec.load(tmp_path / "p.yaml")
+  planned, ran = executor.run(pipeline, store, log=lambda m: None)
+  assert ran == ["corpus"]
+  d = store.stage_dir("corpus", planned[0].fingerprint)
+  stats = json.loads((d / "stats.json").read_text())
+  assert stats["in"]["moby"]["docs"] > 2000 and stats["in"]["sst2"]["docs"] == 872
+  assert stats["in"]["bad"]["docs"] == 2 and stats["out"]["bad"]["docs"] == 2
+  assert stats["documents_out"] < stats["documents_in"]
+  rej = stats["rejections"]
+  assert rej["too_short"]["count"] > 100 and len(rej["too_short"]["sample_ids"]) == 5
+  assert rej["exact_duplicate"]["count"] >= 1
+  assert stats["counters"]["palmflow/invalid_utf8_docs"] == 1
+  docs = [json.loads(l) for f in sorted(d.glob("documents.jsonl-*")) for l in
+          f.read_text().splitlines()]
+  assert len(docs) == stats["documents_out"]
+  assert not any("\x00" in x["text"] for x in docs)
+  moby = " ".join(x["text"] for x in docs if x["source"] == "moby")
+  for licence_text in ("terms of the Project Gutenberg License", "*** START", "*** END",
+                       "General Terms of Use"):
+    assert licence_text not in moby
+  assert "Call me Ishmael" in moby
+  assert len(sorted(d.glob("documents.jsonl-*"))) == 3

@@ -1,0 +1,295 @@
+"""The train loop end to end on a synthetic seqio task: metrics, TensorBoard, MFU, float16 loss
+scaling in the loop and in checkpoints, progress output, and regularization wired from gin
+(DROPOUT_RATE, LABEL_SMOOTHING, Z_LOSS).
+"""
+
+import dataclasses
+import functools
+import io
+import json
+import pathlib
+import sys
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import seqio
+import tensorflow as tf
+
+from palmflow.errors import ConfigError
+from palmflow.trainer import (checkpoints, data, gin_utils, lm, models, optimizers, partitioning,
+                              precision, train_lib)
+
+GIN_DIR = pathlib.Path(__file__).resolve().parents[2] / "gin"
+VOCAB, LENGTH, BATCH = 64, 32, 8
+TASK = "palmflow_test_train_loop_progressions"
+
+
+def register_progressions(name: str, *, num_examples: int = 256) -> None:
+  """A seqio task of arithmetic progressions mod VOCAB - 2 (ids >= 2) of 16..32 tokens."""
+  def dataset_fn(split, shuffle_files, seed=None):
+    del shuffle_files, seed
+    rng = np.random.default_rng(0 if split == "train" else 1)
+    start = rng.integers(0, VOCAB - 2, num_examples)
+    stride = rng.integers(1, 4, num_examples)
+    lengths = rng.integers(LENGTH // 2, LENGTH + 1, num_examples)
+
+    def gen():
+      for a, b, n in zip(start, stride, lengths):
+        yield {"targets": ((a + b * np.arange(n)) % (VOCAB - 2) + 2).astype(np.int32)}
+    return tf.data.Dataset.from_generator(
+        gen, output_signature={"targets": tf.TensorSpec([None], tf.int32)})
+  seqio.TaskRegistry.remove(name)
+  seqio.TaskRegistry.add(
+      name, source=seqio.FunctionDataSource(dataset_fn, splits=["train", "validation"]),
+      output_features={"targets": seqio.Feature(seqio.PassThroughVocabulary(VOCAB),
+                                                add_eos=False, dtype=tf.int32)},
+      metric_fns=[])
+
+
+def dataset_cfg(split="train", batch_size=BATCH):
+  return data.DatasetConfig(mixture_or_task_name=TASK, task_feature_lengths={"targets": LENGTH},
+                            split=split, batch_size=batch_size, shuffle=False, seed=0,
+                            feature_converter="lm")
+
+
+def tiny_model(dtype="float32", **kw) -> lm.DecoderOnlyModel:
+  config = models.PaLMConfig(vocab_size=VOCAB, num_layers=2, d_model=64, num_heads=4,
+                             head_dim=16, d_ff=128, dtype=dtype)
+  return lm.DecoderOnlyModel(config=config, optimizer=optimizers.adafactor(learning_rate=0.05),
+                             **kw)
+
+
+def read_metrics(path: pathlib.Path) -> list[dict]:
+  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def tensorboard_tags(directory: pathlib.Path) -> set[str]:
+  tags = set()
+  for f in directory.glob("events.out.tfevents.*"):
+    for event in tf.compat.v1.train.summary_iterator(str(f)):
+      tags |= {v.tag for v in event.summary.value}
+  return tags
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _task():
+  register_progressions(TASK)
+  yield
+  seqio.TaskRegistry.remove(TASK)
+
+
+PEAK = 1e9
+LOSS_SCALE = precision.DynamicLossScaleConfig(initial_scale=2.0 ** 30, max_scale=2.0 ** 30,
+                                              backoff_factor=2.0 ** -16, growth_interval=3)
+
+
+@pytest.fixture(scope="module")
+def float16_run(tmp_path_factory):
+  """8 steps of float16 training that starts at an overflowing loss scale (2**30; backing off
+  by 2**-16 gives 2**14), growing the scale after every 3 finite steps."""
+  model_dir = tmp_path_factory.mktemp("fp16_run")
+  result = train_lib.train(
+      model=tiny_model("float16"), train_dataset_cfg=dataset_cfg(),
+      train_eval_dataset_cfg=dataset_cfg("validation"),
+      partitioner=partitioning.Partitioner(num_partitions=1), model_dir=str(model_dir),
+      total_steps=8, eval_period=8, eval_steps=2, log_every=1,
+      checkpoint_cfg=checkpoints.SaveCheckpointConfig(period=100),
+      learning_rate_fn=lambda step: 0.05 * jnp.ones([]),
+      precision=precision.PrecisionPolicy("float16", LOSS_SCALE), peak_flops_per_second=PEAK)
+  return model_dir, result
+
+
+def test_metrics_jsonl_and_tensorboard_have_loss_accuracy_lr_grad_norm_tokens_and_mfu(
+    float16_run):
+  model_dir, result = float16_run
+  rows = read_metrics(model_dir / "train" / "metrics.jsonl")
+  assert [r["step"] for r in rows] == list(range(1, 9))
+  wanted = {"loss", "accuracy", "learning_rate", "grad_norm", "tokens_per_second",
+            "steps_per_second", "model_flops_per_second", "mfu", "loss_scale", "skipped_steps",
+            "nonpadding_tokens", "cross_ent_loss", "z_loss"}
+  for r in rows:
+    assert wanted <= set(r), wanted - set(r)
+    assert r["learning_rate"] == pytest.approx(0.05)
+    assert r["tokens_per_second"] == pytest.approx(r["steps_per_second"] * BATCH * LENGTH)
+    config = tiny_model().config
+    flops = train_lib.model_flops_per_token(config, num_params=result["num_params"],
+                                            length=LENGTH)
+    assert r["model_flops_per_second"] == pytest.approx(flops * r["tokens_per_second"])
+    assert r["mfu"] == pytest.approx(r["model_flops_per_second"] / (PEAK * 8))
+    assert 0 < r["nonpadding_tokens"] < BATCH * LENGTH  # padded rows are not counted
+  assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
+  assert tensorboard_tags(model_dir / "train") >= {"loss", "accuracy", "learning_rate",
+                                                   "grad_norm", "tokens_per_second", "mfu"}
+  eval_dir = model_dir / "training_eval" / TASK
+  assert {"loss", "accuracy"} <= set(read_metrics(eval_dir / "metrics.jsonl")[-1])
+  assert list(eval_dir.glob("events.out.tfevents.*"))
+  assert "Mesh: data=8 x model=1" in (model_dir / "model-info.txt").read_text()
+  # Standard rules: vocab -> model (of size 1 here), embed replicated.
+  assert result["param_partition_specs"]["embedding"] == "PartitionSpec('model', None)"
+
+
+def test_float16_loop_skips_overflows_grows_the_scale_and_checkpoints_it(float16_run):
+  model_dir, _ = float16_run
+  rows = read_metrics(model_dir / "train" / "metrics.jsonl")
+  assert [r["loss_scale"] for r in rows] == [2.0 ** 30] + [2.0 ** 14] * 3 + [2.0 ** 15] * 3 + [
+      2.0 ** 16]
+  assert [r["skipped_steps"] for r in rows] == [1] * 8
+  # The loss scale is part of the optimizer state in the checkpoint: after step 8 it is 2**16
+  # with one finite step counted towards the next growth.
+  model = tiny_model("float16")
+  tx = precision.PrecisionPolicy("float16", LOSS_SCALE).wrap_optimizer(model.optimizer)
+  abstract_params = jax.eval_shape(
+      lambda: nn.unbox(model.init(jax.random.PRNGKey(0), batch_size=1, length=LENGTH))[
+          "params"])
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with_sharding = lambda t: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), t)
+  ckpt = checkpoints.Checkpointer(model_dir, checkpoints.SaveCheckpointConfig())
+  step, params, opt_state, _ = ckpt.restore_latest(with_sharding(abstract_params),
+                                                   with_sharding(abstract_opt))
+  ckpt.close()
+  assert step == 8 and isinstance(opt_state, precision.LossScaledState)
+  assert float(opt_state.loss_scale.scale) == 2.0 ** 16
+  assert int(opt_state.loss_scale.good_steps) == 1
+  assert int(opt_state.loss_scale.skipped_steps) == 1
+  assert {str(x.dtype) for x in jax.tree.leaves(params)} == {"float32"}
+
+
+def test_precision_policy_must_match_the_model_dtype(tmp_path):
+  with pytest.raises(ConfigError, match="ACTIVATION_DTYPE"):
+    train_lib.train(model=tiny_model("float32"), train_dataset_cfg=dataset_cfg(),
+                    partitioner=partitioning.Partitioner(num_partitions=1),
+                    model_dir=str(tmp_path), total_steps=1,
+                    precision=precision.PrecisionPolicy("bfloat16"))
+
+
+def test_model_flops_per_token_formula():
+  c = models.PaLMConfig(vocab_size=64, num_layers=2, d_model=64, num_heads=4, head_dim=16,
+                        d_ff=128)
+  n = c.num_params()
+  assert train_lib.model_flops_per_token(c, num_params=n, length=32) == (
+      6 * n + 12 * 2 * 4 * 16 * 32)
+  unshared = dataclasses.replace(c, shared_embedding=False)
+  assert train_lib.model_flops_per_token(unshared, num_params=unshared.num_params(),
+                                         length=32) == 6 * n + 12 * 2 * 4 * 16 * 32
+  # PaLM 540B at 2048 tokens: 6N dominates, attention adds ~11% (PaLM paper, appendix B).
+  big = models.PaLMConfig(vocab_size=256000, num_layers=118, d_model=18432, num_heads=48,
+                          head_dim=256, d_ff=73728)
+  flops = train_lib.model_flops_per_token(big, num_params=big.num_params(), length=2048)
+  assert flops / (6 * big.num_params()) == pytest.approx(1.11, abs=0.01)
+
+
+def test_progress_plain_lines_without_a_terminal_and_tqdm_in_one(monkeypatch, capsys):
+  p = train_lib.Progress(start=0, total=5, every=2, desc="train")
+  for step in range(1, 6):
+    p.update(step, {"loss": 1.0 / step})
+  p.close()
+  lines = capsys.readouterr().err.splitlines()
+  assert lines == ["train step 2/5 loss=0.5", "train step 4/5 loss=0.25",
+                   "train step 5/5 loss=0.2"]
+
+  class Tty(io.StringIO):
+    def isatty(self):
+      return True
+  fake = Tty()
+  monkeypatch.setattr(sys, "stderr", fake)
+  p = train_lib.Progress(start=0, total=4, every=2, desc="train")
+  for step in range(1, 5):
+    p.update(step, {"loss": 0.5})
+  p.close()
+  out = fake.getvalue()
+  assert "train: 100%" in out and "4/4" in out and "loss=0.5" in out
+
+
+# ---------------------------------------------------------------- regularization from gin
+
+
+def _gin_model(run_file: str, bindings=()) -> lm.DecoderOnlyModel:
+  """MODEL from a run file + models/palm_tiny.gin (shrunk for speed), through the binary's
+  flag parsing (so a misspelt macro fails as it would on the command line)."""
+  gin.clear_config()
+  shrink = ["VOCAB_SIZE = 64", "models.PaLMConfig.d_model = 32", "models.PaLMConfig.d_ff = 64",
+            "models.PaLMConfig.num_heads = 4", "models.PaLMConfig.head_dim = 8"]
+  try:
+    gin_utils.parse([run_file, "models/palm_tiny.gin"], shrink + list(bindings))
+    return gin.query_parameter("%MODEL").scoped_configurable_fn()
+  finally:
+    gin.clear_config()
+
+
+@pytest.mark.parametrize("run_file,bindings,rate", [
+    ("runs/pretrain.gin", [], 0.0),
+    ("runs/finetune.gin", [], 0.1),
+    ("runs/finetune.gin", ["DROPOUT_RATE = 0.3"], 0.3),
+])
+def test_dropout_rate_reaches_the_model(run_file, bindings, rate):
+  assert _gin_model(run_file, bindings).config.dropout_rate == rate
+
+
+def test_misspelt_regularization_macro_is_rejected():
+  with pytest.raises(ConfigError, match="LABEL_SMOOTHING"):
+    _gin_model("runs/pretrain.gin", ["LABEL_SMOOTING = 0.1"])
+
+
+def _lm_batch():
+  rng = np.random.default_rng(3)
+  tokens = rng.integers(2, VOCAB, size=(4, 17)).astype(np.int32)
+  weights = np.ones((4, 16), np.float32)
+  weights[1, 10:] = 0
+  return {"decoder_input_tokens": tokens[:, :-1], "decoder_target_tokens": tokens[:, 1:],
+          "decoder_loss_weights": weights}
+
+
+def test_dropout_is_used_by_the_train_step_and_varies_with_the_step():
+  model = _gin_model("runs/finetune.gin", ["DROPOUT_RATE = 0.3"])
+  params = nn.unbox(jax.jit(functools.partial(model.init, batch_size=1, length=16))(
+      jax.random.PRNGKey(0)))["params"]
+  batch = _lm_batch()
+  sgd = optax.sgd(0.0)
+  step = train_lib.make_train_step(model, sgd, num_microbatches=1, dropout_seed=0,
+                                   learning_rate_fn=None)
+
+  @jax.jit
+  def run(params):
+    state = sgd.init(params)
+    return (step(params, state, batch, 0)[2]["loss"], step(params, state, batch, 1)[2]["loss"],
+            model.loss_fn(params, batch)[0])
+  loss0, loss1, deterministic = (float(x) for x in run(params))
+  assert loss0 != pytest.approx(deterministic, abs=1e-4)
+  assert loss0 != pytest.approx(loss1, abs=1e-4)
+
+
+def test_label_smoothing_and_z_loss_macros_change_the_loss_as_defined():
+  batch = _lm_batch()
+  plain = _gin_model("runs/pretrain.gin", ["Z_LOSS = 0.0", "LABEL_SMOOTHING = 0.0"])
+  z = _gin_model("runs/pretrain.gin", ["Z_LOSS = 0.01", "LABEL_SMOOTHING = 0.0"])
+  smooth = _gin_model("runs/pretrain.gin", ["Z_LOSS = 0.0", "LABEL_SMOOTHING = 0.1"])
+  assert (z.z_loss, smooth.label_smoothing) == (0.01, 0.1)
+  assert _gin_model("runs/pretrain.gin").z_loss == 1e-4  # PaLM's default
+  params = nn.unbox(jax.jit(functools.partial(plain.init, batch_size=1, length=16))(
+      jax.random.PRNGKey(0)))["params"]
+
+  @jax.jit
+  def losses(params):
+    logits = plain.module.apply({"params": params}, batch["decoder_input_tokens"])
+    return (logits, plain.loss_fn(params, batch)[0], z.loss_fn(params, batch)[0],
+            smooth.loss_fn(params, batch)[0])
+  logits, l_plain, l_z, l_smooth = (np.asarray(x, np.float64) for x in losses(params))
+  w = batch["decoder_loss_weights"]
+  log_z = np.log(np.sum(np.exp(logits), axis=-1))
+  logp = logits - log_z[..., None]
+  target = np.take_along_axis(logp, batch["decoder_target_tokens"][..., None], -1)[..., 0]
+  mean = lambda x: np.sum(x * w) / np.sum(w)
+  assert l_plain == pytest.approx(mean(-target), rel=1e-5)
+  assert l_z - l_plain == pytest.approx(0.01 * mean(log_z ** 2), rel=1e-4)
+  conf, low = 0.9, 0.1 / (VOCAB - 1)
+  const = -(conf * np.log(conf) + (VOCAB - 1) * low * np.log(low))
+  smoothed = -(conf - low) * target - low * np.sum(logp, axis=-1) - const
+  assert l_smooth == pytest.approx(mean(smoothed), rel=1e-5)
+  assert l_smooth != pytest.approx(l_plain, rel=1e-3)

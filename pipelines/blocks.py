@@ -34,6 +34,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.transforms import shards
+from pipelines.transforms.progress import Progress
 
 EOS_ID, PAD_ID = 1, 0
 NS = "palmflow.blocks"
@@ -281,6 +282,7 @@ def build(p: beam.Pipeline, args) -> None:
   _ = (p
        | "ReadDocuments" >> beam.io.ReadFromText(args.documents)
        | "Parse" >> beam.Map(json.loads)
+       | "Progress" >> Progress("blocks", "documents read")
        | "TokenizeAndBlock" >> TokenizeAndBlock(
            vocab_path=args.vocab, block_length=args.block_length, seed=args.seed,
            num_buckets=args.num_buckets, mode=args.mode)

@@ -22,6 +22,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.transforms import shards
+from pipelines.transforms.progress import Progress
 
 STATS = "stats.json"
 
@@ -63,7 +64,8 @@ def build(p: beam.Pipeline, args) -> None:
   """Adds the job's transforms to `p`."""
   sources = json.loads(args.sources)
   docs = (read_sources(p, sources)
-          | "CountIn" >> beam.ParDo(_Count("in")))
+          | "CountIn" >> beam.ParDo(_Count("in"))
+          | "Progress" >> Progress("corpus", "documents read"))
   rejected = []
   if args.normalize:
     from pipelines.transforms.clean import Normalize

@@ -169,6 +169,16 @@ class Report(StageKind):
                f"| {st.get('documents')} | {st.get('tokens')} | {st.get('blocks')} | "
                f"{st.get('block_length')} | {st.get('packing_efficiency', 0):.4f} | "
                f"`{summ['task']['name']}` |", ""]
+      elif u.kind == "mixture":
+        md += [f"## Mixture: `{n}`", "", f"Task `{summ['task']['name']}`, rates by "
+               f"`{summ['task'].get('rate_by')}`:", "",
+               "| source | rate | share | expected examples in the planned run |",
+               "|---|---|---|---|"]
+        for r in summ.get("sources", []):
+          exp = r.get("expected_examples")
+          md.append(f"| {r['stage']} | {r['rate']:.4g} | {r['share']:.2%} | "
+                    f"{'' if exp is None else f'{exp:,.0f}'} |")
+        md += [""] + [f"**Warning:** {w}" for w in summ.get("warnings", [])] + [""]
       elif u.kind == "dataset":
         st = summ.get("stats", {})
         md += [f"## Downstream data: `{n}`", "", f"Examples: {st.get('examples')}; labels "

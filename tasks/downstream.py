@@ -11,6 +11,8 @@ import json
 import seqio
 import tensorflow as tf
 
+from tasks import augment as augment_lib
+
 
 def _jsonl_dataset(split: str, shuffle_files: bool, seed=None, *, files: dict[str, str]):
   del shuffle_files, seed
@@ -53,9 +55,10 @@ def register_text_to_text(name: str, *, files: dict[str, str], vocab_path: str,
     files: split -> JSONL path.
     vocab_path: SentencePiece model for inputs and targets.
     label_names: for classification: the possible targets (used for ranking evaluation).
-    augment: data augmentation for training, e.g. {"token_dropout": 0.1, "seed": 0}: a
-      second task `<name>.augmented` is registered with it; train on that one and evaluate
-      on `<name>`, which is never augmented.
+    augment: data augmentation for training (see `tasks.augment.from_spec`), e.g.
+      {"token_dropout": 0.1, "span_deletion": 0.15, "seed": 0}: a second task
+      `<name>.augmented` with only a train split is registered with it; train on that one
+      and evaluate on `<name>`, which is never augmented.
   Returns:
     The registered (unaugmented) task.
   """
@@ -66,15 +69,17 @@ def register_text_to_text(name: str, *, files: dict[str, str], vocab_path: str,
   metrics = [accuracy] + ([macro_f1] if label_names else [])
   features = {"inputs": seqio.Feature(vocab, add_eos=True),
               "targets": seqio.Feature(vocab, add_eos=True)}
-  variants = {name: pre}
-  if augment and augment.get("token_dropout"):
-    from tasks.augment import token_dropout
-    variants[f"{name}.augmented"] = pre + [functools.partial(
-        token_dropout, rate=float(augment["token_dropout"]), seed=int(augment.get("seed", 0)))]
-  for task_name, preprocessors in variants.items():
+  variants = {name: (source, pre)}
+  extra = augment_lib.from_spec(augment)
+  if extra:
+    # Train-only: the augmented twin has no validation split to evaluate on by mistake.
+    train_source = seqio.FunctionDataSource(
+        functools.partial(_jsonl_dataset, files=dict(files)), splits=["train"])
+    variants[f"{name}.augmented"] = (train_source, pre + extra)
+  for task_name, (task_source, preprocessors) in variants.items():
     seqio.TaskRegistry.remove(task_name)
     task = seqio.TaskRegistry.add(
-        task_name, source=source, preprocessors=preprocessors, output_features=features,
+        task_name, source=task_source, preprocessors=preprocessors, output_features=features,
         postprocess_fn=lambda x, **_: _decode_str(x).strip(), metric_fns=metrics)
     task.label_names = list(label_names or [])
   return seqio.get_mixture_or_task(name)

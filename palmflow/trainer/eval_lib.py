@@ -29,6 +29,7 @@ import jax
 import numpy as np
 import seqio
 
+from palmflow.errors import ConfigError
 from palmflow.trainer import checkpoints as ckpt_lib
 from palmflow.trainer import data as data_lib
 from palmflow.trainer.lm import DecoderOnlyModel
@@ -210,12 +211,6 @@ class ModelFns:
     return out, {"scores": scores}
 
 
-def make_fns(**kwargs):
-  """(predict_fn, score_fn) for seqio's Evaluator; see `ModelFns` for the arguments."""
-  fns = ModelFns(**kwargs)
-  return fns.predict, fns.score
-
-
 def _progress(n: int) -> None:
   end = "\r" if sys.stderr.isatty() else "\n"
   if sys.stderr.isatty() or n % 256 == 0:
@@ -235,7 +230,9 @@ def _text(x):
 def _label_options(task, mixture_or_task_name: str) -> tuple[list[str], list[list[int]]]:
   labels = getattr(task, "label_names", None)
   if not labels:
-    raise ValueError(f"task {mixture_or_task_name} has no label_names; use mode=predict")
+    raise ConfigError(f"task {mixture_or_task_name} has no label_names to rank",
+                      field="INFERENCE_MODE", hint="use INFERENCE_MODE = 'predict', or give the "
+                      "task spec label_names")
   vocab = task.output_features["targets"].vocabulary
   return list(labels), [list(vocab.encode(l)) + [EOS_ID] for l in labels]
 
@@ -285,7 +282,9 @@ def evaluate(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Part
     {"step", "metrics": {task: {name: value}}, "predictions_files": {task: path}, "mode"}.
   """
   if mode not in EVAL_MODES:
-    raise ValueError(f"mode must be one of {EVAL_MODES} for evaluation, not {mode!r}")
+    raise ConfigError(f"mode must be one of {EVAL_MODES} for evaluation, not {mode!r}",
+                      field="INFERENCE_MODE", hint="scores are written by the infer binary "
+                      "(INFER_MODE = 'score')" if mode == "score" else None)
   task = data_lib.get_task_or_mixture(mixture_or_task_name, module)
   length = sum(task_feature_lengths.values())
   step, params = load_params(model, checkpoint_path, partitioner, length,
@@ -361,7 +360,7 @@ def infer(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Partiti
     {"step", "mode", "files": {task: path}, "examples": {task: count}}.
   """
   if mode not in INFER_MODES:
-    raise ValueError(f"mode must be one of {INFER_MODES}, not {mode!r}")
+    raise ConfigError(f"mode must be one of {INFER_MODES}, not {mode!r}", field="INFER_MODE")
   top = data_lib.get_task_or_mixture(mixture_or_task_name, module)
   length = sum(task_feature_lengths.values())
   step, params = load_params(model, checkpoint_path, partitioner, length,

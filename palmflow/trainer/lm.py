@@ -11,7 +11,6 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from palmflow.trainer import losses
@@ -81,27 +80,33 @@ class DecoderOnlyModel:
                     rng: jax.Array | None = None) -> jax.Array:
     """Decodes after each example's prefix (greedy, or temperature sampling with top-k).
 
-    The prefix is where `decoder_causal_attention` is 1 (prefix LM); without it the whole
-    non-padding input is the prefix. Each step re-runs the model on the buffer (no cache),
-    which is fine for the short targets of classification and QA.
+    The prefix is where `decoder_causal_attention` is 1 (prefix LM: the inputs, attended
+    bidirectionally as in training); without it (LM) the whole non-padding target sequence is
+    the prefix and attention stays causal. Each step re-runs the model on the buffer (no
+    cache), which is fine for the short targets of classification and QA. Sampling with
+    `temperature` > 0 keeps the `top_k` most likely tokens (0: all) and is reproducible for
+    a given `rng`; top_k=1 is greedy decoding.
 
     Returns:
-      [batch, max_decode_length] int32 tokens, 0 after the first EOS.
+      [batch, max_decode_length] int32 tokens: the EOS, then 0 after it.
     """
     tokens = batch["decoder_input_tokens"]
     b, length = tokens.shape
-    if "decoder_causal_attention" in batch:
-      prefix = batch["decoder_causal_attention"]
+    mask = batch.get("decoder_causal_attention")
+    if mask is not None:
+      # decoder inputs [0, x_1..x_n] at the n + 1 prefix positions predict the first target.
+      plen = jnp.sum(mask, axis=-1).astype(jnp.int32)
     else:
-      prefix = (batch["decoder_target_tokens"] > 0).astype(jnp.int32)
-    plen = jnp.sum(prefix, axis=-1).astype(jnp.int32)        # [b]
+      # decoder inputs [0, t_1..t_n]: n targets, so n + 1 positions.
+      plen = jnp.minimum(jnp.sum(batch["decoder_target_tokens"] > 0, axis=-1) + 1, length)
+      plen = plen.astype(jnp.int32)
     idx = jnp.arange(length)[None, :]
     buf = jnp.where(idx < plen[:, None], tokens, 0)
     rng = jax.random.PRNGKey(0) if rng is None else rng
 
     def step(i, carry):
       buf, out, done, rng = carry
-      logits = self.module.apply({"params": params}, buf, causal_attention_mask=prefix)
+      logits = self.module.apply({"params": params}, buf, causal_attention_mask=mask)
       pos = jnp.clip(plen - 1 + i, 0, length - 1)
       last = jnp.take_along_axis(logits, pos[:, None, None], axis=1)[:, 0, :]
       rng, sub = jax.random.split(rng)
@@ -124,14 +129,3 @@ class DecoderOnlyModel:
     done = jnp.zeros((b,), bool)
     _, out, _, _ = jax.lax.fori_loop(0, max_decode_length, step, (buf, out, done, rng))
     return out
-
-
-def strip_after_eos(tokens: np.ndarray, eos_id: int = 1) -> list[list[int]]:
-  """Token lists cut at (and without) the first EOS and padding."""
-  out = []
-  for row in np.asarray(tokens):
-    row = row.tolist()
-    if eos_id in row:
-      row = row[:row.index(eos_id)]
-    out.append([t for t in row if t != 0])
-  return out

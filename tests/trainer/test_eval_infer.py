@@ -50,7 +50,9 @@ def test_greedy_eval_writes_the_decoded_strings(trained, tmp_path):
   assert metrics["step"] == STEPS and metrics["accuracy"] == 100.0
 
 
-def _model_and_vocab(task_json):
+@pytest.fixture(scope="module")
+def tiny_model(trained):
+  """(model, vocabulary, restored numpy parameters) of the trained checkpoint."""
   import seqio
   from palmflow.trainer import gin_utils, lm
   gin.clear_config()
@@ -59,28 +61,39 @@ def _model_and_vocab(task_json):
     model = gin.get_configurable(lm.DecoderOnlyModel)()
   finally:
     gin.clear_config()
-  spec = json.loads(Path(task_json).read_text())
-  return model, seqio.SentencePieceVocabulary(spec["vocab_path"])
+  spec = json.loads(Path(trained[0]).read_text())
+  return model, seqio.SentencePieceVocabulary(spec["vocab_path"]), ckpt_lib.load_params(trained[1])
 
 
-def _score_by_hand(model, params, vocab, inputs: str, target: str) -> float:
+def _score_by_hand(model, params, vocab, inputs: str, target: str, length: int = 20) -> float:
   """log P(target + EOS | inputs + EOS) from the model's logits, one token at a time."""
   import jax
   inp, tgt = list(vocab.encode(inputs)) + [1], list(vocab.encode(target)) + [1]
-  seq = np.asarray(inp + tgt, np.int32)
-  decoder_inputs = np.concatenate([[0], seq[:-1]])[None]
+  seq = inp + tgt
+  decoder_inputs = np.zeros((1, length), np.int32)   # causal: padding after changes nothing
+  decoder_inputs[0, 1:len(seq)] = seq[:-1]
   prefix = np.zeros_like(decoder_inputs)
   prefix[0, :len(inp) + 1] = 1
-  logits = model.module.apply({"params": params}, decoder_inputs, causal_attention_mask=prefix)
-  logp = np.asarray(jax.nn.log_softmax(logits[0].astype(np.float32), -1))
+  logits = _apply(model)(params, decoder_inputs, prefix)
+  logp = np.asarray(jax.nn.log_softmax(np.asarray(logits[0], np.float32), -1))
   return float(sum(logp[len(inp) + i, t] for i, t in enumerate(tgt)))
 
 
-def test_rank_picks_the_most_likely_label(trained, tmp_path):
+_APPLY = {}
+
+
+def _apply(model):
+  import jax
+  if id(model) not in _APPLY:
+    _APPLY[id(model)] = jax.jit(lambda p, x, m: model.module.apply(
+        {"params": p}, x, causal_attention_mask=m))
+  return _APPLY[id(model)]
+
+
+def test_rank_picks_the_most_likely_label(trained, tiny_model, tmp_path):
   rows, metrics = _eval(trained, tmp_path, "--gin.INFERENCE_MODE='rank'")
   assert metrics["accuracy"] == 100.0
-  model, vocab = _model_and_vocab(trained[0])
-  params = ckpt_lib.load_params(trained[1])
+  model, vocab, params = tiny_model
   labels = sorted(b for _, b in PAIRS)
   for r in rows:
     by_hand = {l: _score_by_hand(model, params, vocab, r["inputs"], l) for l in labels}
@@ -90,13 +103,13 @@ def test_rank_picks_the_most_likely_label(trained, tmp_path):
     assert r["prediction"] == max(by_hand, key=by_hand.get) == r["target"]
 
 
-def test_top_k_1_sampling_is_greedy(trained):
+def test_top_k_1_sampling_is_greedy(trained, tiny_model):
   import seqio
   from palmflow.trainer import data as data_lib, eval_lib, partitioning
   from tasks import specs
   task_json, ckpt = trained
   specs.register_from_file(str(task_json))
-  model, vocab = _model_and_vocab(task_json)
+  model, vocab, _ = tiny_model
   partitioner = partitioning.Partitioner(
       num_partitions=1, logical_axis_rules=partitioning.logical_axis_rules("standard"))
   lengths = {"inputs": 12, "targets": 8}
@@ -105,20 +118,23 @@ def test_top_k_1_sampling_is_greedy(trained):
                                                       shuffle=False)
   ds = data_lib.make_feature_converter("prefix_lm", pack=False)(task_ds, lengths).enumerate()
 
-  def decode(**kw):
-    fns = eval_lib.ModelFns(model=model, params=params, partitioner=partitioner, batch_size=8,
-                            mode="predict", max_decode_length=8, **kw)
-    return [vocab.decode(t.tolist()) for _, t in sorted(fns.predict(ds), key=lambda x: x[0])]
+  def fns(**kw):
+    return eval_lib.ModelFns(model=model, params=params, partitioner=partitioner,
+                             batch_size=8, mode="predict", max_decode_length=8, **kw)
 
-  greedy = decode()
+  def decode(f):
+    return [vocab.decode(t.tolist()) for _, t in sorted(f.predict(ds), key=lambda x: x[0])]
+
+  greedy = decode(fns())
   assert greedy == [b for _, b in PAIRS]
-  assert decode(temperature=1.0, top_k=1, seed=3) == greedy
-  # Sampling without a top-k cut is reproducible for a seed.
-  hot = dict(temperature=5.0, top_k=0)
-  assert decode(seed=1, **hot) == decode(seed=1, **hot)
+  assert decode(fns(temperature=1.0, top_k=1, seed=3)) == greedy
+  # Hot sampling without a top-k cut is random, yet reproducible for a seed.
+  hot = fns(temperature=5.0, top_k=0, seed=1)
+  samples = decode(hot)
+  assert samples == decode(hot) and samples != greedy
 
 
-def test_infer_writes_t5x_layout(trained, tmp_path):
+def test_infer_writes_t5x_layout(trained, tiny_model, tmp_path):
   task_json, ckpt = trained
   common = ["--gin_file=runs/infer.gin", *model_flags(task_json, TASK),
             f"--gin.CHECKPOINT_PATH='{ckpt}'", f"--gin.INFER_OUTPUT_DIR='{tmp_path}'"]
@@ -129,11 +145,35 @@ def test_infer_writes_t5x_layout(trained, tmp_path):
   scored = [json.loads(l) for l in
             (tmp_path / f"{TASK}-score.jsonl-00000-of-00001").read_text().splitlines()]
   assert [(r["inputs"]["inputs_pretokenized"], r["prediction"]) for r in predicted] == PAIRS
-  model, vocab = _model_and_vocab(task_json)
-  params = ckpt_lib.load_params(ckpt)
+  model, vocab, params = tiny_model
   for (a, b), r in zip(PAIRS, scored):
     assert r["inputs"]["targets_pretokenized"] == b
     assert r["score"] == pytest.approx(_score_by_hand(model, params, vocab, a, b), abs=1e-3)
   result = json.loads((tmp_path / "infer_result.json").read_text())
   assert result["step"] == STEPS and result["examples"] == {TASK: len(PAIRS)}
   assert (tmp_path / "config.gin").exists()
+
+
+def test_lm_decoding_continues_after_the_last_token(tiny_model):
+  """Without a prefix mask (LM batches) decoding is causal and starts after the last target."""
+  import jax
+  model, vocab, params = tiny_model
+  length, steps = 20, 4
+  rows = [list(vocab.encode(a)) + [1] + list(vocab.encode(b))[:1] for a, b in PAIRS]
+  targets = np.zeros((8, length), np.int32)
+  for i, r in enumerate(rows):
+    targets[i, :len(r)] = r
+  inputs = np.concatenate([np.zeros((8, 1), np.int32), targets[:, :-1]], 1)
+  got = np.asarray(jax.jit(lambda p, b: model.predict_batch(p, b, max_decode_length=steps))(
+      params, {"decoder_input_tokens": inputs, "decoder_target_tokens": targets}))
+  for i, r in enumerate(rows):
+    seq, want = list(r), []
+    for _ in range(steps):
+      x = np.zeros((1, length), np.int32)
+      x[0, 1:len(seq) + 1] = seq
+      nxt = int(np.argmax(np.asarray(_apply(model)(params, x, None))[0, len(seq)]))
+      want.append(nxt)
+      if nxt == 1:
+        break
+      seq.append(nxt)
+    assert got[i, :len(want)].tolist() == want and not got[i, len(want):].any(), (got[i], want)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from palmflow.trainer import checkpoints as ckpt_lib
 from tiny_text_task import REPO, make_task, model_flags, run_binary
@@ -45,6 +46,7 @@ def _flat(tree, prefix=""):
   return {prefix.rstrip("/"): tree}
 
 
+@pytest.mark.slow  # two training processes and a resumed run: ~40 s of CPU on 2 cores
 def test_killed_run_resumes_to_the_uninterrupted_parameters(tmp_path, caplog):
   task_json = make_task(tmp_path / "data", TASK)
   killed, whole = tmp_path / "killed", tmp_path / "whole"
@@ -58,10 +60,12 @@ def test_killed_run_resumes_to_the_uninterrupted_parameters(tmp_path, caplog):
       time.sleep(0.02)
     os.kill(victim.pid, signal.SIGKILL)
     assert victim.wait() == -signal.SIGKILL
+    assert reference.wait(timeout=300) == 0, (tmp_path / "whole.log").read_text()[-3000:]
   finally:
-    if victim.poll() is None:
-      victim.kill()
-  assert reference.wait(timeout=300) == 0, (tmp_path / "whole.log").read_text()[-3000:]
+    for proc in (victim, reference):
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
   done = ckpt_lib.finished_steps(killed)
   assert done and done[-1] < STEPS, f"the run finished before it was killed: {done}"
 

@@ -1,0 +1,198 @@
+"""The t5x surface of the train binary: --gin_file / --gin.NAME=VALUE / --gin_bindings /
+--gin_search_paths, config.gin and model-info.txt in MODEL_DIR, TRAIN_STEPS as an absolute
+step when fine-tuning, clear exits for misspelt macros and mismatched checkpoints, and run
+files whose "Required" headers tell the truth."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from palmflow.trainer import checkpoints as ckpt_lib
+from palmflow.trainer import gin_utils
+from tiny_text_task import LENGTHS, PAIRS, REPO, make_task, model_flags, run_binary
+
+TASK = "pf_binaries_map"
+RUNS = sorted((REPO / "gin" / "runs").glob("*.gin"))
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  """A 4-step run configured by a gin file found only through --gin_search_paths."""
+  root = tmp_path_factory.mktemp("binaries")
+  task_json = make_task(root / "data", TASK)
+  configs = root / "configs"
+  configs.mkdir()
+  (configs / "my_experiment.gin").write_text(
+      "include 'runs/pretrain.gin'\n"
+      "include 'models/palm_tiny.gin'\n"
+      "VOCAB_SIZE = 64\nBATCH_SIZE = 8\nFEATURE_CONVERTER = 'prefix_lm'\n"
+      "CHECKPOINT_PERIOD = 2\n")
+  model_dir = root / "pretrain"
+  rc = run_binary("train", [
+      "--gin_file=my_experiment.gin", f"--gin_search_paths={configs}",
+      f"--task_spec={task_json}", f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'",
+      f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}", "--gin.TRAIN_STEPS=4",
+      f"--gin.MODEL_DIR='{model_dir}'", "--gin_bindings=train_lib.train.log_every = 1"])
+  assert rc == 0
+  return root, task_json, model_dir
+
+
+def _metric_steps(model_dir: Path) -> list[int]:
+  lines = (model_dir / "train" / "metrics.jsonl").read_text().splitlines()
+  return [json.loads(l)["step"] for l in lines]
+
+
+def test_gin_files_bindings_and_search_paths(pretrained):
+  _, _, model_dir = pretrained
+  assert ckpt_lib.finished_steps(model_dir) == [2, 4]          # CHECKPOINT_PERIOD from the file
+  assert _metric_steps(model_dir) == [1, 2, 3, 4]               # the --gin_bindings override
+  config = (model_dir / "config.gin").read_text()
+  for line in ("TRAIN_STEPS = 4", "VOCAB_SIZE = 64", "BATCH_SIZE = 8",
+               f"MIXTURE_OR_TASK_NAME = '{TASK}'"):
+    assert re.search(rf"^{re.escape(line)}$", config, re.M), line
+
+
+def test_model_info_lists_every_parameter_with_shape_and_partition_spec(pretrained):
+  _, _, model_dir = pretrained
+  info = (model_dir / "model-info.txt").read_text()
+  params = ckpt_lib._flat(ckpt_lib.load_params(ckpt_lib.step_dir(model_dir, 4)))
+  assert len(params) >= 8
+  for name, value in params.items():
+    shape = "(" + ", ".join(str(d) for d in value.shape) + ("," if value.ndim == 1 else "") + ")"
+    row = re.search(rf"^\s+{re.escape(name)}\s+{re.escape(shape)}\s+float32\s+(\(.*?\))\s+"
+                    rf"(\(.*?\))\s", info, re.M)
+    assert row, f"{name} {shape} is not in model-info.txt:\n{info}"
+    logical, mesh = row.groups()
+    assert logical.count(",") == mesh.count(",") == value.ndim - 1, row[0]
+  assert "Mesh: data=" in info
+
+
+def _finetune(pretrained, model_dir: Path, *extra: str, task_json=None, task=TASK) -> int:
+  _, default_json, pre = pretrained
+  return run_binary("train", [
+      "--gin_file=runs/finetune.gin", *model_flags(task_json or default_json, task),
+      f"--gin.INITIAL_CHECKPOINT_PATH='{ckpt_lib.step_dir(pre, 4)}'",
+      f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_EVAL_MIXTURE_OR_TASK_NAME=None",
+      "--gin.LOG_EVERY=1", *extra])
+
+
+def test_train_steps_is_absolute_when_fine_tuning(pretrained, tmp_path, caplog):
+  # Stop after one step (a checkpoint is saved there), then rerun: the run resumes from
+  # MODEL_DIR's checkpoint, not from INITIAL_CHECKPOINT_PATH, and stops at TRAIN_STEPS.
+  assert _finetune(pretrained, tmp_path, "--gin.TRAIN_STEPS=6",
+                   "--gin_bindings=train_lib.train.stop_after_steps = 1") == 0
+  assert ckpt_lib.finished_steps(tmp_path) == [5]
+  caplog.set_level("INFO", logger="palmflow")
+  assert _finetune(pretrained, tmp_path, "--gin.TRAIN_STEPS=6") == 0
+  assert f"resuming from {ckpt_lib.step_dir(tmp_path, 5)}" in caplog.text
+  result = json.loads((tmp_path / "train_result.json").read_text())
+  assert result["step"] == 6
+  assert _metric_steps(tmp_path) == [5, 6]          # 2 steps ran, from the checkpoint's step 4
+  assert ckpt_lib.finished_steps(tmp_path) == [5, 6]
+  meta = ckpt_lib.read_meta(ckpt_lib.step_dir(tmp_path, 6))
+  assert meta["data_batches_consumed"] == 2          # fine-tuning data started afresh at 4
+
+
+def test_train_steps_not_beyond_the_checkpoint_is_an_error(pretrained, tmp_path, capsys):
+  assert _finetune(pretrained, tmp_path, "--gin.TRAIN_STEPS=4") == 2
+  err = capsys.readouterr().err
+  assert "TRAIN_STEPS=4 is not beyond the initial checkpoint's step 4" in err
+  assert "TRAIN_STEPS is absolute" in err
+
+
+def test_fine_tuning_with_another_vocabulary_size_names_the_parameter(pretrained, tmp_path,
+                                                                       capsys):
+  assert _finetune(pretrained, tmp_path, "--gin.TRAIN_STEPS=6", "--gin.VOCAB_SIZE=128") == 2
+  err = capsys.readouterr().err
+  assert ("parameter embedding has shape (64, 128) in the checkpoint but (128, 128) in the "
+          "model" in err), err
+
+
+def test_fine_tuning_with_another_vocabulary_names_the_embedding(pretrained, tmp_path, capsys):
+  other = make_task(tmp_path / "other", TASK + "_other_vocab",
+                    pairs=[(b, a) for a, b in PAIRS], extra_vocab_text="zebra quartz jumps")
+  assert _finetune(pretrained, tmp_path / "run", "--gin.TRAIN_STEPS=6", task_json=other,
+                   task=TASK + "_other_vocab") == 2
+  err = capsys.readouterr().err
+  assert "parameter embedding was trained with vocabulary" in err, err
+
+
+def test_misspelt_macro_exits_2_naming_the_closest(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "palmflow.cli", "train", "--gin_file=runs/pretrain.gin",
+       "--gin_file=models/palm_tiny.gin", "--gin.TRAIN_STEP=5",
+       f"--gin.MODEL_DIR='{tmp_path}'"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "macro TRAIN_STEP is not used by any gin file" in proc.stderr
+  assert "did you mean TRAIN_STEPS" in proc.stderr
+  assert not list(tmp_path.iterdir())                # nothing ran
+
+
+_NAME = re.compile(r"\b[A-Z][A-Z0-9_]*[A-Z0-9]\b")
+
+
+def _header_sections(text: str) -> tuple[set[str], set[str]]:
+  """Macro names in a run file's header comment: (Required, Commonly overridden)."""
+  header = []
+  for line in text.splitlines():
+    if not line.startswith("#"):
+      break
+    header.append(line.lstrip("#"))
+  required, common, section = [], [], None
+  for line in header:
+    if line.strip().startswith("Required"):
+      section = required
+      continue  # the section's title line names the model file, not macros
+    if line.strip().startswith("Commonly overridden"):
+      section = common
+      continue
+    if section is not None:
+      if not line.startswith(" "):   # an unindented comment ends the section
+        section = None
+        continue
+      section.append(line)
+  return set(_NAME.findall("\n".join(required))), set(_NAME.findall("\n".join(common)))
+
+
+def _final_bindings(path: Path) -> dict[str, str]:
+  """Macro -> its last bound value, following includes in order as gin does."""
+  out: dict[str, str] = {}
+  paths = gin_utils.search_paths("")
+
+  def visit(p: Path):
+    for line in p.read_text().splitlines():
+      inc = re.match(r"\s*include\s+['\"]([^'\"]+)['\"]", line)
+      if inc:
+        visit(gin_utils.resolve(inc.group(1), paths))
+        continue
+      m = re.match(r"^([A-Z_][A-Z0-9_]*)\s*=\s*(.*?)\s*(#.*)?$", line)
+      if m:
+        out[m.group(1)] = m.group(2)
+  visit(path)
+  return out
+
+
+@pytest.mark.parametrize("run_file", RUNS, ids=[p.name for p in RUNS])
+def test_run_file_headers_tell_the_truth(run_file):
+  required, common = _header_sections(run_file.read_text())
+  bindings = _final_bindings(run_file)
+  actually_required = {k for k, v in bindings.items() if v == "%gin.REQUIRED"}
+  assert required == actually_required, (
+      f"{run_file.name}: header lists {sorted(required)} as Required but the bindings "
+      f"require {sorted(actually_required)}")
+  # Every commonly overridden macro exists (in the run file's includes or the model file).
+  model_macros = _final_bindings(REPO / "gin" / "models" / "palm_base.gin")
+  unknown = {n for n in common if "_" in n} - set(bindings) - set(model_macros)
+  assert not unknown, f"{run_file.name}: header names macros no file binds: {sorted(unknown)}"
+
+
+def test_every_run_file_has_a_required_header():
+  names = {p.name for p in RUNS}
+  assert {"pretrain.gin", "finetune.gin", "eval.gin", "infer.gin"} <= names
+  for p in RUNS:
+    assert _header_sections(p.read_text())[0], f"{p.name} has no Required list"

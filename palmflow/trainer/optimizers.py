@@ -90,7 +90,8 @@ def adafactor(*, learning_rate: Schedule | float, factored: bool = True,
     V = β2 V + (1 - β2) (G² + epsilon); factored into row and column means when W has two
         dimensions of at least `min_dim_size_to_factor` (`factored=False`: always full V)
     U = G / sqrt(V), clipped to RMS(U) <= clipping_threshold (update clipping 1.0)
-    ΔW = -lr(k-1) · max(RMS(W), 1e-3) · U  (parameter scaling)  - lr(k-1)^weight_decay_exponent · W
+    ΔW = -lr(k-1) · max(RMS(W), 1e-3) · U  (parameter scaling)
+         - lr(k-1)^weight_decay_exponent · W  (decoupled weight decay)
 
   Args:
     learning_rate: a schedule (step -> lr, step counted from 0) or a constant.

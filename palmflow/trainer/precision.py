@@ -17,6 +17,10 @@ The loss-scale state lives inside the optimizer state (`with_dynamic_loss_scale`
 optimizer), so checkpoints save and restore it with everything else and a resumed float16 run
 continues with the scale it had. Library code, free of gin.
 
+Tolerance (tests/trainer/test_precision.py): training the tiny model 12 steps on a synthetic LM
+task, the bfloat16 and float16 (scale 2**15) loss curves stay within 0.05 nats of float32 at
+every step (observed ~0.01 and ~0.005) while the float32 loss falls by more than 4 nats.
+
 Local check::
 
     python -c "import jax.numpy as jnp, optax; from palmflow.trainer import precision as p; \

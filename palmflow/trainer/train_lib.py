@@ -203,15 +203,20 @@ def model_flops_per_token(config, *, num_params: int, length: int) -> float:
     FLOPs per trained token.
   """
   lookup = 0 if config.shared_embedding else config.vocab_size * config.d_model
-  return float(6 * (num_params - lookup) + 12 * config.num_layers * config.num_heads * config.head_dim
-               * length)
+  attention = 12 * config.num_layers * config.num_heads * config.head_dim * length
+  return float(6 * (num_params - lookup) + attention)
 
 
 def _partition_specs(params) -> dict[str, str]:
-  """{parameter path: its arrays' PartitionSpec} as actually placed (for train_result.json)."""
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  return {"/".join(str(getattr(k, "key", k)) for k in path):
-          str(getattr(x.sharding, "spec", "replicated")) for path, x in flat}
+  """{parameter path: mesh axis of each dimension, e.g. "(model, None)"} as actually placed
+  (the arrays' shardings, for train_result.json; model-info.txt has what the rules say)."""
+  out = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+    spec = tuple(getattr(x.sharding, "spec", ()))
+    spec += (None,) * (x.ndim - len(spec))
+    out["/".join(str(getattr(k, "key", k)) for k in path)] = (
+        "(" + ", ".join(str(a) for a in spec) + ")")
+  return out
 
 
 def _vocab_digest(cfg: data_lib.DatasetConfig) -> str | None:
@@ -282,12 +287,25 @@ def make_eval_step(model: DecoderOnlyModel) -> Callable:
   return eval_fn
 
 
+def _batch_multiple(partitioner: Partitioner) -> int:
+  """Rows a host batch must be a multiple of: the local devices along the batch axis."""
+  spec = partitioner.data_sharding(2).spec[0]
+  axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+  size = int(np.prod([partitioner.mesh.shape[a] for a in axes])) if axes else 1
+  return max(1, size // jax.process_count())
+
+
 def evaluate_loss(eval_fn, params, ds, partitioner: Partitioner, *, max_batches: int) -> dict:
   """Token-level loss and accuracy over up to `max_batches` batches of `ds`."""
   tot = {"cross_ent_loss_sum": 0.0, "accuracy_numerator": 0.0, "weights": 0.0}
   for i, batch in enumerate(ds.as_numpy_iterator()):
     if i >= max_batches:
       break
+    n = len(batch["decoder_target_tokens"])
+    full = -(-n // _batch_multiple(partitioner)) * _batch_multiple(partitioner)
+    if full != n:  # a short last batch: pad with rows of zero weight so it splits evenly
+      batch = {k: np.concatenate([v, np.zeros((full - n,) + v.shape[1:], v.dtype)])
+               for k, v in batch.items()}
     out = eval_fn(params, partitioner.shard_batch(batch))
     for k in tot:
       tot[k] += float(out[k])
@@ -331,7 +349,8 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
     stop_after_steps: stop (after a checkpoint) once this many steps ran in this call
       (for tests of interruption; None runs to `total_steps`).
   Returns:
-    Final metrics: {"step", "train": {...}, "eval": {...}}.
+    {"step", "train": last train metrics, "eval": last eval metrics, "num_params",
+     "param_partition_specs": {parameter path: mesh axes of the trained array}}.
   """
   if model.optimizer is None:
     raise ValueError("the model has no optimizer; bind OPTIMIZER in the model gin file")

@@ -22,7 +22,10 @@ def _config_from_gin(name: str, bindings: tuple[str, ...] = ()) -> models.PaLMCo
     gin.clear_config()
     gin.add_config_file_search_path(str(GIN_DIR))
     try:
-        gin.parse_config_files_and_bindings([f"models/{name}.gin"], list(bindings))
+        # A model file is used with a run file, which defines DROPOUT_RATE and includes the
+        # precision default; stand in for it here.
+        gin.parse_config_files_and_bindings(["precision/float32.gin", f"models/{name}.gin"],
+                                            ["DROPOUT_RATE = 0.0", *bindings])
         return gin.query_parameter("%MODEL_CONFIG").scoped_configurable_fn()
     finally:
         gin.clear_config()

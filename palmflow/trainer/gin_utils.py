@@ -153,3 +153,42 @@ def setup_runtime(args: argparse.Namespace) -> None:
     from tasks import specs
     for p in args.task_spec:
       specs.register_from_file(p)
+
+
+def run_main(argv: list[str], *, name: str, doc: str, fn_path: str, output_macro: str,
+             result_file: str) -> int:
+  """The body of the train/eval/infer binaries.
+
+  Parses the t5x flags, sets up the runtime (multi-host, TFDS, seqio caches, task specs),
+  parses gin, writes `config.gin` to the output directory (the `output_macro` value), calls
+  the gin-configured library function `fn_path` ("module:function") and writes its JSON
+  result to `result_file` there (process 0 only). Errors a person can act on print one line
+  and return their exit code.
+  """
+  import importlib
+  import json
+  import logging
+  import sys
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
+                      datefmt="%H:%M:%S")
+  logging.getLogger("palmflow").setLevel(logging.INFO)
+  from palmflow.errors import PalmflowError
+  try:
+    args = parse_flags(argv[1:], doc)
+    setup_runtime(args)
+    parse(args.gin_file, args.gin_bindings, args.gin_search_paths)
+    module, func = fn_path.split(":")
+    configured = gin.get_configurable(getattr(importlib.import_module(module), func))
+    out = Path(gin.query_parameter(f"%{output_macro}"))
+    import jax
+    lead = jax.process_index() == 0
+    if lead:
+      out.mkdir(parents=True, exist_ok=True)
+      (out / "config.gin").write_text(gin.config_str())
+    result = configured()
+    if lead:
+      (out / result_file).write_text(json.dumps(result, indent=2, default=str))
+  except PalmflowError as e:
+    print(f"palmflow {name}: error: {e}", file=sys.stderr)
+    return e.exit_code
+  return 0

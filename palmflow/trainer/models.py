@@ -23,6 +23,7 @@ On an accelerator the same code runs unchanged; the mesh comes from ``partitioni
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -136,6 +137,86 @@ def _kernel_init(in_axis: int | tuple[int, ...], out_axis: int | tuple[int, ...]
         1.0, "fan_in", "normal", in_axis=in_axis, out_axis=out_axis)
 
 
+def _transposed(x: Array) -> Array:
+    """``swapaxes(x, -1, -2)`` materialised row-major, so a product can read it as its left operand.
+
+    XLA:CPU hands a bf16 product to its bf16 kernels (AMX / AVX512-BF16 through YNNPACK) only
+    when the left operand's contracted axis is its minor one; otherwise it upcasts both
+    operands to float32 and runs at the float32 rate. A plain transpose is folded into the
+    product's dimension numbers (or given a column-major layout) before that decision, so it
+    does not help; going through a unit axis makes XLA copy the data into row-major order.
+    """
+    *lead, m, k = x.shape
+    return jnp.swapaxes(x.reshape(*lead, m, 1, k), -1, -3).reshape(*lead, k, m)
+
+
+def _mm(a: Array, b: Array, transpose_b: bool) -> Array:
+    """``a @ b`` (or ``a @ b^T``) over the last two axes, accumulating in float32."""
+    dims = (((a.ndim - 1,), (b.ndim - 1 if transpose_b else b.ndim - 2,)),
+            (tuple(range(a.ndim - 2)), tuple(range(b.ndim - 2))))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def matmul(a: Array, b: Array, transpose_b: bool, dtype: Any, out_dtype: Any) -> Array:
+    """``a @ b`` (``a @ b^T`` if ``transpose_b``) with ``dtype`` operands and float32 accumulation.
+
+    ``a`` is [..., m, k]; ``b`` is [..., k, n] (or [..., n, k]) with the same leading (batch)
+    axes. Forward and backward, every product multiplies ``dtype`` operands (the cotangent is
+    cast to ``dtype`` too, except a float32 one under float16) into a float32 accumulator, and each is arranged so that its left
+    operand is contracted along its minor axis: the form XLA:CPU runs on its bf16 units
+    (AMX / AVX512-BF16) and that needs no transposed copy of a large activation in float32.
+    Where a gradient needs ``x^T @ y``, the smaller of the two operands is transposed (see
+    `_transposed`). Gradients come back in the dtypes of ``a`` and ``b``: float32 parameters
+    get float32-accumulated gradients.
+
+    Args:
+        a: [..., m, k], any float dtype (cast to ``dtype``).
+        b: [..., k, n], or [..., n, k] with ``transpose_b``.
+        transpose_b: multiply by the transpose of ``b``.
+        dtype: the operands' compute dtype.
+        out_dtype: the result's dtype.
+
+    Returns:
+        [..., m, n] in ``out_dtype``.
+    """
+    return _mm(a.astype(dtype), b.astype(dtype), transpose_b).astype(out_dtype)
+
+
+def _matmul_fwd(a, b, transpose_b, dtype, out_dtype):
+    return matmul(a, b, transpose_b, dtype, out_dtype), (a, b)
+
+
+def _matmul_bwd(transpose_b, dtype, out_dtype, residuals, ct):
+    del out_dtype
+    a, b = residuals
+    if jnp.dtype(dtype) == jnp.float16:
+        # float16 lacks float32's exponent range: a float32 cotangent (of the logits) stays
+        # float32 rather than underflow; loss scaling takes care of the float16 ones.
+        dtype = jnp.promote_types(ct.dtype, dtype)
+    ct, ac, bc = ct.astype(dtype), a.astype(dtype), b.astype(dtype)
+    # d a = ct @ b^T (b: [k, n]) or ct @ b (b: [n, k]).
+    da = _mm(ct, bc, not transpose_b)
+    # d b = a^T @ ct ([k, n]) or its transpose ([n, k]): transpose whichever of a ([m, k]) and
+    # ct ([m, n]) is cheaper, and the (weight-sized) result if it comes out the other way. The
+    # barrier keeps XLA from folding that last transpose back into the product (which would
+    # make it a transposed-left-operand product again).
+    m, k = a.shape[-2:]
+    n = ct.shape[-1]
+    if m * k + (k * n if transpose_b else 0) <= m * n + (0 if transpose_b else k * n):
+        db = _mm(_transposed(ac), ct, False)  # [k, n]
+        if transpose_b:
+            db = jnp.swapaxes(jax.lax.optimization_barrier(db), -1, -2)
+    else:
+        db = _mm(_transposed(ct), ac, False)  # [n, k]
+        if not transpose_b:
+            db = jnp.swapaxes(jax.lax.optimization_barrier(db), -1, -2)
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 class LayerNorm(nn.Module):
     """Layer normalisation with a scale and no bias; statistics in float32.
 
@@ -235,6 +316,11 @@ def make_attention_mask(*, batch: int, length: int, segment_ids: Array | None = 
 class Attention(nn.Module):
     """Multi-query (or multi-head) causal self-attention with rotary embeddings, no biases.
 
+    Projections multiply flattened tokens ([batch * length, embed]) with the kernels viewed as
+    matrices, and multi-query attention folds the heads into the query axis
+    ([batch, length * heads, kv] against one [batch, length, kv] key), so every product,
+    forward and backward, contracts one axis (see `matmul`).
+
     Attributes:
         config: the model configuration.
     """
@@ -257,23 +343,25 @@ class Attention(nn.Module):
         c = self.config
         dtype, param_dtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
         d, h, k = c.d_model, c.num_heads, c.head_dim
+        batch, length = x.shape[:2]
+        tokens = x.reshape(batch * length, d)
 
-        def heads_kernel(name: str) -> Array:
-            init = nn.with_logical_partitioning(_kernel_init(0, (1, 2)), ("embed", "heads", "kv"))
-            return self.param(name, init, (d, h, k), param_dtype).astype(dtype)
+        def project(name: str, shape: tuple[int, ...], names: tuple[str, ...],
+                    in_axis, out_axis) -> Array:
+            init = nn.with_logical_partitioning(_kernel_init(in_axis, out_axis), names)
+            kernel = self.param(name, init, shape, param_dtype)
+            out = matmul(tokens, kernel.reshape(d, -1), False, dtype, dtype)
+            return out.reshape((batch, length) + shape[1:])
 
-        query = jnp.einsum("bld,dhk->blhk", x, heads_kernel("query"))
+        heads_names = ("embed", "heads", "kv")
+        query = project("query", (d, h, k), heads_names, 0, (1, 2))
         if c.multi_query:
-            def kv_kernel(name: str) -> Array:
-                return self.param(
-                    name, nn.with_logical_partitioning(_kernel_init(0, 1), ("embed", "kv")),
-                    (d, k), param_dtype).astype(dtype)
-            key = jnp.einsum("bld,dk->blk", x, kv_kernel("key"))
-            value = jnp.einsum("bld,dk->blk", x, kv_kernel("value"))
+            key = project("key", (d, k), ("embed", "kv"), 0, 1)
+            value = project("value", (d, k), ("embed", "kv"), 0, 1)
             kv_names = ("batch", "length", "kv")
         else:
-            key = jnp.einsum("bld,dhk->blhk", x, heads_kernel("key"))
-            value = jnp.einsum("bld,dhk->blhk", x, heads_kernel("value"))
+            key = project("key", (d, h, k), heads_names, 0, (1, 2))
+            value = project("value", (d, h, k), heads_names, 0, (1, 2))
             kv_names = ("batch", "length", "heads", "kv")
         query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
         key = nn.with_logical_constraint(key, kv_names)
@@ -283,22 +371,32 @@ class Attention(nn.Module):
         key = apply_rotary(key, sin, cos)
 
         if c.multi_query:
-            logits = jnp.einsum("bqhk,bsk->bhqs", query, key, preferred_element_type=jnp.float32)
+            # [batch, length * heads, kv] x [batch, length, kv]: one batched matmul per example.
+            folded = query.reshape(batch, length * h, k)
+            logits = matmul(folded, key, True, dtype, jnp.float32)
+            logits = logits.reshape(batch, length, h, length)
+            logits = jnp.where(mask.reshape(batch, length, 1, length), logits, _MASK_VALUE)
+            probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+            context = matmul(probs.reshape(batch, length * h, length), value, False, dtype,
+                             dtype)
         else:
-            logits = jnp.einsum("bqhk,bshk->bhqs", query, key, preferred_element_type=jnp.float32)
-        logits = jnp.where(mask, logits, _MASK_VALUE)
-        probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-        if c.multi_query:
-            context = jnp.einsum("bhqs,bsk->bqhk", probs, value)
-        else:
-            context = jnp.einsum("bhqs,bshk->bqhk", probs, value)
-        context = nn.with_logical_constraint(context, ("batch", "length", "heads", "kv"))
-
+            # Heads become a batch axis: [batch * heads, length, kv].
+            def by_head(t: Array) -> Array:
+                return jnp.swapaxes(t, 1, 2).reshape(batch * h, length, k)
+            logits = matmul(by_head(query), by_head(key), True, dtype, jnp.float32)
+            logits = logits.reshape(batch, h, length, length)
+            logits = jnp.where(mask, logits, _MASK_VALUE)
+            probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+            context = matmul(probs.reshape(batch * h, length, length), by_head(value), False,
+                             dtype, dtype)
+            context = jnp.swapaxes(context.reshape(batch, h, length, k), 1, 2)
         out_kernel = self.param(
             "out", nn.with_logical_partitioning(_kernel_init((0, 1), 2), ("heads", "kv", "embed")),
-            (h, k, d), param_dtype).astype(dtype)
-        out = jnp.einsum("bqhk,hkd->bqd", context, out_kernel)
-        return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+            (h, k, d), param_dtype)
+        out = matmul(context.reshape(batch * length, h * k), out_kernel.reshape(h * k, d), False,
+                     dtype, dtype)
+        return nn.with_logical_constraint(out.reshape(batch, length, d),
+                                          ("batch", "length", "embed"))
 
 
 class SwiGLU(nn.Module):
@@ -322,17 +420,22 @@ class SwiGLU(nn.Module):
         """
         c = self.config
         dtype, param_dtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
+        batch, length = x.shape[:2]
+        tokens = x.reshape(batch * length, c.d_model)
 
         def kernel(name: str, shape: tuple[int, int], names: tuple[str, str]) -> Array:
             return self.param(name, nn.with_logical_partitioning(_kernel_init(0, 1), names),
-                              shape, param_dtype).astype(dtype)
+                              shape, param_dtype)
 
         wi_shape, wi_names = (c.d_model, c.d_ff), ("embed", "mlp")
-        gate = jnp.einsum("bld,df->blf", x, kernel("wi_gate", wi_shape, wi_names))
-        lin = jnp.einsum("bld,df->blf", x, kernel("wi", wi_shape, wi_names))
-        hidden = nn.with_logical_constraint(nn.silu(gate) * lin, ("batch", "length", "mlp"))
-        out = jnp.einsum("blf,fd->bld", hidden, kernel("wo", (c.d_ff, c.d_model), ("mlp", "embed")))
-        return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+        gate = matmul(tokens, kernel("wi_gate", wi_shape, wi_names), False, dtype, dtype)
+        lin = matmul(tokens, kernel("wi", wi_shape, wi_names), False, dtype, dtype)
+        hidden = nn.with_logical_constraint(
+            (nn.silu(gate) * lin).reshape(batch, length, c.d_ff), ("batch", "length", "mlp"))
+        out = matmul(hidden.reshape(batch * length, c.d_ff),
+                     kernel("wo", (c.d_ff, c.d_model), ("mlp", "embed")), False, dtype, dtype)
+        return nn.with_logical_constraint(out.reshape(batch, length, c.d_model),
+                                          ("batch", "length", "embed"))
 
 
 class DecoderLayer(nn.Module):
@@ -445,13 +548,13 @@ class PaLMDecoder(nn.Module):
         x, _ = stack(config=c, deterministic=deterministic, name="layers")(x, mask, sin, cos)
 
         x = LayerNorm(dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
+        tokens_out = x.reshape(batch * length, c.d_model)
         if c.shared_embedding:
-            logits = jnp.einsum("bld,vd->blv", x, embedding.astype(dtype),
-                                preferred_element_type=jnp.float32)
+            logits = matmul(tokens_out, embedding, True, dtype, jnp.float32)
             logits = logits / np.sqrt(c.d_model).astype(np.float32)
         else:
             init = nn.with_logical_partitioning(_kernel_init(0, 1), ("embed", "vocab"))
             kernel = self.param("logits_kernel", init, (c.d_model, c.vocab_size), param_dtype)
-            logits = jnp.einsum("bld,dv->blv", x, kernel.astype(dtype),
-                                preferred_element_type=jnp.float32)
+            logits = matmul(tokens_out, kernel, False, dtype, jnp.float32)
+        logits = logits.reshape(batch, length, c.vocab_size)
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))

@@ -21,7 +21,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.transforms import shards
+from pipelines.transforms import jobs, shards
 from pipelines.transforms.progress import Progress
 
 STATS = "stats.json"
@@ -100,28 +100,21 @@ def build(p: beam.Pipeline, args) -> None:
     from pipelines.transforms.clean import SummarizeRejections
     _ = ((tuple(rejected) | "AllRejected" >> beam.Flatten())
          | "Summarize" >> SummarizeRejections(max_samples=5)
-         | "WriteRejections" >> beam.Map(_write_json, FileSystems.join(args.output_dir,
-                                                                       "rejections.json")))
+         | "WriteRejections" >> beam.Map(
+             lambda obj, path: jobs.write_json(path, obj),
+             FileSystems.join(args.output_dir, "rejections.json")))
 
 
-def _write_json(obj, path):
-  with FileSystems.create(path + ".tmp") as f:
-    f.write(json.dumps(obj, indent=2, sort_keys=True).encode())
-  FileSystems.rename([path + ".tmp"], [path])
-
-
-def stats_from_metrics(result) -> dict:
-  """Per-source document and byte counts from the finished job's counters."""
+def stats_from_counters(counters: dict[str, int]) -> dict:
+  """Per-source document and byte counts, and the other counters, of a finished job."""
   out: dict = {"in": {}, "out": {}, "counters": {}}
-  for c in result.metrics().query()["counters"]:
-    ns, name, value = c.key.metric.namespace, c.key.metric.name, c.committed
-    if value is None:
-      value = c.attempted
+  for key, value in counters.items():
+    ns, _, name = key.partition("/")
     if ns in ("palmflow.in", "palmflow.out"):
       what, _, src = name.partition("[")
       out[ns.split(".")[1]].setdefault(src.rstrip("]"), {})[what] = value
     else:
-      out["counters"][f"{ns}/{name}"] = value
+      out["counters"][key] = value
   return out
 
 
@@ -142,11 +135,9 @@ def parse_args(argv=None):
 def run(argv=None) -> dict:
   """Runs the job; returns the stats it also writes to `<output_dir>/stats.json`."""
   args, beam_args = parse_args(argv)
-  options = PipelineOptions(beam_args)
-  with beam.Pipeline(options=options) as p:
-    build(p, args)
-  result = p.result if hasattr(p, "result") else None
-  stats = stats_from_metrics(result) if result is not None else {}
+  p = beam.Pipeline(options=PipelineOptions(beam_args))
+  build(p, args)
+  stats = stats_from_counters(jobs.run_and_count(p))
   rej_path = FileSystems.join(args.output_dir, "rejections.json")
   if FileSystems.exists(rej_path):
     with FileSystems.open(rej_path) as f:
@@ -156,7 +147,7 @@ def run(argv=None) -> dict:
   stats["bytes_out"] = sum(v.get("bytes", 0) for v in stats.get("out", {}).values())
   stats["shard_pattern"] = shards.shard_pattern(
       FileSystems.join(args.output_dir, "documents"), args.num_shards, "jsonl")
-  _write_json(stats, FileSystems.join(args.output_dir, STATS))
+  jobs.write_json(FileSystems.join(args.output_dir, STATS), stats)
   return stats
 
 

@@ -32,7 +32,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.transforms import shards
+from pipelines.transforms import jobs, shards
 
 NS = "palmflow.vocab_sample"
 SAMPLE = "sample"
@@ -210,12 +210,7 @@ def run(argv=None) -> dict:
   args, beam_args = parse_args(argv)
   p = beam.Pipeline(options=PipelineOptions(beam_args))
   build(p, args)
-  result = p.run()
-  result.wait_until_finish()
-  c: dict = {}
-  for m in result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NS))["counters"]:
-    value = m.committed if m.committed is not None else m.attempted
-    c[m.key.metric.name] = c.get(m.key.metric.name, 0) + (value or 0)
+  c = jobs.run_and_count(p, NS)
   stats = {"documents_read": c.get("documents_read", 0),
            "documents_in_fraction": c.get("documents_in_fraction", 0),
            "documents_sampled": c.get("documents_sampled", 0),
@@ -224,11 +219,7 @@ def run(argv=None) -> dict:
            "sample_documents": args.sample_documents, "sample_fraction": args.sample_fraction,
            "split": args.split, "max_lines": args.max_lines,
            "sample_path": sample_path(args.output_dir)}
-  tmp, final = (FileSystems.join(args.output_dir, STATS + ".tmp"),
-                FileSystems.join(args.output_dir, STATS))
-  with FileSystems.create(tmp) as f:
-    f.write(json.dumps(stats, indent=2, sort_keys=True).encode())
-  FileSystems.rename([tmp], [final])
+  jobs.write_json(FileSystems.join(args.output_dir, STATS), stats)
   return stats
 
 

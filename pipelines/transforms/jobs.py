@@ -1,0 +1,36 @@
+"""What every palmflow Beam job does after building its graph: run, read counters, write JSON."""
+from __future__ import annotations
+
+import json
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+
+def run_and_count(p: beam.Pipeline, namespace: str | None = None) -> dict[str, int]:
+  """Runs `p` to completion; returns its counters (summed over steps) by name.
+
+  Args:
+    p: the built pipeline.
+    namespace: only counters of this namespace (names are then bare); None: all, as
+      "namespace/name".
+  """
+  result = p.run()
+  result.wait_until_finish()
+  flt = beam.metrics.MetricsFilter()
+  if namespace:
+    flt = flt.with_namespace(namespace)
+  out: dict[str, int] = {}
+  for m in result.metrics().query(flt)["counters"]:
+    value = m.committed if m.committed is not None else m.attempted
+    key = m.key.metric.name if namespace else f"{m.key.metric.namespace}/{m.key.metric.name}"
+    # the same counter can come from several steps: sum them
+    out[key] = out.get(key, 0) + (value or 0)
+  return out
+
+
+def write_json(path: str, obj) -> None:
+  """Writes JSON through Beam's filesystems (local or gs://) under a temporary name first."""
+  with FileSystems.create(path + ".tmp") as f:
+    f.write(json.dumps(obj, indent=2, sort_keys=True).encode())
+  FileSystems.rename([path + ".tmp"], [path])

@@ -1,20 +1,26 @@
 """Benchmark: the Beam tokenize+block job against a plain Python loop doing the same work.
 
 In one go, on the same ~20 MB corpus and the same SentencePiece model:
-  loop    read the JSONL documents, encode them with sentencepiece (batched), concatenate with
-          EOS, cut into blocks of `--block_length` with segment ids and positions, serialize
-          tf.Example, write a TFRecord file: the plain Python baseline;
+  loop    read the JSONL documents, encode them with sentencepiece (batched, one thread, as
+          the job does), concatenate with EOS, cut into blocks of `--block_length` with segment
+          ids and positions, serialize tf.Example (the job's function), write a TFRecord file:
+          the plain Python baseline that the ratios divide by;
+  loop_mt the same loop with sentencepiece's default threads (all cores), for reference;
   beam1   `pipelines.blocks.run` on DirectRunner, `--direct_num_workers=1`;
   beam2   the same with `--direct_running_mode=multi_processing --direct_num_workers=2`.
 Each variant runs `--repeats` times, interleaved, and the best time counts (the machines are
 shared). Ratios are Beam time / loop time (lower is better; < 1 is faster than the loop).
 
 The corpus is built from ../shared/data (tiny-shakespeare and Moby Dick paragraphs, SST-2
-sentences) and the running Python's standard library source files, in that order, until
-`--target_mb` MB of text; the vocabulary (8k unigram by default) is trained once on a sample of
-it. Both are cached in `--work_dir`.
+sentences, each its own document unless `--sst2_per_doc` groups them) and the running Python's
+standard library source files, in that order, until `--target_mb` MB of text; the vocabulary
+(8k unigram by default) is trained once on a sample of it. Both are cached in `--work_dir`.
+Reported: wall seconds (best of the repeats), MB/s of text, time / loop, and the CPU seconds
+of the best run (this process and its finished children), which other load disturbs less.
 
-    .venv/bin/python bench/bench_blocks.py --results bench/results_data.md
+    .venv/bin/python bench/bench_blocks.py --repeats 3 --results bench/results_data.md
+    .venv/bin/python bench/bench_blocks.py --repeats 3 --sst2_per_doc 100 --append \
+        --results bench/results_data.md
 """
 from __future__ import annotations
 
@@ -51,8 +57,9 @@ def _paragraphs(text: str):
     yield "\n".join(para)
 
 
-def iter_documents(data: Path):
-  """(id, text) of the benchmark corpus, in a fixed order."""
+def iter_documents(data: Path, sst2_per_doc: int = 1):
+  """(id, text) of the benchmark corpus, in a fixed order (`sst2_per_doc` SST-2 sentences
+  a document, one per line)."""
   from pipelines.transforms.ingest import strip_gutenberg_lines
   text = (data / "tiny_shakespeare" / "input.txt").read_text(encoding="utf-8")
   for i, p in enumerate(_paragraphs(text)):
@@ -64,8 +71,9 @@ def iter_documents(data: Path):
     yield f"moby_dick:2701-0.txt:{i}", p
   with open(data / "glue_sst2" / "train.tsv", encoding="utf-8") as f:
     next(f)
-    for i, line in enumerate(f):
-      yield f"sst2:train.tsv:{i}", line.split("\t")[0].strip()
+    sentences = [line.split("\t")[0].strip() for line in f]
+  for i in range(0, len(sentences), sst2_per_doc):
+    yield f"sst2:train.tsv:{i}", "\n".join(sentences[i:i + sst2_per_doc])
   stdlib = Path(sysconfig.get_paths()["stdlib"])
   for path in sorted(stdlib.rglob("*.py")):
     rel = path.relative_to(stdlib).as_posix()
@@ -77,12 +85,13 @@ def iter_documents(data: Path):
       continue
 
 
-def build_corpus(out_dir: Path, target_bytes: int, num_files: int) -> dict:
+def build_corpus(data: Path, out_dir: Path, target_bytes: int, num_files: int,
+                 sst2_per_doc: int = 1) -> dict:
   """Writes `documents.jsonl-NNNNN-of-NNNNN` until `target_bytes` of text; returns info."""
   out_dir.mkdir(parents=True, exist_ok=True)
   docs = []
   total = 0
-  for doc_id, text in iter_documents(DATA):
+  for doc_id, text in iter_documents(data, sst2_per_doc):
     if not text.strip():
       continue
     docs.append({"id": doc_id, "source": doc_id.partition(":")[0], "text": text})
@@ -103,14 +112,19 @@ def build_corpus(out_dir: Path, target_bytes: int, num_files: int) -> dict:
   return info
 
 
-def train_vocab(doc_dir: Path, path: Path, vocab_size: int, max_lines: int) -> None:
-  """An 8k-style unigram model on every k-th non-blank line of the corpus."""
+def train_vocab(data: Path, path: Path, target_bytes: int, vocab_size: int,
+                max_lines: int) -> None:
+  """A unigram model on every k-th non-blank line of the corpus text (whatever its grouping
+  into documents)."""
   from palmflow.stages.vocab import VocabSettings, train_sentencepiece
-  lines = []
-  for name in sorted(glob.glob(str(doc_dir / "documents.jsonl-*"))):
-    with open(name, encoding="utf-8") as f:
-      for row in f:
-        lines.extend(s[:4096] for s in json.loads(row)["text"].splitlines() if s.strip())
+  lines, total = [], 0
+  for _, text in iter_documents(data):
+    if not text.strip():
+      continue
+    lines.extend(s[:4096] for s in text.splitlines() if s.strip())
+    total += len(text.encode("utf-8"))
+    if total >= target_bytes:
+      break
   step = max(1, len(lines) // max_lines)
   model = train_sentencepiece(lines[::step], VocabSettings(
       vocab_size=vocab_size, model_type="unigram", num_threads=os.cpu_count() or 1))
@@ -120,14 +134,19 @@ def train_vocab(doc_dir: Path, path: Path, vocab_size: int, max_lines: int) -> N
 # ----------------------------------------------------------------------------- the plain loop
 
 def plain_loop(doc_files: list[str], vocab: str, out_path: str, block_length: int,
-               batch_size: int = 1024) -> dict:
-  """The same work as the Beam job, as one plain Python loop; returns its counts."""
+               batch_size: int = 256, num_threads: int = 1) -> dict:
+  """The same work as the Beam job, as one plain Python loop; returns its counts.
+
+  It encodes with the same sentencepiece calls as the job's Tokenize (`batch_size` documents
+  a call, `num_threads` threads; -1: sentencepiece's default, all cores) and serializes each
+  block with the job's own tf.Example function, so the difference is Beam's.
+  """
   import numpy as np
   import sentencepiece as spm
   import tensorflow as tf
+  from pipelines.blocks import _example as serialize   # the job's tf.Example serializer
   sp = spm.SentencePieceProcessor(model_file=vocab)
   L = block_length
-  feat = lambda a: tf.train.Feature(int64_list=tf.train.Int64List(value=a.tolist()))
   counts = {"documents": 0, "tokens": 0, "blocks": 0, "non_pad_tokens": 0}
   carry_tok = np.zeros(0, np.int64)   # tokens not yet in a block, and their document numbers
   carry_doc = np.zeros(0, np.int64)
@@ -141,17 +160,14 @@ def plain_loop(doc_files: list[str], vocab: str, out_path: str, block_length: in
       seg = np.cumsum(starts, dtype=np.int64)
       pos = np.arange(n, dtype=np.int64) - np.flatnonzero(starts)[seg - 1]
       pad = L - n
-      ex = tf.train.Example(features=tf.train.Features(feature={
-          "targets": feat(np.pad(tok, (0, pad))),
-          "targets_segment_ids": feat(np.pad(seg, (0, pad))),
-          "targets_positions": feat(np.pad(pos, (0, pad)))}))
-      writer.write(ex.SerializeToString())
+      writer.write(serialize(np.pad(tok, (0, pad)), np.pad(seg, (0, pad)),
+                             np.pad(pos, (0, pad))))
       counts["blocks"] += 1
       counts["non_pad_tokens"] += n
 
     def flush(texts):
       nonlocal carry_tok, carry_doc, next_doc
-      ids = [x for x in sp.encode(texts) if x]
+      ids = [x for x in sp.encode(texts, num_threads=num_threads) if x]
       counts["documents"] += len(texts)
       if not ids:
         return
@@ -184,6 +200,14 @@ def plain_loop(doc_files: list[str], vocab: str, out_path: str, block_length: in
 
 # ----------------------------------------------------------------------------- runs
 
+def _cpu_seconds() -> float:
+  """CPU time of this process and of its finished children (multi_processing workers)."""
+  import resource
+  own = resource.getrusage(resource.RUSAGE_SELF)
+  kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def run_beam(docs_glob: str, vocab: str, out_dir: str, block_length: int, workers: int,
              num_buckets: int, num_shards: int) -> dict:
   from pipelines import blocks
@@ -202,34 +226,41 @@ def main(argv=None) -> int:
   parser.add_argument("--work_dir", default=os.path.join(tempfile.gettempdir(),
                                                          "palmflow_bench_blocks"),
                       help="cache of the corpus and vocabulary, and the runs' outputs")
+  parser.add_argument("--data_dir", default=str(DATA), help="the shared datasets")
   parser.add_argument("--target_mb", type=float, default=20.0, help="corpus text size (1e6 B)")
+  parser.add_argument("--sst2_per_doc", type=int, default=1,
+                      help="SST-2 sentences per document (1: each sentence is a document; "
+                           "larger: fewer, longer documents, less per-document overhead)")
   parser.add_argument("--vocab_size", type=int, default=8000)
   parser.add_argument("--vocab_lines", type=int, default=200_000,
                       help="lines in the vocabulary training sample")
   parser.add_argument("--block_length", type=int, default=2048)
   parser.add_argument("--num_buckets", type=int, default=8)
   parser.add_argument("--num_shards", type=int, default=4)
-  parser.add_argument("--repeats", type=int, default=2)
-  parser.add_argument("--variants", default="loop,beam1,beam2")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--variants", default="loop,loop_mt,beam1,beam2")
   parser.add_argument("--results", default="", help="write a Markdown results table here")
+  parser.add_argument("--append", action="store_true", help="append to --results")
   args = parser.parse_args(argv)
-  if not DATA.exists():
-    print(f"../shared/data not found at {DATA.resolve()}", file=sys.stderr)
+  data = Path(args.data_dir)
+  if not data.exists():
+    print(f"shared data not found at {data.resolve()}", file=sys.stderr)
     return 2
 
   work = Path(args.work_dir)
-  key = hashlib.sha256(f"{args.target_mb}:v2".encode()).hexdigest()[:10]
+  key = hashlib.sha256(f"{args.target_mb}:{args.sst2_per_doc}:v2".encode()).hexdigest()[:10]
   corpus = work / f"corpus-{key}"
   if not (corpus / "info.json").exists():
     t = time.perf_counter()
     shutil.rmtree(corpus, ignore_errors=True)
-    build_corpus(corpus, int(args.target_mb * 1e6), num_files=4)
+    build_corpus(data, corpus, int(args.target_mb * 1e6), num_files=4,
+                 sst2_per_doc=args.sst2_per_doc)
     print(f"built corpus in {time.perf_counter() - t:.1f}s", flush=True)
   info = json.loads((corpus / "info.json").read_text())
-  vocab = corpus / f"spm-unigram-{args.vocab_size}.model"
+  vocab = work / f"spm-unigram-{args.vocab_size}-{args.target_mb}.model"
   if not vocab.exists():
     t = time.perf_counter()
-    train_vocab(corpus, vocab, args.vocab_size, args.vocab_lines)
+    train_vocab(data, vocab, int(args.target_mb * 1e6), args.vocab_size, args.vocab_lines)
     print(f"trained vocabulary in {time.perf_counter() - t:.1f}s", flush=True)
   docs_glob = str(corpus / "documents.jsonl-*")
   doc_files = sorted(glob.glob(docs_glob))
@@ -242,23 +273,27 @@ def main(argv=None) -> int:
   import tensorflow  # noqa: F401
   variants = [v for v in args.variants.split(",") if v]
   times: dict[str, list[float]] = {v: [] for v in variants}
+  cpu_times: dict[str, list[float]] = {v: [] for v in variants}
   results: dict[str, dict] = {}
   for r in range(args.repeats):
     for v in variants:
       out = work / "out" / v
       shutil.rmtree(out, ignore_errors=True)
       out.mkdir(parents=True)
-      t = time.perf_counter()
-      if v == "loop":
-        res = plain_loop(doc_files, str(vocab), str(out / "blocks.tfrecord"), args.block_length)
+      t, cpu = time.perf_counter(), _cpu_seconds()
+      if v in ("loop", "loop_mt"):
+        res = plain_loop(doc_files, str(vocab), str(out / "blocks.tfrecord"), args.block_length,
+                         num_threads=1 if v == "loop" else -1)
       else:
         res = run_beam(docs_glob, str(vocab), str(out), args.block_length,
                        workers=int(v[len("beam"):]), num_buckets=args.num_buckets,
                        num_shards=args.num_shards)
-      dt = time.perf_counter() - t
+      dt, dcpu = time.perf_counter() - t, _cpu_seconds() - cpu
       times[v].append(dt)
+      cpu_times[v].append(dcpu)
       results[v] = res
-      print(f"repeat {r + 1} {v:6s} {dt:7.2f}s  {mb / dt:6.2f} MB/s", flush=True)
+      print(f"repeat {r + 1} {v:7s} {dt:7.2f}s  {mb / dt:6.2f} MB/s  cpu {dcpu:6.2f}s",
+            flush=True)
 
   best = {v: min(ts) for v, ts in times.items()}
   loop = best.get("loop")
@@ -268,19 +303,21 @@ def main(argv=None) -> int:
       "best_seconds": {v: round(t, 2) for v, t in best.items()},
       "all_seconds": {v: [round(t, 2) for t in ts] for v, ts in times.items()},
       "mb_per_s": {v: round(mb / t, 2) for v, t in best.items()},
+      "cpu_seconds_of_best": {v: round(cpu_times[v][times[v].index(t)], 2)
+                              for v, t in best.items()},
       "ratio_to_loop": ({v: round(t / loop, 3) for v, t in best.items() if v != "loop"}
                         if loop else {}),
       "cpus": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()],
   }
   for v in variants:
-    if v != "loop":
-      s = results[v]
-      summary.setdefault("packing_efficiency", {})[v] = s["packing_efficiency"]
-      summary.setdefault("blocks", {})[v] = s["blocks"]
-      summary.setdefault("non_pad_tokens", {})[v] = s["non_pad_tokens"]
-  if "loop" in results:
-    summary.setdefault("blocks", {})["loop"] = results["loop"]["blocks"]
-    summary.setdefault("non_pad_tokens", {})["loop"] = results["loop"]["non_pad_tokens"]
+    res = results[v]
+    if "packing_efficiency" in res:
+      summary.setdefault("packing_efficiency", {})[v] = res["packing_efficiency"]
+    summary.setdefault("blocks", {})[v] = res["blocks"]
+    summary.setdefault("non_pad_tokens", {})[v] = res["non_pad_tokens"]
+  if len(set(summary["non_pad_tokens"].values())) > 1:
+    print(f"WARNING: the variants disagree on the tokens: {summary['non_pad_tokens']}",
+          file=sys.stderr)
   print(json.dumps(summary, indent=2))
   if args.results:
     write_results(Path(args.results), summary, info, args)
@@ -288,10 +325,14 @@ def main(argv=None) -> int:
 
 
 def write_results(path: Path, s: dict, info: dict, args) -> None:
+  extra = f" --sst2_per_doc {args.sst2_per_doc}" if args.sst2_per_doc != 1 else ""
+  extra += " --append" if args.append else ""
   cmd = ("`.venv/bin/python bench/bench_blocks.py --repeats "
-         f"{args.repeats} --results {args.results}`")
+         f"{args.repeats}{extra} --results {args.results}`")
   lines = [
-      "## Tokenize + block: Beam job vs plain Python loop", "",
+      "## Tokenize + block: Beam job vs plain Python loop"
+      + (f" ({args.sst2_per_doc} SST-2 sentences a document)" if args.sst2_per_doc != 1
+         else ""), "",
       f"Command: {cmd} (from the repository root; needs ../shared/data).", "",
       f"Corpus: {s['corpus_mb']} MB of text, {s['documents']} documents "
       f"({', '.join(f'{k} {v}' for k, v in info['sources'].items())}); SentencePiece "
@@ -299,19 +340,24 @@ def write_results(path: Path, s: dict, info: dict, args) -> None:
       f"{s['cpus']} cores ({platform.processor() or platform.machine()}), shared with other "
       f"jobs (load average at the end {s['load_avg']}); best of {args.repeats} interleaved "
       "runs each.", "",
-      "| variant | seconds (best) | all runs | MB/s | time / loop |",
-      "|---|---|---|---|---|"]
-  names = {"loop": "plain Python loop", "beam1": "Beam DirectRunner, 1 worker",
+      "| variant | seconds (best) | all runs | MB/s | time / loop | CPU seconds (best run) |",
+      "|---|---|---|---|---|---|"]
+  names = {"loop": "plain Python loop (sentencepiece on 1 thread, as the job)",
+           "loop_mt": "plain Python loop, sentencepiece on all cores (num_threads=-1)",
+           "beam1": "Beam DirectRunner, 1 worker",
            "beam2": "Beam DirectRunner, 2 workers (multi_processing)"}
   for v, t in s["best_seconds"].items():
     ratio = "1" if v == "loop" else f"{s['ratio_to_loop'].get(v, float('nan')):.2f}×"
     lines.append(f"| {names.get(v, v)} | {t:.2f} | {', '.join(map(str, s['all_seconds'][v]))}"
-                 f" | {s['mb_per_s'][v]:.2f} | {ratio} |")
+                 f" | {s['mb_per_s'][v]:.2f} | {ratio} | {s['cpu_seconds_of_best'][v]:.2f} |")
   if s.get("packing_efficiency"):
     eff = ", ".join(f"{v} {100 * e:.4f}%" for v, e in s["packing_efficiency"].items())
     lines += ["", f"Packing efficiency (non-pad / all tokens, from the job's stats.json): "
               f"{eff}; blocks: {s['blocks']}; non-pad tokens: {s['non_pad_tokens']}."]
-  path.write_text("\n".join(lines) + "\n")
+  text = "\n".join(lines) + "\n"
+  if args.append and path.exists():
+    text = path.read_text() + "\n" + text
+  path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -137,7 +137,10 @@ def run(argv=None) -> dict:
   args, beam_args = parse_args(argv)
   p = beam.Pipeline(options=PipelineOptions(beam_args))
   build(p, args)
-  stats = stats_from_counters(jobs.run_and_count(p))
+  counters = jobs.run_and_count(p)
+  if counters is None:  # --dry_run: the job graph was built and nothing ran
+    return {}
+  stats = stats_from_counters(counters)
   rej_path = FileSystems.join(args.output_dir, "rejections.json")
   if FileSystems.exists(rej_path):
     with FileSystems.open(rej_path) as f:

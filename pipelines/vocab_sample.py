@@ -211,6 +211,8 @@ def run(argv=None) -> dict:
   p = beam.Pipeline(options=PipelineOptions(beam_args))
   build(p, args)
   c = jobs.run_and_count(p, NS)
+  if c is None:  # --dry_run: the job graph was built and nothing ran
+    return {}
   stats = {"documents_read": c.get("documents_read", 0),
            "documents_in_fraction": c.get("documents_in_fraction", 0),
            "documents_sampled": c.get("documents_sampled", 0),

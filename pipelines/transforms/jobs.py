@@ -7,15 +7,20 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 
-def run_and_count(p: beam.Pipeline, namespace: str | None = None) -> dict[str, int]:
+def run_and_count(p: beam.Pipeline, namespace: str | None = None) -> dict[str, int] | None:
   """Runs `p` to completion; returns its counters (summed over steps) by name.
 
   Args:
     p: the built pipeline.
     namespace: only counters of this namespace (names are then bare); None: all, as
       "namespace/name".
+  Returns:
+    The counters, or None for a `--dry_run` (the job graph was built, nothing ran).
   """
+  from apache_beam.options.pipeline_options import TestOptions
   result = p.run()
+  if p.options.view_as(TestOptions).dry_run:
+    return None
   result.wait_until_finish()
   flt = beam.metrics.MetricsFilter()
   if namespace:

@@ -64,12 +64,15 @@ def test_blocks_job_graph(tmp_path):
        "--num_shards=32"],
       settings(job_name="palmflow-blocks"))
   check_common(graph, "palmflow-blocks")
-  assert graph.top_level_steps == ["ReadDocuments", "Parse", "TokenizeAndBlock", "WriteShards"]
+  top = graph.top_level_steps
+  assert top[0] == "ReadDocuments" and top[-1] == "WriteShards", top
+  assert "TokenizeAndBlock" in top, top
   assert {"Tokenize", "GroupBuckets", "Block", "GroupShard", "Write"} <= leaf_labels(graph)
-  # Tokenize comes before the grouping, the writer after the blocking
-  order = {s: i for i, s in enumerate(graph.steps)}
-  assert (order["TokenizeAndBlock/Tokenize"] < order["TokenizeAndBlock/Block/GroupBuckets"]
-          < order["WriteShards/Write"])
+  # in graph order: read, tokenize, group by bucket, block (the ParDo), group by shard, write
+  def first(suffix):
+    return next(i for i, s in enumerate(graph.steps) if s == suffix or s.endswith("/" + suffix))
+  assert (first("ReadDocuments") < first("Tokenize") < first("GroupBuckets")
+          < first("Block/Block") < first("GroupShard") < first("WriteShards/Write")), graph.steps
   assert json.loads(json.dumps(graph.to_json(), default=str))["name"] == "palmflow-blocks"
 
 
@@ -173,3 +176,14 @@ def test_setup_py_packages_palmflow_and_worker_requirements(tmp_path):
   assert not missing, (
       f"the package does not require {missing}: setuptools ignores setup.py's "
       "install_requires unless pyproject.toml's [project] has dynamic = [\"dependencies\"]")
+
+
+def test_job_module_dry_run_builds_the_graph_and_writes_nothing(tmp_path):
+  from pipelines import blocks
+  docs = tmp_path / "documents.jsonl-00000-of-00001"
+  docs.write_text(json.dumps({"id": "s:f:1", "text": "hello"}) + "\n")
+  out = tmp_path / "out"
+  stats = blocks.run([f"--documents={tmp_path}/documents*", f"--vocab={BUCKET}/v/spm.model",
+                      f"--output_dir={out}", "--dry_run=True", "--no_auth"]
+                     + settings(job_name="palmflow-blocks-dry").args())
+  assert stats == {} and not (out / "stats.json").exists()

@@ -57,7 +57,8 @@ def tiny_model(trained):
   from palmflow.trainer import gin_utils, lm
   gin.clear_config()
   try:
-    gin_utils.parse(["models/palm_tiny.gin"], ["VOCAB_SIZE = 64", "DROPOUT_RATE = 0.0"])
+    gin_utils.parse(["precision/float32.gin", "models/palm_tiny.gin"],
+                    ["VOCAB_SIZE = 64", "DROPOUT_RATE = 0.0"])
     model = gin.get_configurable(lm.DecoderOnlyModel)()
   finally:
     gin.clear_config()

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import textwrap
-from pathlib import Path
 
 import pytest
 

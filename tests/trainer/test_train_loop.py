@@ -13,7 +13,6 @@ import sys
 import flax.linen as nn
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

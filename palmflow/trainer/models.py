@@ -7,8 +7,16 @@ rotary position embeddings, shared input/output embeddings (pre-softmax logits s
 
 Every parameter carries logical axis names (``vocab``, ``embed``, ``mlp``, ``heads``, ``kv``,
 ``layers``) so that ``palmflow.trainer.partitioning`` maps it onto a ``data`` x ``model`` mesh.
-Layers are stacked with ``nn.scan``: one layer is traced whatever the depth, so compiling a tiny
-model is quick and ``jax.eval_shape`` of PaLM 540B takes well under a second.
+Layers are stacked with ``nn.scan``: one layer is traced whatever the depth, so
+``jax.eval_shape`` of PaLM 540B takes well under a second; shallow stacks are unrolled when
+compiled (`PaLMConfig.scan_unroll`).
+
+Speed on CPU (XLA:CPU) shapes how the products are written: tokens are flattened to
+``[batch * length, ...]`` and every product goes through `matmul`, whose forward and
+backward products all contract the minor axis of their left operand, with bf16 operands
+and float32 accumulation. That is the form XLA:CPU hands to its bf16 kernels (AMX /
+AVX512-BF16); any other form is upcast to float32 or copied through a transpose
+(``bench/bench_train.py`` measures it).
 
 Local check (CPU)::
 
@@ -41,6 +49,9 @@ DTYPES: dict[str, Any] = {
 
 # Finite "minus infinity" for masked attention logits (computed in float32).
 _MASK_VALUE = -1e10
+
+# Deepest stack that `PaLMConfig.scan_unroll` = 0 unrolls (PaLM 8B has 32 layers).
+MAX_UNROLLED_LAYERS = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +93,12 @@ class PaLMConfig:
     shared_embedding: bool = True
     """True: logits = final_norm(x) @ embedding^T / sqrt(d_model) (PaLM). False: a separate
     ``logits_kernel`` ("embed", "vocab") without scaling."""
+    scan_unroll: int = 0
+    """Layers applied per iteration of the compiled layer loop (``nn.scan``'s ``unroll``). 0
+    (default): the whole stack for models of at most `MAX_UNROLLED_LAYERS` layers, one layer
+    for deeper ones. An unrolled loop keeps each layer's activations in their own buffers
+    instead of stacking them for the backward pass (palm_small trains ~1.5x faster on a CPU);
+    compile time grows with the depth. Parameters are stacked along ``layers`` either way."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "num_layers", "d_model", "num_heads", "head_dim", "d_ff"):
@@ -96,12 +113,23 @@ class PaLMConfig:
             if value not in DTYPES:
                 raise ValueError(
                     f"PaLMConfig.{name} must be one of {sorted(DTYPES)}, got {value!r}.")
+        if isinstance(self.scan_unroll, bool) or not isinstance(
+                self.scan_unroll, (int, np.integer)) or self.scan_unroll < 0:
+            raise ValueError(
+                f"PaLMConfig.scan_unroll must be an int >= 0, got {self.scan_unroll!r}.")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(
                 f"PaLMConfig.dropout_rate must be in [0, 1), got {self.dropout_rate!r}.")
         if self.rope_max_wavelength <= 0:
             raise ValueError(
                 f"PaLMConfig.rope_max_wavelength must be > 0, got {self.rope_max_wavelength!r}.")
+
+    @property
+    def layers_per_loop_iteration(self) -> int:
+        """The ``unroll`` of the layer loop that `scan_unroll` asks for."""
+        if self.scan_unroll:
+            return min(self.scan_unroll, self.num_layers)
+        return self.num_layers if self.num_layers <= MAX_UNROLLED_LAYERS else 1
 
     @property
     def num_kv_heads(self) -> int:
@@ -269,6 +297,23 @@ def rotary_sin_cos(positions: Array, *, head_dim: int,
     return jnp.sin(angles), jnp.cos(angles)
 
 
+def _materialized_rotary_tables(positions: Array, *, head_dim: int,
+                                max_wavelength: float) -> tuple[Array, Array]:
+    """`rotary_sin_cos`, computed once per step on a CPU.
+
+    XLA:CPU fuses the sine and cosine into every consumer, so without a boundary they are
+    recomputed for every head of every layer, forward and backward (about 5x the cost of the
+    rotation itself). ``optimization_barrier`` is expanded away before fusion on CPU; a
+    conditional (both branches the same) is a boundary XLA keeps. Other backends compute
+    the tables directly.
+    """
+    def tables(p: Array) -> tuple[Array, Array]:
+        return rotary_sin_cos(p, head_dim=head_dim, max_wavelength=max_wavelength)
+    if jax.default_backend() != "cpu":
+        return tables(positions)
+    return jax.lax.cond(positions[0, 0] >= 0, tables, tables, positions)
+
+
 def apply_rotary(x: Array, sin: Array, cos: Array) -> Array:
     """Rotates the halves of the last axis of ``x`` by position-dependent angles.
 
@@ -313,6 +358,40 @@ def make_attention_mask(*, batch: int, length: int, segment_ids: Array | None = 
     return mask[:, None, :, :]
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def masked_softmax(logits: Array, mask: Array, dtype: Any) -> Array:
+    """``softmax(where(mask, logits, -1e10))`` over the last axis, in float32, returned in ``dtype``.
+
+    The backward pass reads only the returned probabilities (``p * (g - sum(p * g))``, zero
+    where masked): no float32 copy of the probabilities and no select are kept per layer,
+    which is most of the memory traffic of attention on a CPU.
+
+    Args:
+        logits: [..., keys] float32 scores.
+        mask: bool, broadcastable to ``logits``; False drops a key.
+        dtype: dtype of the result (the compute dtype).
+
+    Returns:
+        Probabilities shaped like ``logits``, in ``dtype``.
+    """
+    return jax.nn.softmax(jnp.where(mask, logits, _MASK_VALUE), axis=-1).astype(dtype)
+
+
+def _masked_softmax_fwd(logits, mask, dtype):
+    probs = masked_softmax(logits, mask, dtype)
+    return probs, probs
+
+
+def _masked_softmax_bwd(dtype, probs, g):
+    del dtype
+    p = probs.astype(jnp.float32)
+    g = g.astype(jnp.float32)
+    return p * (g - jnp.sum(p * g, axis=-1, keepdims=True)), None
+
+
+masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)
+
+
 class Attention(nn.Module):
     """Multi-query (or multi-head) causal self-attention with rotary embeddings, no biases.
 
@@ -347,36 +426,36 @@ class Attention(nn.Module):
         tokens = x.reshape(batch * length, d)
 
         def project(name: str, shape: tuple[int, ...], names: tuple[str, ...],
-                    in_axis, out_axis) -> Array:
+                    in_axis, out_axis, out_dtype=dtype) -> Array:
             init = nn.with_logical_partitioning(_kernel_init(in_axis, out_axis), names)
             kernel = self.param(name, init, shape, param_dtype)
-            out = matmul(tokens, kernel.reshape(d, -1), False, dtype, dtype)
+            out = matmul(tokens, kernel.reshape(d, -1), False, dtype, out_dtype)
             return out.reshape((batch, length) + shape[1:])
 
         heads_names = ("embed", "heads", "kv")
-        query = project("query", (d, h, k), heads_names, 0, (1, 2))
+        # Queries and keys stay float32 until the rotary embedding has been applied (one pass).
+        query = project("query", (d, h, k), heads_names, 0, (1, 2), jnp.float32)
         if c.multi_query:
-            key = project("key", (d, k), ("embed", "kv"), 0, 1)
+            key = project("key", (d, k), ("embed", "kv"), 0, 1, jnp.float32)
             value = project("value", (d, k), ("embed", "kv"), 0, 1)
             kv_names = ("batch", "length", "kv")
         else:
-            key = project("key", (d, h, k), heads_names, 0, (1, 2))
+            key = project("key", (d, h, k), heads_names, 0, (1, 2), jnp.float32)
             value = project("value", (d, h, k), heads_names, 0, (1, 2))
             kv_names = ("batch", "length", "heads", "kv")
         query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
         key = nn.with_logical_constraint(key, kv_names)
         value = nn.with_logical_constraint(value, kv_names)
 
-        query = apply_rotary(query, sin, cos) * jnp.asarray(k ** -0.5, dtype)
-        key = apply_rotary(key, sin, cos)
+        query = (apply_rotary(query, sin, cos) * np.float32(k ** -0.5)).astype(dtype)
+        key = apply_rotary(key, sin, cos).astype(dtype)
 
         if c.multi_query:
             # [batch, length * heads, kv] x [batch, length, kv]: one batched matmul per example.
             folded = query.reshape(batch, length * h, k)
             logits = matmul(folded, key, True, dtype, jnp.float32)
-            logits = logits.reshape(batch, length, h, length)
-            logits = jnp.where(mask.reshape(batch, length, 1, length), logits, _MASK_VALUE)
-            probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+            probs = masked_softmax(logits.reshape(batch, length, h, length),
+                                   mask.reshape(batch, length, 1, length), dtype)
             context = matmul(probs.reshape(batch, length * h, length), value, False, dtype,
                              dtype)
         else:
@@ -384,9 +463,7 @@ class Attention(nn.Module):
             def by_head(t: Array) -> Array:
                 return jnp.swapaxes(t, 1, 2).reshape(batch * h, length, k)
             logits = matmul(by_head(query), by_head(key), True, dtype, jnp.float32)
-            logits = logits.reshape(batch, h, length, length)
-            logits = jnp.where(mask, logits, _MASK_VALUE)
-            probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+            probs = masked_softmax(logits.reshape(batch, h, length, length), mask, dtype)
             context = matmul(probs.reshape(batch * h, length, length), by_head(value), False,
                              dtype, dtype)
             context = jnp.swapaxes(context.reshape(batch, h, length, k), 1, 2)
@@ -428,10 +505,12 @@ class SwiGLU(nn.Module):
                               shape, param_dtype)
 
         wi_shape, wi_names = (c.d_model, c.d_ff), ("embed", "mlp")
+        # One product for both input projections: [d_model, d_ff, 2] keeps d_ff the major
+        # axis, so the fused kernel shards along "mlp" exactly as its two halves do.
         gate = matmul(tokens, kernel("wi_gate", wi_shape, wi_names), False, dtype, dtype)
         lin = matmul(tokens, kernel("wi", wi_shape, wi_names), False, dtype, dtype)
-        hidden = nn.with_logical_constraint(
-            (nn.silu(gate) * lin).reshape(batch, length, c.d_ff), ("batch", "length", "mlp"))
+        hidden = nn.with_logical_constraint((nn.silu(gate) * lin).reshape(batch, length, c.d_ff),
+                                            ("batch", "length", "mlp"))
         out = matmul(hidden.reshape(batch * length, c.d_ff),
                      kernel("wo", (c.d_ff, c.d_model), ("mlp", "embed")), False, dtype, dtype)
         return nn.with_logical_constraint(out.reshape(batch, length, c.d_model),
@@ -523,8 +602,8 @@ class PaLMDecoder(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         mask = make_attention_mask(batch=batch, length=length, segment_ids=segment_ids,
                                    causal_attention_mask=causal_attention_mask)
-        sin, cos = rotary_sin_cos(positions, head_dim=c.head_dim,
-                                  max_wavelength=c.rope_max_wavelength)
+        sin, cos = _materialized_rotary_tables(positions, head_dim=c.head_dim,
+                                               max_wavelength=c.rope_max_wavelength)
 
         # PaLM: no layer norm on the embeddings, so they are initialised N(0, 1).
         embedding = self.param(
@@ -543,6 +622,7 @@ class PaLMDecoder(nn.Module):
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_layers,
+            unroll=c.layers_per_loop_iteration,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         x, _ = stack(config=c, deterministic=deterministic, name="layers")(x, mask, sin, cos)

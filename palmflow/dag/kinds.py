@@ -7,6 +7,7 @@ may import TensorFlow, Beam or JAX lazily.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import importlib
 import types
@@ -62,7 +63,7 @@ class StageContext:
   base_dir: Path          # the pipeline file's folder: relative settings paths start here
 
 
-class StageKind:
+class StageKind(abc.ABC):
   """Base class of stage kinds. Subclasses set the class attributes and `run`."""
 
   kind: ClassVar[str]
@@ -85,9 +86,9 @@ class StageKind:
     del base_dir
     return dataclasses.asdict(settings)
 
+  @abc.abstractmethod
   def run(self, ctx: StageContext) -> dict:
     """Runs the stage, writing into ctx.out_dir; returns a summary for the manifest."""
-    raise NotImplementedError(f"stage kind {self.kind} has no run()")
 
 
 _KIND_MODULES = (

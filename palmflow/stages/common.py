@@ -71,7 +71,9 @@ def run_binary(ctx, argv: list[str], *, log_name: str) -> None:
       logf.write(line)
       logf.flush()
       low = line.lower()
-      if " step " in line or "error" in low or "eval" in low or "warning" in low:
+      native_log = line[:1] in "IWEF" and line[1:5].isdigit()  # TF/XLA C++ log noise
+      if not native_log and (" step " in line or "error" in low or "eval" in low
+                             or "warning" in low):
         ctx.log(line.rstrip())
     rc = proc.wait()
   if rc != 0:

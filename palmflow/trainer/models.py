@@ -231,7 +231,13 @@ def _matmul_bwd(transpose_b, dtype, out_dtype, residuals, ct):
     # make it a transposed-left-operand product again).
     m, k = a.shape[-2:]
     n = ct.shape[-1]
-    if m * k + (k * n if transpose_b else 0) <= m * n + (0 if transpose_b else k * n):
+    if jax.default_backend() != "cpu":
+        # GPU/TPU libraries read transposed operands directly: contract the m axis in place.
+        batch = tuple(range(a.ndim - 2))
+        x, y = (ct, ac) if transpose_b else (ac, ct)
+        db = jax.lax.dot_general(x, y, (((x.ndim - 2,), (y.ndim - 2,)), (batch, batch)),
+                                 preferred_element_type=jnp.float32)
+    elif m * k + (k * n if transpose_b else 0) <= m * n + (0 if transpose_b else k * n):
         db = _mm(_transposed(ac), ct, False)  # [k, n]
         if transpose_b:
             db = jnp.swapaxes(jax.lax.optimization_barrier(db), -1, -2)

@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--rounds", type=int, default=3, help="alternating rounds per variant")
   p.add_argument("--log_every", type=int, default=10, help="metrics fetch period of our loop")
   p.add_argument("--variants", default="ours,handwritten")
+  p.add_argument("--compare_models_at", default=None, metavar="GIT_REF",
+                 help="also run our loop with palmflow/trainer/models.py as of this git "
+                      "revision (e.g. 66925b9, before the CPU speed work)")
   p.add_argument("--peak_size", type=int, default=2048, help="n of the n x n x n peak matmul")
   p.add_argument("--malloc", choices=("tuned", "default"), default="tuned")
   p.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS before jax starts")
@@ -148,6 +151,34 @@ def main(argv=None) -> int:
     return out
 
   partitioner = Partitioner(num_partitions=1)
+
+  def models_at(ref: str):
+    """`DecoderOnlyModel` whose module is `PaLMDecoder` from models.py at git revision `ref`."""
+    import dataclasses
+    import importlib.util
+    import subprocess
+    import tempfile
+    from palmflow.trainer import lm
+    repo = Path(__file__).resolve().parents[1]
+    source = subprocess.run(["git", "show", f"{ref}:palmflow/trainer/models.py"], cwd=repo,
+                            check=True, capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / f"models_at_{ref}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"models_at_{ref}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    fields = set(mod.PaLMConfig.__dataclass_fields__)
+
+    class OldModel(lm.DecoderOnlyModel):
+      @property
+      def module(self):
+        return mod.PaLMDecoder(mod.PaLMConfig(**{
+            k: v for k, v in dataclasses.asdict(self.config).items() if k in fields}))
+    return lambda m: OldModel(**{f.name: getattr(m, f.name)
+                                 for f in dataclasses.fields(lm.DecoderOnlyModel)})
+
+  old_model = models_at(args.compare_models_at) if args.compare_models_at else None
 
   def make_ours(model, schedule, batches):
     """`train_lib.train`'s step function and feeding, without data loading and checkpoints."""
@@ -249,6 +280,9 @@ def main(argv=None) -> int:
         model.config, num_params=model.config.num_params(), length=L) * B * L
     if "ours" in variants:
       runners[(dtype, "ours")], _ = make_ours(model, schedule, batches)
+    if old_model is not None:
+      runners[(dtype, f"ours@{args.compare_models_at}")], _ = make_ours(
+          old_model(model), schedule, batches)
     if "handwritten" in variants:
       runners[(dtype, "handwritten")] = make_handwritten(model, batches)
     for key in [k for k in runners if k[0] == dtype]:

@@ -191,12 +191,12 @@ def matmul(a: Array, b: Array, transpose_b: bool, dtype: Any, out_dtype: Any) ->
 
     ``a`` is [..., m, k]; ``b`` is [..., k, n] (or [..., n, k]) with the same leading (batch)
     axes. Forward and backward, every product multiplies ``dtype`` operands (the cotangent is
-    cast to ``dtype`` too, except a float32 one under float16) into a float32 accumulator, and each is arranged so that its left
-    operand is contracted along its minor axis: the form XLA:CPU runs on its bf16 units
-    (AMX / AVX512-BF16) and that needs no transposed copy of a large activation in float32.
-    Where a gradient needs ``x^T @ y``, the smaller of the two operands is transposed (see
-    `_transposed`). Gradients come back in the dtypes of ``a`` and ``b``: float32 parameters
-    get float32-accumulated gradients.
+    cast to ``dtype`` too, except a float32 one under float16) into a float32 accumulator. On
+    CPU each product is arranged so that its left operand is contracted along its minor axis:
+    the form XLA:CPU runs on its bf16 units (AMX / AVX512-BF16), which needs no transposed
+    copy of a large activation either. Where a gradient needs ``x^T @ y``, the smaller of the
+    two operands is transposed (see `_transposed`). Gradients come back in the dtypes of
+    ``a`` and ``b``: float32 parameters get float32-accumulated gradients.
 
     Args:
         a: [..., m, k], any float dtype (cast to ``dtype``).
@@ -366,7 +366,7 @@ def make_attention_mask(*, batch: int, length: int, segment_ids: Array | None = 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def masked_softmax(logits: Array, mask: Array, dtype: Any) -> Array:
-    """``softmax(where(mask, logits, -1e10))`` over the last axis, in float32, returned in ``dtype``.
+    """``softmax(where(mask, logits, -1e10))`` over the last axis in float32, as ``dtype``.
 
     The backward pass reads only the returned probabilities (``p * (g - sum(p * g))``, zero
     where masked): no float32 copy of the probabilities and no select are kept per layer,
@@ -473,6 +473,9 @@ class Attention(nn.Module):
             context = matmul(probs.reshape(batch * h, length, length), by_head(value), False,
                              dtype, dtype)
             context = jnp.swapaxes(context.reshape(batch, h, length, k), 1, 2)
+        context = nn.with_logical_constraint(context.reshape(batch, length, h, k),
+                                             ("batch", "length", "heads", "kv"))
+
         out_kernel = self.param(
             "out", nn.with_logical_partitioning(_kernel_init((0, 1), 2), ("heads", "kv", "embed")),
             (h, k, d), param_dtype)
@@ -511,8 +514,6 @@ class SwiGLU(nn.Module):
                               shape, param_dtype)
 
         wi_shape, wi_names = (c.d_model, c.d_ff), ("embed", "mlp")
-        # One product for both input projections: [d_model, d_ff, 2] keeps d_ff the major
-        # axis, so the fused kernel shards along "mlp" exactly as its two halves do.
         gate = matmul(tokens, kernel("wi_gate", wi_shape, wi_names), False, dtype, dtype)
         lin = matmul(tokens, kernel("wi", wi_shape, wi_names), False, dtype, dtype)
         hidden = nn.with_logical_constraint((nn.silu(gate) * lin).reshape(batch, length, c.d_ff),

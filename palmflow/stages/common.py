@@ -39,6 +39,14 @@ def path_identity(base_dir: Path, path: str) -> dict:
   return {"path": path, "sha256": file_digest(p)}
 
 
+# Malloc settings for the train/eval binaries, read by glibc at process start: one arena, no
+# mmap'd chunks, no trimming, so XLA:CPU's per-step buffers stay mapped (otherwise ~600k page
+# faults and >1 s of system time per palm_small step on CPU; bench/results_trainer.md). A
+# placement's env overrides them.
+CPU_MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
+                  "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
+
+
 def run_binary(ctx, argv: list[str], *, log_name: str) -> None:
   """Runs a palmflow binary (train/eval) as a subprocess, as a user would run it.
 
@@ -55,6 +63,8 @@ def run_binary(ctx, argv: list[str], *, log_name: str) -> None:
   placement = dict(ctx.placement.get("train") or {})
   argv = list(argv) + list(placement.get("extra_flags") or [])
   env = dict(os.environ)
+  for name, value in CPU_MALLOC_ENV.items():
+    env.setdefault(name, value)
   env.update(placement.get("env") or {})
   repo = str(Path(__file__).resolve().parents[2])
   env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")

@@ -13,7 +13,8 @@ shared). Ratios are Beam time / loop time (lower is better; < 1 is faster than t
 
 The corpus is built from ../shared/data (tiny-shakespeare and Moby Dick paragraphs, SST-2
 sentences, each its own document unless `--sst2_per_doc` groups them) and the running Python's
-standard library source files, in that order, until `--target_mb` MB of text; the vocabulary
+standard library source files, in that order, until `--target_mb` MB of text (going over
+them again, ids marked `~2`, `~3`..., when they are shorter); the vocabulary
 (8k unigram by default) is trained once on a sample of it. Both are cached in `--work_dir`.
 Reported: wall seconds (best of the repeats), MB/s of text, time / loop, and the CPU seconds
 of the best run (this process and its finished children), which other load disturbs less.
@@ -41,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT / ".." / "shared" / "data"
 EOS_ID, PAD_ID = 1, 0
+VARIANTS = "loop,loop_mt,beam1,beam2"
 
 
 # ----------------------------------------------------------------------------- corpus, vocab
@@ -91,13 +93,17 @@ def build_corpus(data: Path, out_dir: Path, target_bytes: int, num_files: int,
   out_dir.mkdir(parents=True, exist_ok=True)
   docs = []
   total = 0
-  for doc_id, text in iter_documents(data, sst2_per_doc):
-    if not text.strip():
-      continue
-    docs.append({"id": doc_id, "source": doc_id.partition(":")[0], "text": text})
-    total += len(text.encode("utf-8"))
-    if total >= target_bytes:
-      break
+  passes = 0
+  while total < target_bytes:  # the sources once, and again (ids marked ~2, ~3...) if short
+    passes += 1
+    for doc_id, text in iter_documents(data, sst2_per_doc):
+      if not text.strip():
+        continue
+      docs.append({"id": doc_id if passes == 1 else f"{doc_id}~{passes}",
+                   "source": doc_id.partition(":")[0], "text": text})
+      total += len(text.encode("utf-8"))
+      if total >= target_bytes:
+        break
   for k in range(num_files):  # document i goes to file i % num_files: balanced, mixed
     with open(out_dir / f"documents.jsonl-{k:05d}-of-{num_files:05d}", "w",
               encoding="utf-8") as f:
@@ -107,7 +113,7 @@ def build_corpus(data: Path, out_dir: Path, target_bytes: int, num_files: int,
   for d in docs:
     sources[d["source"]] = sources.get(d["source"], 0) + 1
   info = {"documents": len(docs), "text_bytes": total, "sources": sources,
-          "files": num_files}
+          "files": num_files, "passes_over_sources": passes}
   (out_dir / "info.json").write_text(json.dumps(info, indent=2))
   return info
 
@@ -144,7 +150,7 @@ def plain_loop(doc_files: list[str], vocab: str, out_path: str, block_length: in
   import numpy as np
   import sentencepiece as spm
   import tensorflow as tf
-  from pipelines.blocks import _example as serialize   # the job's tf.Example serializer
+  from pipelines.blocks import serialize_block as serialize  # the job's serializer
   sp = spm.SentencePieceProcessor(model_file=vocab)
   L = block_length
   counts = {"documents": 0, "tokens": 0, "blocks": 0, "non_pad_tokens": 0}
@@ -238,7 +244,7 @@ def main(argv=None) -> int:
   parser.add_argument("--num_buckets", type=int, default=8)
   parser.add_argument("--num_shards", type=int, default=4)
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--variants", default="loop,loop_mt,beam1,beam2")
+  parser.add_argument("--variants", default=VARIANTS)
   parser.add_argument("--results", default="", help="write a Markdown results table here")
   parser.add_argument("--append", action="store_true", help="append to --results")
   args = parser.parse_args(argv)
@@ -325,14 +331,16 @@ def main(argv=None) -> int:
 
 
 def write_results(path: Path, s: dict, info: dict, args) -> None:
-  extra = f" --sst2_per_doc {args.sst2_per_doc}" if args.sst2_per_doc != 1 else ""
+  extra = f" --target_mb {args.target_mb:g}" if args.target_mb != 20.0 else ""
+  extra += f" --sst2_per_doc {args.sst2_per_doc}" if args.sst2_per_doc != 1 else ""
+  extra += f" --variants {args.variants}" if args.variants != VARIANTS else ""
   extra += " --append" if args.append else ""
   cmd = ("`.venv/bin/python bench/bench_blocks.py --repeats "
          f"{args.repeats}{extra} --results {args.results}`")
   lines = [
       "## Tokenize + block: Beam job vs plain Python loop"
       + (f" ({args.sst2_per_doc} SST-2 sentences a document)" if args.sst2_per_doc != 1
-         else ""), "",
+         else "") + (f", {s['corpus_mb']:.0f} MB" if args.target_mb != 20.0 else ""), "",
       f"Command: {cmd} (from the repository root; needs ../shared/data).", "",
       f"Corpus: {s['corpus_mb']} MB of text, {s['documents']} documents "
       f"({', '.join(f'{k} {v}' for k, v in info['sources'].items())}); SentencePiece "

@@ -1,18 +1,26 @@
 """Beam job: tokenize documents and block them into fixed-length sequences (PaLM style).
 
-Documents are tokenized with a SentencePiece model (built in each worker's `DoFn.setup`),
-concatenated with EOS after each and cut into blocks of exactly `block_length` tokens: the
-documents of each bucket (a seeded hash of the id picks it; the unit of parallelism) are
-concatenated in id order, full blocks are cut, and the buckets' shorter tails are packed
-together at the end, so the whole output has at most one partly padded block.
+Documents (the corpus stage's JSONL, one `{"id", "text", ...}` a line) are tokenized with a
+SentencePiece model (built in each worker's `DoFn.setup`), concatenated with EOS after each and
+cut into blocks of exactly `block_length` tokens. The input is cut into contiguous byte ranges
+of about equal size (`--num_buckets` of them, plus file boundaries; a compressed file is one
+range), the unit of parallelism: a worker reads its range, tokenizes its documents in batches
+and cuts full blocks as it goes, in file order, so nothing per document crosses a shuffle.
+Each range's tail, shorter than a block, is packed with all the other ranges' tails at the
+end, so the whole output has at most one partly padded block.
+
 Each block carries `targets`, `targets_segment_ids` (1, 2, ... per document inside the block,
-0 on padding) and `targets_positions` (restarting at 0 where each document starts; the rest
-of a document cut by a block boundary continues as a segment of its own in the next block
-(segment 1), or among the packed tails, its positions again from 0, so positions stay below
-`block_length`), so a model can confine attention to one document. `--mode=pad` instead trims or pads each document into its own block.
-Blocks are shuffled across shards by a seeded hash; the output is identical byte for byte
-for the same input, vocabulary and seed. `stats.json` has documents in and out, tokens,
-blocks, packing efficiency (non-pad tokens / all tokens), per-source counts and rejections.
+0 on padding) and `targets_positions` (restarting at 0 where each document starts; the rest of
+a document cut by a block boundary continues as a segment of its own in the next block, or
+among the packed tails, its positions again from 0, so positions stay below `block_length`),
+so a model can confine attention to one document. `--mode=pad` instead trims or pads each
+document into its own block. Blocks are shuffled across shards by a seeded hash; the output is
+identical byte for byte for the same input files, vocabulary, `--num_buckets` and seed, on any
+runner and any number of workers. `stats.json` has documents in and out, tokens, blocks,
+packing efficiency (non-pad tokens / all tokens), per-source counts and rejections.
+
+Records are `tf.train.Example`s serialized with numpy (`transforms/tfexample.py`): the workers
+never import TensorFlow.
 
 Local:
     python -m pipelines.blocks --runner=DirectRunner --documents='/tmp/corpus/documents*' \
@@ -20,34 +28,365 @@ Local:
 Dataflow (workers get palmflow through --setup_file):
     python -m pipelines.blocks --runner=DataflowRunner --project=P --region=R \
         --temp_location=gs://B/tmp --setup_file=./setup.py --documents='gs://B/corpus/doc*' \
-        --vocab=gs://B/vocab/spm.model --output_dir=gs://B/blocks
+        --vocab=gs://B/vocab/spm.model --output_dir=gs://B/blocks --num_buckets=256
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
+from typing import Iterator, Sequence
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.transforms import jobs, shards
-from pipelines.transforms.progress import Progress
+from pipelines.transforms.progress import Reporter
+from pipelines.transforms.tfexample import int64_example
 
 EOS_ID, PAD_ID = 1, 0
 NS = "palmflow.blocks"
 
 
+class DocumentsError(ValueError):
+  """The documents are not what the job reads (no file matched, a line is not a document)."""
+
+
+# ----------------------------------------------------------------------------- blocks
+
+def serialize_block(tokens, segments, positions) -> bytes:
+  """The serialized tf.Example of one block (features `targets`, `targets_segment_ids`,
+  `targets_positions`)."""
+  return int64_example({"targets": tokens, "targets_segment_ids": segments,
+                        "targets_positions": positions})
+
+
+def block_features(tokens: np.ndarray, docs: np.ndarray, length: int):
+  """One block's (targets, segment ids, positions), padded to `length`.
+
+  Args:
+    tokens: at most `length` token ids (each document's tokens followed by its EOS).
+    docs: for each token, a number naming its document (equal numbers are adjacent).
+    length: the block length.
+  Returns:
+    Three int64 arrays of `length`: the tokens then PAD_ID; segment ids 1, 2, ... for the
+    documents in order of appearance, 0 on padding; positions restarting at 0 where each
+    document (or the rest of a document cut by the previous block boundary) starts, 0 on
+    padding. Positions stay below `length`, so any position scheme sized for the block fits.
+  """
+  n = len(tokens)
+  starts = np.ones(n, dtype=bool)
+  starts[1:] = docs[1:] != docs[:-1]
+  seg = np.cumsum(starts, dtype=np.int64)
+  pos = np.arange(n, dtype=np.int64) - np.flatnonzero(starts)[seg - 1]
+  pad = length - n
+  return (np.pad(np.asarray(tokens, np.int64), (0, pad)), np.pad(seg, (0, pad)),
+          np.pad(pos, (0, pad)))
+
+
+def join_documents(ids: Sequence[Sequence[int]], first_doc: int = 0):
+  """Each document's token ids followed by EOS, all concatenated, and each token's document
+  number (`first_doc`, `first_doc + 1`, ...); empty documents must be left out before."""
+  lengths = np.fromiter(map(len, ids), np.int64, len(ids)) + 1
+  total = int(lengths.sum())
+  tokens = np.empty(total, np.int64)
+  ends = np.cumsum(lengths) - 1
+  is_body = np.ones(total, bool)
+  is_body[ends] = False
+  tokens[ends] = EOS_ID
+  tokens[is_body] = np.fromiter(itertools.chain.from_iterable(ids), np.int64,
+                                total - len(ids))
+  docs = np.repeat(np.arange(first_doc, first_doc + len(ids), dtype=np.int64), lengths)
+  return tokens, docs
+
+
+class ConcatPacker:
+  """Cuts a stream of documents into blocks of exactly `length` tokens (concat mode).
+
+  `add` takes the next documents' token ids and returns the blocks completed so far as
+  (tokens, doc numbers) pairs; `tail()` is what is left (shorter than a block).
+  """
+
+  def __init__(self, length: int):
+    self._len = length
+    self._tok = np.zeros(0, np.int64)
+    self._doc = np.zeros(0, np.int64)
+    self._next_doc = 0
+
+  def add(self, ids: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    if not ids:
+      return []
+    tok, doc = join_documents(ids, self._next_doc)
+    self._next_doc += len(ids)
+    if len(self._tok):
+      tok, doc = np.concatenate([self._tok, tok]), np.concatenate([self._doc, doc])
+    L = self._len
+    full = len(tok) // L
+    out = [(tok[b * L:(b + 1) * L], doc[b * L:(b + 1) * L]) for b in range(full)]
+    self._tok, self._doc = tok[full * L:], doc[full * L:]
+    return out
+
+  def tail(self) -> tuple[np.ndarray, np.ndarray]:
+    return self._tok, self._doc
+
+
+class _BlockCounters(beam.DoFn):
+  """Counters shared by the DoFns that tokenize and block (they feed `stats.json`)."""
+
+  def __init__(self, block_length: int, seed: int):
+    self._len, self._seed = block_length, seed
+    self._docs_in = beam.metrics.Metrics.counter(NS, "documents")
+    self._tokens = beam.metrics.Metrics.counter(NS, "tokens")
+    self._empty = beam.metrics.Metrics.counter(NS, "empty_documents")
+    self._blocks = beam.metrics.Metrics.counter(NS, "blocks")
+    self._real = beam.metrics.Metrics.counter(NS, "non_pad_tokens")
+    self._all = beam.metrics.Metrics.counter(NS, "block_tokens")
+    self._docs_out = beam.metrics.Metrics.counter(NS, "documents_out")
+    self._per_source: dict = {}
+
+  def _count_docs(self, doc_ids: Sequence[str], ids: Sequence[Sequence[int]]) -> None:
+    """Counts documents going into blocks (each with its EOS), in all and per source."""
+    per: dict[str, list[int]] = {}
+    tokens = 0
+    for doc_id, toks in zip(doc_ids, ids):
+      n = len(toks) + 1
+      tokens += n
+      c = per.setdefault(source_of(doc_id), [0, 0])
+      c[0] += 1
+      c[1] += n
+    self._docs_out.inc(len(doc_ids))
+    self._tokens.inc(tokens)
+    for src, (docs, toks) in per.items():
+      if src not in self._per_source:
+        self._per_source[src] = (
+            beam.metrics.Metrics.counter(NS, f"source_documents[{src}]"),
+            beam.metrics.Metrics.counter(NS, f"source_tokens[{src}]"))
+      self._per_source[src][0].inc(docs)
+      self._per_source[src][1].inc(toks)
+
+  def _emit(self, key_parts, tokens, segments, positions):
+    """(shuffle key, serialized block); the key is a seeded hash `WriteShards` orders by."""
+    self._blocks.inc()
+    self._real.inc(int(np.count_nonzero(segments)))
+    self._all.inc(len(tokens))
+    return (shards.stable_hash(self._seed, "shuffle", *key_parts),
+            serialize_block(tokens, segments, positions))
+
+  def _pad_blocks(self, doc_ids, ids):
+    """pad mode: one block per document, ids + EOS trimmed or padded to the block length."""
+    for doc_id, toks in zip(doc_ids, ids):
+      toks = np.append(np.asarray(toks, np.int64), EOS_ID)
+      if len(toks) > self._len:
+        self._trimmed.inc(len(toks) - self._len)
+        self._trimmed_docs.inc()
+        toks = toks[:self._len]
+      yield self._emit(("doc", doc_id),
+                       *block_features(toks, np.zeros(len(toks), np.int64), self._len))
+
+
+def source_of(doc_id: str) -> str:
+  """The source name of a document id (`<source>:<file>:<key>`, see transforms/ingest.py)."""
+  return doc_id.partition(":")[0]
+
+
+REMAINDER = "remainder"
+
+
+class BlockRemainders(_BlockCounters):
+  """(0, [(range, tokens, docs)]) -> blocks of all the ranges' tails, in range order.
+
+  Only the last block is padded. A document cut at its range's last full block continues
+  here as a new segment.
+  """
+
+  def process(self, item):
+    _, tails = item
+    tails = sorted(tails, key=lambda t: t[0])
+    if not tails:
+      return
+    L = self._len
+    tokens = np.concatenate([t[1] for t in tails])
+    # documents numbered across ranges: (range, doc number) -> one increasing number
+    offsets = np.cumsum([0] + [int(t[2].max()) + 1 for t in tails[:-1]])
+    docs = np.concatenate([t[2] + off for t, off in zip(tails, offsets)])
+    for b, start in enumerate(range(0, len(tokens), L)):
+      sl = slice(start, start + L)
+      yield self._emit(("remainder", b), *block_features(tokens[sl], docs[sl], L))
+
+
+# ----------------------------------------------------------------------------- reading ranges
+
+def plan_ranges(pattern: str, num_ranges: int) -> list[tuple[int, str, int, int]]:
+  """The input cut into about `num_ranges` contiguous byte ranges of about equal size.
+
+  Returns `(index, path, start, end)` in file-name order; a range holds the lines that start
+  at a byte offset in `[start, end)`. A compressed file (by extension) is one range with
+  `end = -1` (read whole). The ranges depend only on the files' names and sizes.
+  """
+  found = FileSystems.match([pattern])[0].metadata_list
+  if not found:
+    raise DocumentsError(f"--documents {pattern!r} matches no file: give the corpus stage's "
+                         "documents (a JSONL file pattern)")
+  files = sorted((m.path, m.size_in_bytes) for m in found)
+  step = max(1, -(-sum(size for _, size in files) // max(1, num_ranges)))
+  out = []
+  for path, size in files:
+    if CompressionTypes.detect_compression_type(path) != CompressionTypes.UNCOMPRESSED:
+      out.append((len(out), path, 0, -1))
+      continue
+    for start in range(0, size, step):
+      out.append((len(out), path, start, min(size, start + step)))
+  return out
+
+
+def range_lines(path: str, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+  """(byte offset, line) for each line of `path` that starts in `[start, end)` (`end = -1`:
+  the whole file, decompressed by its extension)."""
+  whole = end < 0
+  with FileSystems.open(path, compression_type=(CompressionTypes.AUTO if whole
+                                                else CompressionTypes.UNCOMPRESSED)) as f:
+    pos = 0
+    if start > 0:  # the line running through `start - 1` belongs to the previous range
+      f.seek(start - 1)
+      pos = start - 1 + len(f.readline())
+    while whole or pos < end:
+      line = f.readline()
+      if not line:
+        return
+      yield pos, line
+      pos += len(line)
+
+
+class TokenizeAndBlockRanges(_BlockCounters):
+  """(index, path, start, end) byte range -> (shuffle key, serialized tf.Example) blocks.
+
+  Reads the range's JSONL documents, encodes them `batch_size` at a time (one sentencepiece
+  call a batch, on one thread: runners give each core its own SDK process) and cuts full
+  blocks as it goes (concat mode); the range's tail goes to the `remainder` output as
+  `(0, (index, tokens, docs))` for `BlockRemainders`. In pad mode each document is a block.
+  """
+
+  def __init__(self, vocab_path: str, block_length: int, seed: int, mode: str = "concat",
+               batch_size: int = 256):
+    super().__init__(block_length, seed)
+    self._vocab_path, self._mode, self._batch_size = vocab_path, mode, batch_size
+    self._trimmed = beam.metrics.Metrics.counter(NS, "trimmed_tokens")
+    self._trimmed_docs = beam.metrics.Metrics.counter(NS, "trimmed_documents")
+    self._progress = Reporter("blocks", "documents tokenized")
+
+  def setup(self):
+    import sentencepiece as spm
+    with FileSystems.open(self._vocab_path) as f:
+      self._sp = spm.SentencePieceProcessor(model_proto=f.read())
+    self._progress.start()
+
+  def teardown(self):
+    self._progress.close()
+
+  def process(self, element):
+    index, path, start, end = element
+    packer = ConcatPacker(self._len) if self._mode == "concat" else None
+    block_no = 0
+    doc_ids: list[str] = []
+    texts: list[str] = []
+    nbytes = 0
+
+    def flush():
+      nonlocal block_no, nbytes
+      ids = self._sp.encode(texts, num_threads=1)
+      self._docs_in.inc(len(texts))
+      self._progress.add(len(texts), nbytes)
+      nbytes = 0
+      kept = [j for j, t in enumerate(ids) if t]
+      if len(kept) < len(ids):
+        self._empty.inc(len(ids) - len(kept))
+        ids, ids_of = [ids[j] for j in kept], [doc_ids[j] for j in kept]
+      else:
+        ids_of = doc_ids
+      self._count_docs(ids_of, ids)
+      if packer is None:
+        yield from self._pad_blocks(ids_of, ids)
+        return
+      for tok, doc in packer.add(ids):
+        yield self._emit((index, block_no), *block_features(tok, doc, self._len))
+        block_no += 1
+
+    for offset, line in range_lines(path, start, end):
+      if not line.strip():
+        continue
+      try:
+        doc = json.loads(line)
+        doc_id, text = doc["id"], doc["text"]
+      except (ValueError, KeyError, TypeError) as e:
+        raise DocumentsError(
+            f"{path}: the line at byte {offset} is not a JSON document with 'id' and 'text' "
+            f"({type(e).__name__}: {e}); the blocks job reads the corpus stage's documents"
+        ) from None
+      doc_ids.append(doc_id)
+      texts.append(text)
+      nbytes += len(line)
+      if len(texts) >= self._batch_size:
+        yield from flush()
+        doc_ids, texts = [], []
+    if texts:
+      yield from flush()
+    if packer is not None:
+      tok, doc = packer.tail()
+      if len(tok):
+        yield beam.pvalue.TaggedOutput(REMAINDER, (0, (index, tok, doc)))
+
+
+class TokenizeAndBlockFiles(beam.PTransform):
+  """byte ranges (`plan_ranges`) -> (shuffle key, serialized tf.Example) blocks."""
+
+  def __init__(self, *, vocab_path: str, block_length: int, seed: int = 0,
+               mode: str = "concat"):
+    super().__init__()
+    _check(block_length, mode)
+    self._vocab, self._len, self._seed, self._mode = vocab_path, block_length, seed, mode
+
+  def expand(self, ranges):
+    fn = TokenizeAndBlockRanges(self._vocab, self._len, self._seed, self._mode)
+    if self._mode == "pad":
+      return ranges | "TokenizeAndBlockRanges" >> beam.ParDo(fn)
+    blocked = ranges | "TokenizeAndBlockRanges" >> beam.ParDo(fn).with_outputs(
+        REMAINDER, main="blocks")
+    return (blocked.blocks, blocked[REMAINDER] | "Tails" >> PackTails(self._len, self._seed)
+            ) | "AllBlocks" >> beam.Flatten()
+
+
+class PackTails(beam.PTransform):
+  """(0, (range, tokens, docs)) tails -> their blocks, packed together in range order."""
+
+  def __init__(self, block_length: int, seed: int):
+    super().__init__()
+    self._len, self._seed = block_length, seed
+
+  def expand(self, tails):
+    return (tails
+            | "GroupRemainders" >> beam.GroupByKey()
+            | "BlockRemainders" >> beam.ParDo(BlockRemainders(self._len, self._seed)))
+
+
+def _check(block_length: int, mode: str) -> None:
+  if mode not in ("concat", "pad"):
+    raise ValueError(f"mode must be 'concat' or 'pad', not {mode!r}")
+  if block_length < 2:
+    raise ValueError(f"block_length must be at least 2, not {block_length}")
+
+
+# ----------------------------------------------------------------------------- documents in a PCollection
+
 class Tokenize(beam.DoFn):
   """document -> (bucket, (doc_id, int32 token ids)); the model is loaded in setup().
 
-  Documents are encoded `batch_size` at a time, one sentencepiece call per batch on one
-  thread: runners give each core its own SDK process (Dataflow, DirectRunner's
-  multi_processing), so more threads per call only contend. The output is typed, so the ids
-  cross the GroupBuckets shuffle through `Tokenize.IdsCoder` (raw bytes) instead of pickle,
-  which cost about 25 µs per document, a third of the encoding itself.
+  For documents that are already a PCollection (`TokenizeAndBlock`); the job itself reads
+  files with `TokenizeAndBlockFiles`. Documents are encoded `batch_size` at a time; the ids
+  cross the bucket shuffle through `Tokenize.IdsCoder` (raw bytes) instead of pickle.
   """
 
   class IdsCoder(beam.coders.Coder):
@@ -88,7 +427,6 @@ class Tokenize(beam.DoFn):
     self._vocab_path, self._buckets, self._seed = vocab_path, num_buckets, seed
     self._batch_size = batch_size
     self._docs = beam.metrics.Metrics.counter(NS, "documents")
-    self._tokens = beam.metrics.Metrics.counter(NS, "tokens")
     self._empty = beam.metrics.Metrics.counter(NS, "empty_documents")
     # Where the job is built: numpy arrays in typed PCollections use IdsCoder (idempotent).
     beam.coders.registry.register_coder(np.ndarray, Tokenize.IdsCoder)
@@ -111,16 +449,13 @@ class Tokenize(beam.DoFn):
       return
     ids = self._sp.encode([d["text"] for d in batch], num_threads=1)
     self._docs.inc(len(batch))
-    empty = tokens = 0
+    empty = 0
     for d, toks in zip(batch, ids):
-      n = len(toks)
-      if not n:
+      if not toks:
         empty += 1
         continue
-      tokens += n + 1
       bucket = shards.stable_hash(self._seed, "bucket", d["id"]) % self._buckets
-      yield bucket, (d["id"], np.fromiter(toks, np.int32, n))
-    self._tokens.inc(tokens)
+      yield bucket, (d["id"], np.fromiter(toks, np.int32, len(toks)))
     if empty:
       self._empty.inc(empty)
 
@@ -136,133 +471,29 @@ class Tokenize(beam.DoFn):
       yield WindowedValue(kv, 0, [GlobalWindow()])
 
 
-def _example(tokens, segments, positions) -> bytes:
-  import tensorflow as tf
-  feat = lambda a: tf.train.Feature(int64_list=tf.train.Int64List(value=a.tolist()))
-  return tf.train.Example(features=tf.train.Features(feature={
-      "targets": feat(tokens), "targets_segment_ids": feat(segments),
-      "targets_positions": feat(positions)})).SerializeToString()
+class Block(_BlockCounters):
+  """(bucket, [(doc_id, ids)]) -> (shuffle key, tf.Example bytes) full blocks.
 
-
-def block_features(tokens: np.ndarray, docs: np.ndarray, length: int):
-  """One block's (targets, segment ids, positions), padded to `length`.
-
-  Args:
-    tokens: at most `length` token ids (each document's tokens followed by its EOS).
-    docs: for each token, a number naming its document (equal numbers are adjacent).
-    length: the block length.
-  Returns:
-    Three int64 arrays of `length`: the tokens then PAD_ID; segment ids 1, 2, ... for the
-    documents in order of appearance, 0 on padding; positions restarting at 0 where each
-    document (or the rest of a document cut by the previous block boundary) starts, 0 on
-    padding. Positions stay below `length`, so any position scheme sized for the block fits.
-  """
-  n = len(tokens)
-  starts = np.ones(n, dtype=bool)
-  starts[1:] = docs[1:] != docs[:-1]
-  seg = np.cumsum(starts, dtype=np.int64)
-  pos = np.arange(n, dtype=np.int64) - np.flatnonzero(starts)[seg - 1]
-  pad = length - n
-  return (np.pad(np.asarray(tokens, np.int64), (0, pad)), np.pad(seg, (0, pad)),
-          np.pad(pos, (0, pad)))
-
-
-def source_of(doc_id: str) -> str:
-  """The source name of a document id (`<source>:<file>:<key>`, see transforms/ingest.py)."""
-  return doc_id.partition(":")[0]
-
-
-class _CountingBlockFn(beam.DoFn):
-  """Counters shared by the blocking DoFns (they feed `stats.json`)."""
-
-  def __init__(self, block_length: int, seed: int):
-    self._len, self._seed = block_length, seed
-    self._blocks = beam.metrics.Metrics.counter(NS, "blocks")
-    self._real = beam.metrics.Metrics.counter(NS, "non_pad_tokens")
-    self._all = beam.metrics.Metrics.counter(NS, "block_tokens")
-    self._docs_out = beam.metrics.Metrics.counter(NS, "documents_out")
-    self._per_source: dict = {}
-
-  def _count_doc(self, doc_id: str, tokens: int) -> None:
-    self._docs_out.inc()
-    src = source_of(doc_id)
-    if src not in self._per_source:
-      self._per_source[src] = (beam.metrics.Metrics.counter(NS, f"source_documents[{src}]"),
-                               beam.metrics.Metrics.counter(NS, f"source_tokens[{src}]"))
-    docs, toks = self._per_source[src]
-    docs.inc()
-    toks.inc(tokens)
-
-  def _emit(self, key_parts, tokens, segments, positions):
-    self._blocks.inc()
-    self._real.inc(int((segments > 0).sum()))
-    self._all.inc(len(tokens))
-    return shards.stable_hash(self._seed, "shuffle", *key_parts), _example(
-        tokens, segments, positions)
-
-
-def _sorted_docs(docs):
-  """A bucket's documents in a fixed order (GroupByKey gives them in any order)."""
-  return sorted(docs, key=lambda d: (d[0], d[1].tobytes()))
-
-
-class Block(_CountingBlockFn):
-  """(bucket, [(doc_id, ids)]) -> (sort_key, tf.Example bytes) full blocks of `block_length`.
-
-  Documents are concatenated in id order with EOS after each and cut into full blocks; the
-  tail shorter than a block goes to the `remainder` output as `(0, (bucket, tokens, docs))`
-  so that `BlockRemainders` can pack all buckets' tails together: the whole output then has
-  at most one partly padded block. (`mode` is kept for compatibility: `pad` is `PadBlock`.)
+  The bucket's documents are concatenated in id order with EOS after each and cut into full
+  blocks; the tail goes to the `remainder` output as `(0, (bucket, tokens, docs))`.
   """
 
-  REMAINDER = "remainder"
-
-  def __init__(self, block_length: int, seed: int, mode: str = "concat"):
-    super().__init__(block_length, seed)
-    if mode != "concat":
-      raise ValueError(f"Block does mode 'concat'; mode {mode!r} is PadBlock's")
+  REMAINDER = REMAINDER
 
   def process(self, item):
     bucket, docs = item
-    docs = _sorted_docs(docs)
-    for doc_id, ids in docs:
-      self._count_doc(doc_id, len(ids) + 1)
-    L = self._len
-    tokens = np.concatenate([np.append(ids, EOS_ID) for _, ids in docs]).astype(np.int64)
-    doc_index = np.concatenate([np.full(len(ids) + 1, j, np.int64)
-                                for j, (_, ids) in enumerate(docs)])
-    full = len(tokens) // L
-    for b in range(full):
-      sl = slice(b * L, (b + 1) * L)
-      yield self._emit((bucket, b), *block_features(tokens[sl], doc_index[sl], L))
-    if full * L < len(tokens):
-      yield beam.pvalue.TaggedOutput(self.REMAINDER, (0, (bucket, tokens[full * L:],
-                                                          doc_index[full * L:])))
+    docs = sorted(docs, key=lambda d: (d[0], d[1].tobytes()))  # GroupByKey's order is any
+    doc_ids, ids = [d[0] for d in docs], [d[1] for d in docs]
+    self._count_docs(doc_ids, ids)
+    packer = ConcatPacker(self._len)
+    for b, (tok, doc) in enumerate(packer.add(ids)):
+      yield self._emit((bucket, b), *block_features(tok, doc, self._len))
+    tok, doc = packer.tail()
+    if len(tok):
+      yield beam.pvalue.TaggedOutput(REMAINDER, (0, (bucket, tok, doc)))
 
 
-class BlockRemainders(_CountingBlockFn):
-  """(0, [(bucket, tokens, docs)]) -> blocks of the buckets' tails, in bucket order.
-
-  Only the last block is padded. A document cut at its bucket's last full block continues
-  here as a new segment.
-  """
-
-  def process(self, item):
-    _, tails = item
-    tails = sorted(tails, key=lambda t: t[0])
-    if not tails:
-      return
-    L = self._len
-    tokens = np.concatenate([t[1] for t in tails])
-    # documents numbered across buckets: (bucket index, doc index) -> one increasing number
-    offsets = np.cumsum([0] + [int(t[2].max()) + 1 for t in tails[:-1]])
-    docs = np.concatenate([t[2] + off for t, off in zip(tails, offsets)])
-    for b, start in enumerate(range(0, len(tokens), L)):
-      sl = slice(start, start + L)
-      yield self._emit(("remainder", b), *block_features(tokens[sl], docs[sl], L))
-
-
-class PadBlock(_CountingBlockFn):
+class PadBlock(_BlockCounters):
   """(bucket, (doc_id, ids)) -> one block per document: ids + EOS, trimmed or padded."""
 
   def __init__(self, block_length: int, seed: int):
@@ -272,31 +503,21 @@ class PadBlock(_CountingBlockFn):
 
   def process(self, item):
     _, (doc_id, ids) = item
-    ids = np.append(ids, EOS_ID).astype(np.int64)
-    self._count_doc(doc_id, len(ids))
-    if len(ids) > self._len:
-      self._trimmed.inc(len(ids) - self._len)
-      self._trimmed_docs.inc()
-      ids = ids[:self._len]
-    yield self._emit(("doc", doc_id),
-                     *block_features(ids, np.zeros(len(ids), np.int64), self._len))
+    self._count_docs([doc_id], [ids])
+    yield from self._pad_blocks([doc_id], [ids])
 
 
 class BlockTokens(beam.PTransform):
-  """(bucket, (doc_id, token ids)) -> (sort_key, serialized tf.Example) blocks.
+  """(bucket, (doc_id, token ids)) -> (shuffle key, serialized tf.Example) blocks.
 
   `concat` (PaLM): each bucket's documents joined with EOS and cut into blocks of exactly
   `block_length`, the buckets' tails packed together at the end (at most one padded block
-  in all). `pad`: one block per document, trimmed or padded. The sort key is a seeded hash:
-  `WriteShards` uses it to shuffle blocks across shards.
+  in all). `pad`: one block per document, trimmed or padded.
   """
 
   def __init__(self, *, block_length: int, seed: int = 0, mode: str = "concat"):
     super().__init__()
-    if mode not in ("concat", "pad"):
-      raise ValueError(f"mode must be 'concat' or 'pad', not {mode!r}")
-    if block_length < 2:
-      raise ValueError(f"block_length must be at least 2, not {block_length}")
+    _check(block_length, mode)
     self._len, self._seed, self._mode = block_length, seed, mode
 
   def expand(self, tokens):
@@ -305,21 +526,18 @@ class BlockTokens(beam.PTransform):
     blocked = (tokens
                | "GroupBuckets" >> beam.GroupByKey()
                | "Block" >> beam.ParDo(Block(self._len, self._seed)).with_outputs(
-                   Block.REMAINDER, main="blocks"))
-    tails = (blocked[Block.REMAINDER]
-             | "GroupRemainders" >> beam.GroupByKey()
-             | "BlockRemainders" >> beam.ParDo(BlockRemainders(self._len, self._seed)))
+                   REMAINDER, main="blocks"))
+    tails = blocked[REMAINDER] | "Tails" >> PackTails(self._len, self._seed)
     return (blocked.blocks, tails) | "AllBlocks" >> beam.Flatten()
 
 
 class TokenizeAndBlock(beam.PTransform):
-  """documents -> (sort_key, serialized tf.Example) blocks (see `BlockTokens`)."""
+  """documents (a PCollection of dicts) -> (shuffle key, serialized tf.Example) blocks."""
 
   def __init__(self, *, vocab_path: str, block_length: int, seed: int = 0,
                num_buckets: int = 8, mode: str = "concat"):
     super().__init__()
-    if mode not in ("concat", "pad"):
-      raise ValueError(f"mode must be 'concat' or 'pad', not {mode!r}")
+    _check(block_length, mode)
     self._vocab, self._len, self._seed = vocab_path, block_length, seed
     self._buckets, self._mode = num_buckets, mode
 
@@ -330,20 +548,18 @@ class TokenizeAndBlock(beam.PTransform):
                                      mode=self._mode))
 
 
+# ----------------------------------------------------------------------------- the job
+
 def build(p: beam.Pipeline, args) -> None:
   """Adds the job's transforms to `p`."""
   prefix = FileSystems.join(args.output_dir, "blocks")
   _ = (p
-       | "ReadDocuments" >> beam.io.ReadFromText(args.documents)
-       | "Parse" >> beam.Map(json.loads)
-       | "Progress" >> Progress("blocks", "documents read")
-       | "TokenizeAndBlock" >> TokenizeAndBlock(
+       | "ReadDocuments" >> beam.Create(plan_ranges(args.documents, args.num_buckets))
+       | "TokenizeAndBlock" >> TokenizeAndBlockFiles(
            vocab_path=args.vocab, block_length=args.block_length, seed=args.seed,
-           num_buckets=args.num_buckets, mode=args.mode)
+           mode=args.mode)
        | "WriteShards" >> shards.WriteShards(prefix, num_shards=args.num_shards,
                                              fmt=args.format))
-
-
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -354,8 +570,9 @@ def parse_args(argv=None):
   parser.add_argument("--mode", default="concat", choices=["concat", "pad"])
   parser.add_argument("--num_shards", type=int, default=4)
   parser.add_argument("--num_buckets", type=int, default=8,
-                      help="documents are concatenated within each bucket (a unit of "
-                           "parallelism: a bucket's documents are held by one worker)")
+                      help="the documents are cut into about this many contiguous byte ranges "
+                           "(plus file boundaries), each read, tokenized and blocked by one "
+                           "worker: the unit of parallelism")
   parser.add_argument("--format", default="tfrecord", choices=["tfrecord", "array_record"])
   parser.add_argument("--seed", type=int, default=0)
   return parser.parse_known_args(argv)

@@ -14,8 +14,9 @@ class BlocksSettings:
   mode: str = setting("concat", doc="concat: documents joined with EOS and cut (PaLM); "
                                     "pad: one document per block, trimmed or padded")
   num_shards: int = setting(4, doc="output shards")
-  num_buckets: int = setting(8, doc="concatenation groups (parallelism; each ends with one "
-                                    "partly padded block)")
+  num_buckets: int = setting(8, doc="about how many contiguous byte ranges the documents are "
+                                    "cut into (the unit of parallelism; each range's tail is "
+                                    "packed with the others')")
   format: str = setting("tfrecord", doc="tfrecord | array_record")
   seed: int = setting(0, doc="shuffle seed (blocks across shards)")
 
@@ -35,7 +36,7 @@ def task_name(pipeline: str, stage: str, fingerprint: str) -> str:
 @register
 class Blocks(StageKind):
   kind = "blocks"
-  version = "2"
+  version = "3"   # 3: blocks cut from contiguous byte ranges in file order
   produces = "task"
   settings_cls = BlocksSettings
   slots = {"documents": Slot(("documents",)), "vocab": Slot(("vocabulary",))}

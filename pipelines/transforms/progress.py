@@ -1,7 +1,9 @@
-"""Progress of a Beam job while it runs: a pass-through step that reports element counts.
+"""Progress of a Beam job while it runs: counts reported as they grow.
 
-In a terminal it redraws one line (`\\r`); otherwise it writes a plain log line at most every
-`every_s` seconds. On Dataflow the lines land in the worker logs, and the job's counters
+`Reporter` is what a DoFn uses to report work done inside it (documents tokenized, bytes
+read); `Progress` is a pass-through step that reports the elements going by. In a terminal
+the report redraws one line (`\\r`); otherwise it is a plain log line at most every `every_s`
+seconds. On Dataflow the lines land in the worker logs, and the counters
 (`palmflow.progress/<label>`) show in the Dataflow console while the job runs.
 """
 from __future__ import annotations
@@ -12,30 +14,59 @@ import time
 import apache_beam as beam
 
 
-class _Report(beam.DoFn):
-  def __init__(self, label: str, unit: str, every_s: float):
+class Reporter:
+  """Counts `unit`s (and optionally bytes) in one worker and reports them as they grow.
+
+  Create it in the DoFn's `__init__` (the counter must be declared where the job is built)
+  and call `start()` in `setup()`.
+  """
+
+  def __init__(self, label: str, unit: str, every_s: float = 10.0):
     self._label, self._unit, self._every = label, unit, every_s
     self._counter = beam.metrics.Metrics.counter("palmflow.progress", label)
 
-  def setup(self):
-    self._n, self._start, self._last = 0, time.time(), 0.0
+  def start(self) -> None:
+    self._n = self._bytes = 0
+    self._start, self._last = time.time(), 0.0
     self._tty = sys.stderr.isatty()
 
-  def process(self, element):
-    self._n += 1
-    self._counter.inc()
+  def _text(self, now: float) -> str:
+    dt = max(now - self._start, 1e-9)
+    text = f"{self._label}: {self._n:,} {self._unit} ({self._n / dt:,.0f}/s"
+    if self._bytes:
+      text += f", {self._bytes / 1e6:,.1f} MB at {self._bytes / 1e6 / dt:,.2f} MB/s"
+    return text + ")"
+
+  def add(self, n: int = 1, nbytes: int = 0) -> None:
+    self._n += n
+    self._bytes += nbytes
+    self._counter.inc(n)
     now = time.time()
     if now - self._last >= (0.5 if self._tty else self._every):
       self._last = now
-      rate = self._n / max(now - self._start, 1e-9)
-      text = f"{self._label}: {self._n} {self._unit} ({rate:,.0f}/s)"
-      print(("\r" + text) if self._tty else text, end="" if self._tty else "\n",
-            file=sys.stderr, flush=True)
+      print(("\r" + self._text(now)) if self._tty else self._text(now),
+            end="" if self._tty else "\n", file=sys.stderr, flush=True)
+
+  def close(self) -> None:
+    """Ends a redrawn terminal line (call from `teardown()`)."""
+    if getattr(self, "_tty", False) and self._n:
+      print("\r" + self._text(time.time()), file=sys.stderr, flush=True)
+      self._n = 0
+
+
+class _Report(beam.DoFn):
+  def __init__(self, label: str, unit: str, every_s: float):
+    self._reporter = Reporter(label, unit, every_s)
+
+  def setup(self):
+    self._reporter.start()
+
+  def process(self, element):
+    self._reporter.add()
     yield element
 
   def teardown(self):
-    if getattr(self, "_tty", False) and self._n:
-      print(f"\r{self._label}: {self._n} {self._unit}", file=sys.stderr, flush=True)
+    self._reporter.close()
 
 
 class Progress(beam.PTransform):

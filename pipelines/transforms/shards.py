@@ -77,11 +77,24 @@ class WriteShards(beam.PTransform):
 
   def expand(self, pcoll):
     n = self._n
-    empty = (pcoll.pipeline | "AllShards" >> beam.Create([(i, None) for i in range(n)]))
-    keyed = pcoll | "ByShard" >> beam.Map(lambda kv: (kv[0] % n, kv))
+    # a marker per shard, so that every shard is written even when it gets no record
+    # (few elements: no reshuffle, which would add steps to the job for nothing)
+    empty = (pcoll.pipeline
+             | "AllShards" >> beam.Create([(i, None) for i in range(n)], reshuffle=False))
+    # named functions with type hints: Beam need not infer types from the bytecode of lambdas
+    keyed = pcoll | "ByShard" >> beam.Map(_by_shard, n).with_output_types(
+        beam.typehints.Tuple[int, beam.typehints.Any])
     return ((keyed, empty)
             | "Merge" >> beam.Flatten()
             | "GroupShard" >> beam.GroupByKey()
-            | "DropMarkers" >> beam.MapTuple(lambda i, xs: (i, [x for x in xs if x]))
+            | "DropMarkers" >> beam.MapTuple(_drop_markers).with_output_types(
+                beam.typehints.Tuple[int, beam.typehints.List[beam.typehints.Any]])
             | "Write" >> beam.ParDo(_WriteShard(self._prefix, n, self._fmt)))
 
+
+def _by_shard(kv, n: int):
+  return kv[0] % n, kv
+
+
+def _drop_markers(index: int, items):
+  return index, [x for x in items if x]

@@ -167,6 +167,35 @@ def test_pad_mode_one_document_per_block_trimmed_or_padded():
     ]))
 
 
+def check_sentencepiece_blocks(exs, ids, length) -> None:
+  """Blocks of real documents (token ids `ids`, in any order): every document's tokens and
+  EOS are in the blocks, whole or cut at block boundaries, with at most one padded block."""
+  assert all(len(e["targets"]) == length for e in exs)
+  real = np.concatenate([e["targets"][e["targets_segment_ids"] > 0] for e in exs])
+  assert len(real) == sum(len(v) + 1 for v in ids)
+  assert (real == EOS).sum() == len(ids)
+  assert sum((e["targets_segment_ids"] == 0).any() for e in exs) <= 1
+  # a segment that ends with EOS is a whole document or the rest of a cut one (the rest of
+  # a document cut at its bucket's last full block continues in the blocks packed from all
+  # buckets' tails, as any segment)
+  seqs = [tuple(v) for v in ids]
+  whole = rest = 0
+  for e in exs:
+    seg, t = e["targets_segment_ids"], e["targets"]
+    for s in set(seg[seg > 0].tolist()):
+      piece = tuple(t[seg == s].tolist())
+      if piece[-1] != EOS:
+        continue
+      if piece[:-1] in seqs:
+        whole += 1
+      else:
+        assert any(q[len(q) - len(piece) + 1:] == piece[:-1] for q in seqs)
+        rest += 1
+  if whole + rest != len(ids) or not whole:
+    raise BeamAssertException(f"{whole} whole documents and {rest} rests of {len(ids)} "
+                              "documents")
+
+
 def test_tokenize_and_block_with_sentencepiece(vocab):
   docs = synthetic_docs(60)
   sp = spm.SentencePieceProcessor(model_file=vocab)
@@ -176,31 +205,7 @@ def test_tokenize_and_block_with_sentencepiece(vocab):
            | blocks.TokenizeAndBlock(vocab_path=vocab, block_length=32, num_buckets=3))
 
     def check(records):
-      exs = [parse(r) for _, r in records]
-      assert all(len(e["targets"]) == 32 for e in exs)
-      real = np.concatenate([e["targets"][e["targets_segment_ids"] > 0] for e in exs])
-      assert len(real) == sum(len(v) + 1 for v in ids.values())
-      assert (real == EOS).sum() == len(docs)
-      assert sum((e["targets_segment_ids"] == 0).any() for e in exs) <= 1
-      # a segment that ends with EOS is a whole document or the rest of a cut one
-      # (the rest of a document cut at its bucket's last full block continues in the
-      # blocks packed from all buckets' tails, as any segment)
-      seqs = [tuple(v) for v in ids.values()]
-      whole = rest = 0
-      for e in exs:
-        seg, t = e["targets_segment_ids"], e["targets"]
-        for s in set(seg[seg > 0].tolist()):
-          piece = tuple(t[seg == s].tolist())
-          if piece[-1] != EOS:
-            continue
-          if piece[:-1] in seqs:
-            whole += 1
-          else:
-            assert any(q[len(q) - len(piece) + 1:] == piece[:-1] for q in seqs)
-            rest += 1
-      if whole + rest != len(docs) or not whole:
-        raise BeamAssertException(f"{whole} whole documents and {rest} rests of "
-                                  f"{len(docs)} documents")
+      check_sentencepiece_blocks([parse(r) for _, r in records], list(ids.values()), 32)
     assert_that(out, check)
 
 
@@ -250,8 +255,8 @@ def test_job_is_byte_identical_shuffled_and_counts(tmp_path, vocab):
 def test_one_bucket_matches_reference_stream_and_is_shuffled_across_shards(tmp_path, vocab):
   docs = synthetic_docs(150)
   sp = spm.SentencePieceProcessor(model_file=vocab)
-  stream = np.concatenate([np.append(sp.encode(d["text"]), EOS)
-                           for d in sorted(docs, key=lambda d: d["id"])])
+  # one range: the documents in file order, each followed by EOS, cut every 32 tokens
+  stream = np.concatenate([np.append(sp.encode(d["text"]), EOS) for d in docs])
   expected = [tuple(stream[i:i + 32]) + (0,) * max(0, i + 32 - len(stream))
               for i in range(0, len(stream), 32)]
   path = write_docs(tmp_path / "docs.jsonl", docs)
@@ -263,6 +268,63 @@ def test_one_bucket_matches_reference_stream_and_is_shuffled_across_shards(tmp_p
   order = [[index[b] for b in shard] for shard in per_shard]
   assert all(len(o) >= len(expected) // 6 for o in order), "a shard got too few blocks"
   assert all(o != sorted(o) for o in order), "blocks in a shard are in stream order"
+
+
+def test_ranges_cover_every_line_once(tmp_path):
+  import gzip
+  rng = random.Random(4)
+  lines = [("x" * rng.randint(0, 40) + "\n").encode() for _ in range(300)]
+  (tmp_path / "a.jsonl").write_bytes(b"".join(lines[:170]))
+  (tmp_path / "b.jsonl").write_bytes(b"".join(lines[170:250]))
+  (tmp_path / "c.jsonl").write_bytes(b"")
+  with gzip.open(tmp_path / "d.jsonl.gz", "wb") as f:
+    f.write(b"".join(lines[250:]))
+  for n in (1, 2, 7, 50, 10_000):
+    ranges = blocks.plan_ranges(str(tmp_path / "*.jsonl*"), n)
+    assert [r[0] for r in ranges] == list(range(len(ranges)))
+    assert ranges[-1][1:] == (str(tmp_path / "d.jsonl.gz"), 0, -1)  # compressed: whole
+    got = [line for _, path, start, end in ranges
+           for _, line in blocks.range_lines(path, start, end)]
+    assert got == lines, f"{n} ranges"
+    if n == 7:
+      assert len(ranges) >= 7
+  with pytest.raises(blocks.DocumentsError, match="matches no file"):
+    blocks.plan_ranges(str(tmp_path / "nothing*"), 4)
+
+
+def test_job_over_many_ranges_keeps_every_document(tmp_path, vocab):
+  docs = synthetic_docs(200, seed=7)
+  write_docs(tmp_path / "docs-0.jsonl", docs[:130])
+  write_docs(tmp_path / "docs-1.jsonl", docs[130:])
+  stats = run_job(str(tmp_path / "docs-*.jsonl"), vocab, tmp_path / "out", num_buckets=6)
+  sp = spm.SentencePieceProcessor(model_file=vocab)
+  ids = [sp.encode(d["text"]) for d in docs]
+  exs = [e for shard in read_tfrecords(stats["shard_pattern"]) for e in shard]
+  check_sentencepiece_blocks(exs, ids, 32)
+  assert stats["documents_in"] == stats["documents_out"] == 200
+  assert stats["tokens"] == stats["non_pad_tokens"] == sum(len(v) + 1 for v in ids)
+
+
+def test_same_bytes_with_two_worker_processes(tmp_path, vocab):
+  path = write_docs(tmp_path / "docs.jsonl", synthetic_docs(300, seed=9))
+  one = run_job(path, vocab, tmp_path / "one", num_buckets=5)
+  two = blocks.run([f"--documents={path}", f"--vocab={vocab}", f"--output_dir={tmp_path / 'two'}",
+                    "--block_length=32", "--num_shards=3", "--num_buckets=5",
+                    "--runner=DirectRunner", "--direct_num_workers=2",
+                    "--direct_running_mode=multi_processing"])
+  assert shard_bytes(one["shard_pattern"]) == shard_bytes(two["shard_pattern"])
+  assert {k: v for k, v in one.items() if k != "shard_pattern"} == \
+      {k: v for k, v in two.items() if k != "shard_pattern"}
+
+
+def test_malformed_document_line_names_file_and_offset(tmp_path, vocab):
+  path = tmp_path / "docs.jsonl"
+  good = json.dumps({"id": "s:f:1", "text": "the cat"}) + "\n"
+  path.write_text(good + '{"id": "s:f:2", "text": "the d\n')
+  with pytest.raises(Exception, match=rf"docs.jsonl: the line at byte {len(good)} is not a "
+                                      "JSON document"):
+    run_job(str(path), vocab, tmp_path / "out")
+  assert not (tmp_path / "out" / "stats.json").exists()
 
 
 def test_pad_mode_job_stats(tmp_path, vocab):

@@ -67,12 +67,15 @@ def test_blocks_job_graph(tmp_path):
   top = graph.top_level_steps
   assert top[0] == "ReadDocuments" and top[-1] == "WriteShards", top
   assert "TokenizeAndBlock" in top, top
-  assert {"Tokenize", "GroupBuckets", "Block", "GroupShard", "Write"} <= leaf_labels(graph)
-  # in graph order: read, tokenize, group by bucket, block (the ParDo), group by shard, write
+  assert {"TokenizeAndBlockRanges", "GroupRemainders", "BlockRemainders", "GroupShard",
+          "Write"} <= leaf_labels(graph)
+  # in graph order: the byte ranges, tokenize and block them, pack the ranges' tails,
+  # group by shard, write
   def first(suffix):
     return next(i for i, s in enumerate(graph.steps) if s == suffix or s.endswith("/" + suffix))
-  assert (first("ReadDocuments") < first("Tokenize") < first("GroupBuckets")
-          < first("Block/Block") < first("GroupShard") < first("WriteShards/Write")), graph.steps
+  assert (first("ReadDocuments") < first("TokenizeAndBlockRanges") < first("GroupRemainders")
+          < first("BlockRemainders") < first("GroupShard") < first("WriteShards/Write")), \
+      graph.steps
   assert json.loads(json.dumps(graph.to_json(), default=str))["name"] == "palmflow-blocks"
 
 

@@ -232,14 +232,18 @@ def plan_ranges(pattern: str, num_ranges: int) -> list[tuple[int, str, int, int]
     raise DocumentsError(f"--documents {pattern!r} matches no file: give the corpus stage's "
                          "documents (a JSONL file pattern)")
   files = sorted((m.path, m.size_in_bytes) for m in found)
-  step = max(1, -(-sum(size for _, size in files) // max(1, num_ranges)))
+  target = sum(size for _, size in files) / max(1, num_ranges)  # bytes a range
   out = []
   for path, size in files:
     if CompressionTypes.detect_compression_type(path) != CompressionTypes.UNCOMPRESSED:
       out.append((len(out), path, 0, -1))
       continue
-    for start in range(0, size, step):
-      out.append((len(out), path, start, min(size, start + step)))
+    if not size:
+      continue
+    k = max(1, round(size / target))  # equal ranges of the file, none left over
+    bounds = [size * j // k for j in range(k + 1)]
+    first = len(out)
+    out.extend((first + j, path, lo, hi) for j, (lo, hi) in enumerate(zip(bounds, bounds[1:])))
   return out
 
 

@@ -238,3 +238,39 @@ def test_remat_gives_the_same_gradients(tiny_params):
 def test_config_validation_names_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         models.PaLMConfig(**{**TINY.__dict__, field: value})
+
+
+@pytest.mark.parametrize("variant", [
+    {}, {"multi_query": False}, {"shared_embedding": False}, {"parallel_block": False},
+    {"scan_unroll": 1}, {"remat": True}])
+def test_bfloat16_gradients_follow_float32_in_every_variant(variant):
+    """The custom-vjp products (`models.matmul`: transposed operands, optimization barriers)
+    compile and give the float32 gradients, within bfloat16 rounding, in every layout."""
+    base = models.PaLMConfig(**{**TINY.__dict__, "num_layers": 3, **variant})
+    tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, TINY.vocab_size)
+    segments = jnp.array([[1] * 10 + [2] * 6, [1] * 16])
+    params = jax.jit(models.PaLMDecoder(config=base).init)(jax.random.key(0), tokens)
+
+    def grads(dtype):
+        model = models.PaLMDecoder(config=models.PaLMConfig(**{**base.__dict__, "dtype": dtype}))
+
+        def loss(p):
+            logits = model.apply(p, tokens, segment_ids=segments)
+            return -jnp.mean(jax.nn.log_softmax(logits.astype(jnp.float32))[..., 0])
+        return jax.jit(jax.grad(loss))(params)
+
+    g32, g16 = grads("float32"), grads("bfloat16")
+    for path, a in jax.tree_util.tree_leaves_with_path(g32):
+        b = np.asarray(_leaf(g16, path), np.float32)
+        a = np.asarray(a)
+        assert b.shape == a.shape and b.dtype == np.float32
+        cos = float(np.sum(a * b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+        assert cos > 0.99, f"{jax.tree_util.keystr(path)}: cosine {cos:.4f} ({variant})"
+        np.testing.assert_allclose(np.linalg.norm(b), np.linalg.norm(a), rtol=0.05,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def _leaf(tree, path):
+    for key in path:
+        tree = tree[key.key]
+    return tree

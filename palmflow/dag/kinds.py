@@ -86,6 +86,17 @@ class StageKind(abc.ABC):
     del base_dir
     return dataclasses.asdict(settings)
 
+  def check_inputs(self, settings: Any, inputs: Mapping[str, Any]) -> None:
+    """Checks settings that refer to the stage's inputs, when the pipeline file is loaded.
+
+    Args:
+      settings: the validated settings dataclass.
+      inputs: slot -> upstream stage name (or a list of names), as written in the file.
+    Raises:
+      ValueError: "<settings field>: <what is wrong>" (reported with the file and line).
+    """
+    del settings, inputs
+
   @abc.abstractmethod
   def run(self, ctx: StageContext) -> dict:
     """Runs the stage, writing into ctx.out_dir; returns a summary for the manifest."""

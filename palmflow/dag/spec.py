@@ -240,6 +240,12 @@ def from_dict(raw: Any, *, path: Path, lines: dict[tuple, int] | None = None) ->
       if slot in inputs and isinstance(inputs[slot], list) and not spec.many:
         raise err(f"input '{slot}' takes one stage, not a list", kp + ("inputs", slot),
                   stage=name, field=f"inputs.{slot}")
+    try:
+      kind.check_inputs(settings, inputs)
+    except ValueError as ex:
+      fld, _, msg = str(ex).partition(": ")
+      raise err(msg or fld, kp + ("settings", fld), stage=name,
+                field=f"settings.{fld}") from None
     stages[name] = Stage(name=name, kind=body["kind"], settings=settings, inputs=inputs,
                          line=lines.get(kp))
 

@@ -148,6 +148,16 @@ class Mixture(StageKind):
   slots = {"tasks": Slot(("task",), many=True, doc="the task-producing stages to mix (list)")}
   doc = "seqio Mixture of several tasks by rate (examples, tokens or token shares)"
 
+  def check_inputs(self, settings, inputs):
+    names = inputs.get("tasks") or []
+    names = names if isinstance(names, list) else [names]
+    if len(set(names)) != len(names):
+      raise ValueError(f"rates: inputs.tasks lists a stage twice: {names}")
+    unknown = sorted(set(settings.rates) - set(names))
+    if unknown:
+      raise ValueError(f"rates: {', '.join(map(repr, unknown))} is not among inputs.tasks "
+                       f"{names}; rates are keyed by the names of the mixed stages")
+
   def run(self, ctx):
     from palmflow.stages.blocks import task_name
     s = ctx.settings

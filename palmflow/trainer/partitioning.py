@@ -112,7 +112,8 @@ class Partitioner:
 
         Args:
             num_partitions: size of the ``model`` axis; ``data`` gets the remaining devices.
-                Give this or ``mesh_shape``; neither means ``num_partitions=1``.
+                -1: every device on the ``model`` axis. Give this or ``mesh_shape``;
+                neither means ``num_partitions=1``.
             mesh_shape: (data, model) sizes whose product is the number of devices.
             logical_axis_rules: (logical name, mesh axis or None) pairs, in priority order.
             devices: the devices to use; default all devices of all processes.
@@ -126,6 +127,8 @@ class Partitioner:
             raise ValueError("Give num_partitions or mesh_shape, not both.")
         if mesh_shape is None:
             num_partitions = 1 if num_partitions is None else num_partitions
+            if num_partitions == -1:
+                num_partitions = n
             if num_partitions < 1 or n % num_partitions:
                 raise ValueError(
                     f"num_partitions={num_partitions} must divide the number of devices ({n}).")

@@ -259,18 +259,13 @@ def test_bfloat16_gradients_follow_float32_in_every_variant(variant):
             return -jnp.mean(jax.nn.log_softmax(logits.astype(jnp.float32))[..., 0])
         return jax.jit(jax.grad(loss))(params)
 
-    g32, g16 = grads("float32"), grads("bfloat16")
-    for path, a in jax.tree_util.tree_leaves_with_path(g32):
-        b = np.asarray(_leaf(g16, path), np.float32)
-        a = np.asarray(a)
-        assert b.shape == a.shape and b.dtype == np.float32
+    g32, g16 = nn.unbox(grads("float32")), nn.unbox(grads("bfloat16"))
+    leaves16 = jax.tree.leaves(g16)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g32), leaves16, strict=True):
+        name = jax.tree_util.keystr(path)
+        assert b.shape == a.shape and b.dtype == np.float32, name
+        a, b = np.asarray(a), np.asarray(b)
         cos = float(np.sum(a * b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
-        assert cos > 0.99, f"{jax.tree_util.keystr(path)}: cosine {cos:.4f} ({variant})"
+        assert cos > 0.99, f"{name}: cosine {cos:.4f} ({variant})"
         np.testing.assert_allclose(np.linalg.norm(b), np.linalg.norm(a), rtol=0.05,
-                                   err_msg=jax.tree_util.keystr(path))
-
-
-def _leaf(tree, path):
-    for key in path:
-        tree = tree[key.key]
-    return tree
+                                   err_msg=name)

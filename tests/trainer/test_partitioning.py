@@ -135,6 +135,9 @@ def test_num_partitions_and_mesh_errors():
     assert partitioning.Partitioner(num_partitions=4, devices=CPUS[:8]).mesh.shape == {
         "data": 2, "model": 4}
     assert partitioning.Partitioner(devices=CPUS[:8]).mesh.shape == {"data": 8, "model": 1}
+    for n in (4, 8):  # -1 (model_parallel.gin's default): every device on the model axis
+        assert partitioning.Partitioner(num_partitions=-1, devices=CPUS[:n]).mesh.shape == {
+            "data": 1, "model": n}
     with pytest.raises(ValueError, match="data \\* model == 8"):
         partitioning.Partitioner(mesh_shape=(3, 2), devices=CPUS[:8])
     with pytest.raises(ValueError, match="must divide"):

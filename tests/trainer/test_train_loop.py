@@ -19,6 +19,7 @@ import pytest
 import seqio
 import tensorflow as tf
 
+import progressions
 from palmflow.errors import ConfigError
 from palmflow.trainer import (checkpoints, data, gin_utils, lm, models, optimizers, partitioning,
                               precision, train_lib)
@@ -28,26 +29,9 @@ VOCAB, LENGTH, BATCH = 64, 32, 8
 TASK = "palmflow_test_train_loop_progressions"
 
 
-def register_progressions(name: str, *, num_examples: int = 256) -> None:
-  """A seqio task of arithmetic progressions mod VOCAB - 2 (ids >= 2) of 16..32 tokens."""
-  def dataset_fn(split, shuffle_files, seed=None):
-    del shuffle_files, seed
-    rng = np.random.default_rng(0 if split == "train" else 1)
-    start = rng.integers(0, VOCAB - 2, num_examples)
-    stride = rng.integers(1, 4, num_examples)
-    lengths = rng.integers(LENGTH // 2, LENGTH + 1, num_examples)
-
-    def gen():
-      for a, b, n in zip(start, stride, lengths):
-        yield {"targets": ((a + b * np.arange(n)) % (VOCAB - 2) + 2).astype(np.int32)}
-    return tf.data.Dataset.from_generator(
-        gen, output_signature={"targets": tf.TensorSpec([None], tf.int32)})
-  seqio.TaskRegistry.remove(name)
-  seqio.TaskRegistry.add(
-      name, source=seqio.FunctionDataSource(dataset_fn, splits=["train", "validation"]),
-      output_features={"targets": seqio.Feature(seqio.PassThroughVocabulary(VOCAB),
-                                                add_eos=False, dtype=tf.int32)},
-      metric_fns=[])
+def register_progressions(name: str) -> None:
+  progressions.register_progressions(name, vocab=VOCAB, length=LENGTH, num_examples=256,
+                                     splits=("train", "validation"))
 
 
 def dataset_cfg(split="train", batch_size=BATCH):

@@ -514,12 +514,9 @@ class SwiGLU(nn.Module):
                               shape, param_dtype)
 
         wi_shape, wi_names = (c.d_model, c.d_ff), ("embed", "mlp")
-        # The two products stay float32 (what the CPU kernels write anyway): the SwiGLU and
-        # the cast to the compute dtype are then one pass, not a cast of each product first.
-        gate = matmul(tokens, kernel("wi_gate", wi_shape, wi_names), False, dtype, jnp.float32)
-        lin = matmul(tokens, kernel("wi", wi_shape, wi_names), False, dtype, jnp.float32)
-        hidden = (nn.silu(gate) * lin).astype(dtype)
-        hidden = nn.with_logical_constraint(hidden.reshape(batch, length, c.d_ff),
+        gate = matmul(tokens, kernel("wi_gate", wi_shape, wi_names), False, dtype, dtype)
+        lin = matmul(tokens, kernel("wi", wi_shape, wi_names), False, dtype, dtype)
+        hidden = nn.with_logical_constraint((nn.silu(gate) * lin).reshape(batch, length, c.d_ff),
                                             ("batch", "length", "mlp"))
         out = matmul(hidden.reshape(batch * length, c.d_ff),
                      kernel("wo", (c.d_ff, c.d_model), ("mlp", "embed")), False, dtype, dtype)

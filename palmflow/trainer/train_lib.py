@@ -119,7 +119,8 @@ def make_train_step(model: DecoderOnlyModel, tx: optax.GradientTransformation, *
   If `opt_state` carries a loss scale (`precision.with_dynamic_loss_scale`), the loss is
   multiplied by it before differentiation and the gradients divided by it afterwards; the
   wrapped optimizer then skips non-finite steps. Metrics then include `loss_scale` (the scale
-  this step used) and `skipped_steps` (the total so far).
+  this step used) and `skipped_steps` (the total so far), and `learning_rate` is the
+  schedule at the number of updates applied before this step (skipped steps do not count).
   """
   use_dropout = model.config.dropout_rate > 0
   constant_nf = _constant_normalizer(model.loss_normalizing_factor)
@@ -162,6 +163,11 @@ def make_train_step(model: DecoderOnlyModel, tx: optax.GradientTransformation, *
       nf = jnp.asarray(constant_nf, jnp.float32)
     nf = jnp.maximum(nf, 1e-8)
     grads = jax.tree.map(lambda g: (g / (nf * scale)).astype(g.dtype), grads)
+    # The schedule counts applied updates: a step skipped for non-finite float16 gradients
+    # leaves the optimizer's state (its step count included) as it was.
+    applied_steps = step
+    if loss_scale is not None:
+      applied_steps = step - loss_scale.skipped_steps
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = {
@@ -178,7 +184,7 @@ def make_train_step(model: DecoderOnlyModel, tx: optax.GradientTransformation, *
       metrics["loss_scale"] = scale
       metrics["skipped_steps"] = precision_lib.loss_scale_of(opt_state).skipped_steps
     if learning_rate_fn is not None:
-      metrics["learning_rate"] = learning_rate_fn(step)
+      metrics["learning_rate"] = learning_rate_fn(applied_steps)
     return params, opt_state, metrics
   return step_fn
 

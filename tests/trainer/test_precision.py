@@ -113,6 +113,24 @@ def test_float16_with_dynamic_loss_scale_tracks_float32(float32_curve):
   assert isinstance(opt_state, precision.LossScaledState)
 
 
+def test_float16_learning_rate_counts_applied_updates_only():
+  # A scale of 2**30 overflows the first few steps; the logged learning rate is the schedule
+  # at the number of updates applied so far, which skipped steps do not advance.
+  model = make_model("float16")
+  tx = FLOAT16.wrap_optimizer(model.optimizer)
+  params = init_params(model)
+  step_fn = jax.jit(train_lib.make_train_step(
+      model, tx, num_microbatches=1, dropout_seed=0,
+      learning_rate_fn=lambda s: jnp.asarray(s, jnp.float32) * 0.5))
+  opt_state = tx.init(params)._replace(loss_scale=precision.DynamicLossScale.create(2.0 ** 30))
+  skipped_before = 0
+  for i, batch in enumerate(progression_batches(STEPS)):
+    params, opt_state, metrics = step_fn(params, opt_state, batch, jnp.asarray(i))
+    assert float(metrics["learning_rate"]) == 0.5 * (i - skipped_before), (i, skipped_before)
+    skipped_before = int(metrics["skipped_steps"])
+  assert 1 <= skipped_before < STEPS
+
+
 def test_float16_overflowing_steps_are_skipped_and_counted():
   # A loss scale of 2**30 overflows float16 activation gradients for sure; the scale halves on
   # each skipped step until the gradients are finite (here about 11 steps), then training runs.

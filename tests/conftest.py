@@ -16,6 +16,6 @@ _FLAGS = {
 }
 _current = os.environ.get("XLA_FLAGS", "")
 for _name, _value in _FLAGS.items():
-    if _name not in _current:
-        _current = f"{_current} --{_name}={_value}".strip()
+  if _name not in _current:
+    _current = f"{_current} --{_name}={_value}".strip()
 os.environ["XLA_FLAGS"] = _current

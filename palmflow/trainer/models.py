@@ -56,592 +56,592 @@ MAX_UNROLLED_LAYERS = 32
 
 @dataclasses.dataclass(frozen=True)
 class PaLMConfig:
-    """Shape and numerics of a PaLM decoder.
+  """Shape and numerics of a PaLM decoder.
 
-    The paper's sizes (Table 1) live in ``gin/models/palm_{8b,62b,540b}.gin``.
-    """
+  The paper's sizes (Table 1) live in ``gin/models/palm_{8b,62b,540b}.gin``.
+  """
 
-    vocab_size: int
-    """Number of token ids (rows of the embedding matrix); PaLM uses 256k SentencePiece pieces."""
-    num_layers: int
-    """Number of decoder layers."""
-    d_model: int
-    """Width of the residual stream (embedding size)."""
-    num_heads: int
-    """Number of query heads."""
-    head_dim: int
-    """Size of each attention head (PaLM: 256). Must be even (rotary embeddings rotate pairs)."""
-    d_ff: int
-    """Hidden width of the SwiGLU feed-forward (PaLM: 4 * d_model)."""
-    multi_query: bool = True
-    """True: one key/value head shared by all query heads (PaLM). False: multi-head attention."""
-    parallel_block: bool = True
-    """True: ``y = x + attn(ln(x)) + mlp(ln(x))`` with one layer norm (PaLM). False: serial
-    pre-norm block ``x = x + attn(ln1(x)); y = x + mlp(ln2(x))``."""
-    dropout_rate: float = 0.0
-    """Dropout on the attention and MLP outputs when ``deterministic=False`` (PaLM pretraining: 0;
-    t5x finetuning default: 0.1)."""
-    dtype: str = "float32"
-    """Activation/compute dtype: "float32", "bfloat16" or "float16". Softmax, layer-norm statistics
-    and logits are always float32."""
-    param_dtype: str = "float32"
-    """Dtype parameters are stored in (cast to ``dtype`` for compute)."""
-    rope_max_wavelength: float = 10000.0
-    """Longest wavelength of the rotary position embedding."""
-    remat: bool = False
-    """Rematerialise each layer's activations in the backward pass (saves memory, costs compute)."""
-    shared_embedding: bool = True
-    """True: logits = final_norm(x) @ embedding^T / sqrt(d_model) (PaLM). False: a separate
-    ``logits_kernel`` ("embed", "vocab") without scaling."""
-    scan_unroll: int = 0
-    """Layers applied per iteration of the compiled layer loop (``nn.scan``'s ``unroll``). 0
-    (default): the whole stack for models of at most `MAX_UNROLLED_LAYERS` layers, one layer
-    for deeper ones. An unrolled loop keeps each layer's activations in their own buffers
-    instead of stacking them for the backward pass (palm_small trains ~1.5x faster on a CPU);
-    compile time grows with the depth. Parameters are stacked along ``layers`` either way."""
+  vocab_size: int
+  """Number of token ids (rows of the embedding matrix); PaLM uses 256k SentencePiece pieces."""
+  num_layers: int
+  """Number of decoder layers."""
+  d_model: int
+  """Width of the residual stream (embedding size)."""
+  num_heads: int
+  """Number of query heads."""
+  head_dim: int
+  """Size of each attention head (PaLM: 256). Must be even (rotary embeddings rotate pairs)."""
+  d_ff: int
+  """Hidden width of the SwiGLU feed-forward (PaLM: 4 * d_model)."""
+  multi_query: bool = True
+  """True: one key/value head shared by all query heads (PaLM). False: multi-head attention."""
+  parallel_block: bool = True
+  """True: ``y = x + attn(ln(x)) + mlp(ln(x))`` with one layer norm (PaLM). False: serial
+  pre-norm block ``x = x + attn(ln1(x)); y = x + mlp(ln2(x))``."""
+  dropout_rate: float = 0.0
+  """Dropout on the attention and MLP outputs when ``deterministic=False`` (PaLM pretraining: 0;
+  t5x finetuning default: 0.1)."""
+  dtype: str = "float32"
+  """Activation/compute dtype: "float32", "bfloat16" or "float16". Softmax, layer-norm statistics
+  and logits are always float32."""
+  param_dtype: str = "float32"
+  """Dtype parameters are stored in (cast to ``dtype`` for compute)."""
+  rope_max_wavelength: float = 10000.0
+  """Longest wavelength of the rotary position embedding."""
+  remat: bool = False
+  """Rematerialise each layer's activations in the backward pass (saves memory, costs compute)."""
+  shared_embedding: bool = True
+  """True: logits = final_norm(x) @ embedding^T / sqrt(d_model) (PaLM). False: a separate
+  ``logits_kernel`` ("embed", "vocab") without scaling."""
+  scan_unroll: int = 0
+  """Layers applied per iteration of the compiled layer loop (``nn.scan``'s ``unroll``). 0
+  (default): the whole stack for models of at most `MAX_UNROLLED_LAYERS` layers, one layer
+  for deeper ones. An unrolled loop keeps each layer's activations in their own buffers
+  instead of stacking them for the backward pass (palm_small trains ~1.5x faster on a CPU);
+  compile time grows with the depth. Parameters are stacked along ``layers`` either way."""
 
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "num_layers", "d_model", "num_heads", "head_dim", "d_ff"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"PaLMConfig.{name} must be a positive int, got {value!r}.")
-        if self.head_dim % 2:
-            raise ValueError(
-                f"PaLMConfig.head_dim must be even for rotary embeddings, got {self.head_dim}.")
-        for name in ("dtype", "param_dtype"):
-            value = getattr(self, name)
-            if value not in DTYPES:
-                raise ValueError(
-                    f"PaLMConfig.{name} must be one of {sorted(DTYPES)}, got {value!r}.")
-        if isinstance(self.scan_unroll, bool) or not isinstance(
-                self.scan_unroll, (int, np.integer)) or self.scan_unroll < 0:
-            raise ValueError(
-                f"PaLMConfig.scan_unroll must be an int >= 0, got {self.scan_unroll!r}.")
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(
-                f"PaLMConfig.dropout_rate must be in [0, 1), got {self.dropout_rate!r}.")
-        if self.rope_max_wavelength <= 0:
-            raise ValueError(
-                f"PaLMConfig.rope_max_wavelength must be > 0, got {self.rope_max_wavelength!r}.")
+  def __post_init__(self) -> None:
+    for name in ("vocab_size", "num_layers", "d_model", "num_heads", "head_dim", "d_ff"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"PaLMConfig.{name} must be a positive int, got {value!r}.")
+    if self.head_dim % 2:
+      raise ValueError(
+          f"PaLMConfig.head_dim must be even for rotary embeddings, got {self.head_dim}.")
+    for name in ("dtype", "param_dtype"):
+      value = getattr(self, name)
+      if value not in DTYPES:
+        raise ValueError(
+            f"PaLMConfig.{name} must be one of {sorted(DTYPES)}, got {value!r}.")
+    if isinstance(self.scan_unroll, bool) or not isinstance(
+            self.scan_unroll, (int, np.integer)) or self.scan_unroll < 0:
+      raise ValueError(
+          f"PaLMConfig.scan_unroll must be an int >= 0, got {self.scan_unroll!r}.")
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(
+          f"PaLMConfig.dropout_rate must be in [0, 1), got {self.dropout_rate!r}.")
+    if self.rope_max_wavelength <= 0:
+      raise ValueError(
+          f"PaLMConfig.rope_max_wavelength must be > 0, got {self.rope_max_wavelength!r}.")
 
-    @property
-    def layers_per_loop_iteration(self) -> int:
-        """The ``unroll`` of the layer loop that `scan_unroll` asks for."""
-        if self.scan_unroll:
-            return min(self.scan_unroll, self.num_layers)
-        return self.num_layers if self.num_layers <= MAX_UNROLLED_LAYERS else 1
+  @property
+  def layers_per_loop_iteration(self) -> int:
+    """The ``unroll`` of the layer loop that `scan_unroll` asks for."""
+    if self.scan_unroll:
+      return min(self.scan_unroll, self.num_layers)
+    return self.num_layers if self.num_layers <= MAX_UNROLLED_LAYERS else 1
 
-    @property
-    def num_kv_heads(self) -> int:
-        """Number of key/value heads: 1 for multi-query attention, else ``num_heads``."""
-        return 1 if self.multi_query else self.num_heads
+  @property
+  def num_kv_heads(self) -> int:
+    """Number of key/value heads: 1 for multi-query attention, else ``num_heads``."""
+    return 1 if self.multi_query else self.num_heads
 
-    def num_params(self) -> int:
-        """Returns the number of parameters; see `count_params`."""
-        return count_params(self)
+  def num_params(self) -> int:
+    """Returns the number of parameters; see `count_params`."""
+    return count_params(self)
 
 
 def count_params(config: PaLMConfig) -> int:
-    """Counts the parameters of `PaLMDecoder` analytically (no tracing).
+  """Counts the parameters of `PaLMDecoder` analytically (no tracing).
 
-    Args:
-        config: the model configuration.
+  Args:
+      config: the model configuration.
 
-    Returns:
-        The number of scalar parameters, equal to the size of ``PaLMDecoder(config).init(...)``.
-    """
-    d, h, k, f = config.d_model, config.num_heads, config.head_dim, config.d_ff
-    attention = d * h * k + 2 * d * config.num_kv_heads * k + h * k * d
-    mlp = 3 * d * f
-    norms = (1 if config.parallel_block else 2) * d
-    per_layer = attention + mlp + norms
-    embeddings = config.vocab_size * d * (1 if config.shared_embedding else 2)
-    return config.num_layers * per_layer + embeddings + d  # + final norm
+  Returns:
+      The number of scalar parameters, equal to the size of ``PaLMDecoder(config).init(...)``.
+  """
+  d, h, k, f = config.d_model, config.num_heads, config.head_dim, config.d_ff
+  attention = d * h * k + 2 * d * config.num_kv_heads * k + h * k * d
+  mlp = 3 * d * f
+  norms = (1 if config.parallel_block else 2) * d
+  per_layer = attention + mlp + norms
+  embeddings = config.vocab_size * d * (1 if config.shared_embedding else 2)
+  return config.num_layers * per_layer + embeddings + d  # + final norm
 
 
 def _kernel_init(in_axis: int | tuple[int, ...], out_axis: int | tuple[int, ...]):
-    """PaLM's "fan-in variance scaling": W ~ N(0, 1/n_in)."""
-    return nn.initializers.variance_scaling(
-        1.0, "fan_in", "normal", in_axis=in_axis, out_axis=out_axis)
+  """PaLM's "fan-in variance scaling": W ~ N(0, 1/n_in)."""
+  return nn.initializers.variance_scaling(
+      1.0, "fan_in", "normal", in_axis=in_axis, out_axis=out_axis)
 
 
 def _transposed(x: Array) -> Array:
-    """``swapaxes(x, -1, -2)`` materialised row-major, so a product can read it as its left operand.
+  """``swapaxes(x, -1, -2)`` materialised row-major, so a product can read it as its left operand.
 
-    XLA:CPU hands a bf16 product to its bf16 kernels (AMX / AVX512-BF16 through YNNPACK) only
-    when the left operand's contracted axis is its minor one; otherwise it upcasts both
-    operands to float32 and runs at the float32 rate. A plain transpose is folded into the
-    product's dimension numbers (or given a column-major layout) before that decision, so it
-    does not help; going through a unit axis makes XLA copy the data into row-major order.
-    """
-    *lead, m, k = x.shape
-    return jnp.swapaxes(x.reshape(*lead, m, 1, k), -1, -3).reshape(*lead, k, m)
+  XLA:CPU hands a bf16 product to its bf16 kernels (AMX / AVX512-BF16 through YNNPACK) only
+  when the left operand's contracted axis is its minor one; otherwise it upcasts both
+  operands to float32 and runs at the float32 rate. A plain transpose is folded into the
+  product's dimension numbers (or given a column-major layout) before that decision, so it
+  does not help; going through a unit axis makes XLA copy the data into row-major order.
+  """
+  *lead, m, k = x.shape
+  return jnp.swapaxes(x.reshape(*lead, m, 1, k), -1, -3).reshape(*lead, k, m)
 
 
 def _mm(a: Array, b: Array, transpose_b: bool) -> Array:
-    """``a @ b`` (or ``a @ b^T``) over the last two axes, accumulating in float32."""
-    dims = (((a.ndim - 1,), (b.ndim - 1 if transpose_b else b.ndim - 2,)),
-            (tuple(range(a.ndim - 2)), tuple(range(b.ndim - 2))))
-    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+  """``a @ b`` (or ``a @ b^T``) over the last two axes, accumulating in float32."""
+  dims = (((a.ndim - 1,), (b.ndim - 1 if transpose_b else b.ndim - 2,)),
+          (tuple(range(a.ndim - 2)), tuple(range(b.ndim - 2))))
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def matmul(a: Array, b: Array, transpose_b: bool, dtype: Any, out_dtype: Any) -> Array:
-    """``a @ b`` (``a @ b^T`` if ``transpose_b``) with ``dtype`` operands and float32 accumulation.
+  """``a @ b`` (``a @ b^T`` if ``transpose_b``) with ``dtype`` operands and float32 accumulation.
 
-    ``a`` is [..., m, k]; ``b`` is [..., k, n] (or [..., n, k]) with the same leading (batch)
-    axes. Forward and backward, every product multiplies ``dtype`` operands (the cotangent is
-    cast to ``dtype`` too, except a float32 one under float16) into a float32 accumulator. On
-    CPU each product is arranged so that its left operand is contracted along its minor axis:
-    the form XLA:CPU runs on its bf16 units (AMX / AVX512-BF16), which needs no transposed
-    copy of a large activation either. Where a gradient needs ``x^T @ y``, the smaller of the
-    two operands is transposed (see `_transposed`). Gradients come back in the dtypes of
-    ``a`` and ``b``: float32 parameters get float32-accumulated gradients.
+  ``a`` is [..., m, k]; ``b`` is [..., k, n] (or [..., n, k]) with the same leading (batch)
+  axes. Forward and backward, every product multiplies ``dtype`` operands (the cotangent is
+  cast to ``dtype`` too, except a float32 one under float16) into a float32 accumulator. On
+  CPU each product is arranged so that its left operand is contracted along its minor axis:
+  the form XLA:CPU runs on its bf16 units (AMX / AVX512-BF16), which needs no transposed
+  copy of a large activation either. Where a gradient needs ``x^T @ y``, the smaller of the
+  two operands is transposed (see `_transposed`). Gradients come back in the dtypes of
+  ``a`` and ``b``: float32 parameters get float32-accumulated gradients.
 
-    Args:
-        a: [..., m, k], any float dtype (cast to ``dtype``).
-        b: [..., k, n], or [..., n, k] with ``transpose_b``.
-        transpose_b: multiply by the transpose of ``b``.
-        dtype: the operands' compute dtype.
-        out_dtype: the result's dtype.
+  Args:
+      a: [..., m, k], any float dtype (cast to ``dtype``).
+      b: [..., k, n], or [..., n, k] with ``transpose_b``.
+      transpose_b: multiply by the transpose of ``b``.
+      dtype: the operands' compute dtype.
+      out_dtype: the result's dtype.
 
-    Returns:
-        [..., m, n] in ``out_dtype``.
-    """
-    return _mm(a.astype(dtype), b.astype(dtype), transpose_b).astype(out_dtype)
+  Returns:
+      [..., m, n] in ``out_dtype``.
+  """
+  return _mm(a.astype(dtype), b.astype(dtype), transpose_b).astype(out_dtype)
 
 
 def _matmul_fwd(a, b, transpose_b, dtype, out_dtype):
-    return matmul(a, b, transpose_b, dtype, out_dtype), (a, b)
+  return matmul(a, b, transpose_b, dtype, out_dtype), (a, b)
 
 
 def _matmul_bwd(transpose_b, dtype, out_dtype, residuals, ct):
-    del out_dtype
-    a, b = residuals
-    if jnp.dtype(dtype) == jnp.float16:
-        # float16 lacks float32's exponent range: a float32 cotangent (of the logits) stays
-        # float32 rather than underflow; loss scaling takes care of the float16 ones.
-        dtype = jnp.promote_types(ct.dtype, dtype)
-    ct, ac, bc = ct.astype(dtype), a.astype(dtype), b.astype(dtype)
-    # d a = ct @ b^T (b: [k, n]) or ct @ b (b: [n, k]).
-    da = _mm(ct, bc, not transpose_b)
-    # d b = a^T @ ct ([k, n]) or its transpose ([n, k]): transpose whichever of a ([m, k]) and
-    # ct ([m, n]) is cheaper, and the (weight-sized) result if it comes out the other way. The
-    # barrier keeps XLA from folding that last transpose back into the product (which would
-    # make it a transposed-left-operand product again).
-    m, k = a.shape[-2:]
-    n = ct.shape[-1]
-    if jax.default_backend() != "cpu":
-        # GPU/TPU libraries read transposed operands directly: contract the m axis in place.
-        batch = tuple(range(a.ndim - 2))
-        x, y = (ct, ac) if transpose_b else (ac, ct)
-        db = jax.lax.dot_general(x, y, (((x.ndim - 2,), (y.ndim - 2,)), (batch, batch)),
-                                 preferred_element_type=jnp.float32)
-    elif m * k + (k * n if transpose_b else 0) <= m * n + (0 if transpose_b else k * n):
-        db = _mm(_transposed(ac), ct, False)  # [k, n]
-        if transpose_b:
-            db = jnp.swapaxes(jax.lax.optimization_barrier(db), -1, -2)
-    else:
-        db = _mm(_transposed(ct), ac, False)  # [n, k]
-        if not transpose_b:
-            db = jnp.swapaxes(jax.lax.optimization_barrier(db), -1, -2)
-    return da.astype(a.dtype), db.astype(b.dtype)
+  del out_dtype
+  a, b = residuals
+  if jnp.dtype(dtype) == jnp.float16:
+    # float16 lacks float32's exponent range: a float32 cotangent (of the logits) stays
+    # float32 rather than underflow; loss scaling takes care of the float16 ones.
+    dtype = jnp.promote_types(ct.dtype, dtype)
+  ct, ac, bc = ct.astype(dtype), a.astype(dtype), b.astype(dtype)
+  # d a = ct @ b^T (b: [k, n]) or ct @ b (b: [n, k]).
+  da = _mm(ct, bc, not transpose_b)
+  # d b = a^T @ ct ([k, n]) or its transpose ([n, k]): transpose whichever of a ([m, k]) and
+  # ct ([m, n]) is cheaper, and the (weight-sized) result if it comes out the other way. The
+  # barrier keeps XLA from folding that last transpose back into the product (which would
+  # make it a transposed-left-operand product again).
+  m, k = a.shape[-2:]
+  n = ct.shape[-1]
+  if jax.default_backend() != "cpu":
+    # GPU/TPU libraries read transposed operands directly: contract the m axis in place.
+    batch = tuple(range(a.ndim - 2))
+    x, y = (ct, ac) if transpose_b else (ac, ct)
+    db = jax.lax.dot_general(x, y, (((x.ndim - 2,), (y.ndim - 2,)), (batch, batch)),
+                             preferred_element_type=jnp.float32)
+  elif m * k + (k * n if transpose_b else 0) <= m * n + (0 if transpose_b else k * n):
+    db = _mm(_transposed(ac), ct, False)  # [k, n]
+    if transpose_b:
+      db = jnp.swapaxes(jax.lax.optimization_barrier(db), -1, -2)
+  else:
+    db = _mm(_transposed(ct), ac, False)  # [n, k]
+    if not transpose_b:
+      db = jnp.swapaxes(jax.lax.optimization_barrier(db), -1, -2)
+  return da.astype(a.dtype), db.astype(b.dtype)
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class LayerNorm(nn.Module):
-    """Layer normalisation with a scale and no bias; statistics in float32.
+  """Layer normalisation with a scale and no bias; statistics in float32.
 
-    Attributes:
-        dtype: output dtype.
-        param_dtype: dtype of the scale parameter.
-        epsilon: added to the variance.
+  Attributes:
+      dtype: output dtype.
+      param_dtype: dtype of the scale parameter.
+      epsilon: added to the variance.
+  """
+
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Normalises over the last axis.
+
+    Args:
+        x: [..., embed].
+
+    Returns:
+        The normalised and scaled ``x`` in ``dtype``.
     """
-
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    epsilon: float = 1e-6
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        """Normalises over the last axis.
-
-        Args:
-            x: [..., embed].
-
-        Returns:
-            The normalised and scaled ``x`` in ``dtype``.
-        """
-        scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-            (x.shape[-1],), self.param_dtype)
-        x = x.astype(jnp.float32)
-        mean = jnp.mean(x, axis=-1, keepdims=True)
-        centred = x - mean
-        var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
-        y = centred * jax.lax.rsqrt(var + self.epsilon)
-        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+    scale = self.param(
+        "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        (x.shape[-1],), self.param_dtype)
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    centred = x - mean
+    var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+    y = centred * jax.lax.rsqrt(var + self.epsilon)
+    return (y * scale.astype(jnp.float32)).astype(self.dtype)
 
 
 def rotary_sin_cos(positions: Array, *, head_dim: int,
                    max_wavelength: float) -> tuple[Array, Array]:
-    """Sine and cosine tables of the rotary embedding.
+  """Sine and cosine tables of the rotary embedding.
 
-    Args:
-        positions: [batch, length] integer positions.
-        head_dim: size of a head (even).
-        max_wavelength: longest wavelength.
+  Args:
+      positions: [batch, length] integer positions.
+      head_dim: size of a head (even).
+      max_wavelength: longest wavelength.
 
-    Returns:
-        (sin, cos), each [batch, length, head_dim // 2] float32.
-    """
-    half = head_dim // 2
-    timescale = max_wavelength ** (jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions.astype(jnp.float32)[..., None] / timescale
-    return jnp.sin(angles), jnp.cos(angles)
+  Returns:
+      (sin, cos), each [batch, length, head_dim // 2] float32.
+  """
+  half = head_dim // 2
+  timescale = max_wavelength ** (jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions.astype(jnp.float32)[..., None] / timescale
+  return jnp.sin(angles), jnp.cos(angles)
 
 
 def _materialized_rotary_tables(positions: Array, *, head_dim: int,
                                 max_wavelength: float) -> tuple[Array, Array]:
-    """`rotary_sin_cos`, computed once per step on a CPU.
+  """`rotary_sin_cos`, computed once per step on a CPU.
 
-    XLA:CPU fuses the sine and cosine into every consumer, so without a boundary they are
-    recomputed for every head of every layer, forward and backward (about 5x the cost of the
-    rotation itself). ``optimization_barrier`` is expanded away before fusion on CPU; a
-    conditional (both branches the same) is a boundary XLA keeps. Other backends compute
-    the tables directly.
-    """
-    def tables(p: Array) -> tuple[Array, Array]:
-        return rotary_sin_cos(p, head_dim=head_dim, max_wavelength=max_wavelength)
-    if jax.default_backend() != "cpu":
-        return tables(positions)
-    return jax.lax.cond(positions[0, 0] >= 0, tables, tables, positions)
+  XLA:CPU fuses the sine and cosine into every consumer, so without a boundary they are
+  recomputed for every head of every layer, forward and backward (about 5x the cost of the
+  rotation itself). ``optimization_barrier`` is expanded away before fusion on CPU; a
+  conditional (both branches the same) is a boundary XLA keeps. Other backends compute
+  the tables directly.
+  """
+  def tables(p: Array) -> tuple[Array, Array]:
+    return rotary_sin_cos(p, head_dim=head_dim, max_wavelength=max_wavelength)
+  if jax.default_backend() != "cpu":
+    return tables(positions)
+  return jax.lax.cond(positions[0, 0] >= 0, tables, tables, positions)
 
 
 def apply_rotary(x: Array, sin: Array, cos: Array) -> Array:
-    """Rotates the halves of the last axis of ``x`` by position-dependent angles.
+  """Rotates the halves of the last axis of ``x`` by position-dependent angles.
 
-    Args:
-        x: [batch, length, ..., head_dim].
-        sin: [batch, length, head_dim // 2].
-        cos: [batch, length, head_dim // 2].
+  Args:
+      x: [batch, length, ..., head_dim].
+      sin: [batch, length, head_dim // 2].
+      cos: [batch, length, head_dim // 2].
 
-    Returns:
-        The rotated ``x``, same shape and dtype.
-    """
-    extra = x.ndim - sin.ndim
-    shape = sin.shape[:2] + (1,) * extra + sin.shape[2:]
-    sin, cos = sin.reshape(shape), cos.reshape(shape)
-    first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
-    return rotated.astype(x.dtype)
+  Returns:
+      The rotated ``x``, same shape and dtype.
+  """
+  extra = x.ndim - sin.ndim
+  shape = sin.shape[:2] + (1,) * extra + sin.shape[2:]
+  sin, cos = sin.reshape(shape), cos.reshape(shape)
+  first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+  return rotated.astype(x.dtype)
 
 
 def make_attention_mask(*, batch: int, length: int, segment_ids: Array | None = None,
                         causal_attention_mask: Array | None = None) -> Array:
-    """Which key positions each query position may attend to.
+  """Which key positions each query position may attend to.
 
-    Args:
-        batch: batch size.
-        length: sequence length.
-        segment_ids: optional [batch, length] packed-document ids (0 = padding); attention stays
-            inside a document.
-        causal_attention_mask: optional [batch, length], 1 on prefix (input) positions; attention
-            among prefix positions is bidirectional (prefix LM).
+  Args:
+      batch: batch size.
+      length: sequence length.
+      segment_ids: optional [batch, length] packed-document ids (0 = padding); attention stays
+          inside a document.
+      causal_attention_mask: optional [batch, length], 1 on prefix (input) positions; attention
+          among prefix positions is bidirectional (prefix LM).
 
-    Returns:
-        [batch, 1, length, length] bool, True where query i may attend to key j.
-    """
-    idx = jnp.arange(length)
-    mask = jnp.broadcast_to(idx[:, None] >= idx[None, :], (batch, length, length))
-    if causal_attention_mask is not None:
-        prefix = causal_attention_mask.astype(bool)
-        mask = mask | (prefix[:, :, None] & prefix[:, None, :])
-    if segment_ids is not None:
-        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    return mask[:, None, :, :]
+  Returns:
+      [batch, 1, length, length] bool, True where query i may attend to key j.
+  """
+  idx = jnp.arange(length)
+  mask = jnp.broadcast_to(idx[:, None] >= idx[None, :], (batch, length, length))
+  if causal_attention_mask is not None:
+    prefix = causal_attention_mask.astype(bool)
+    mask = mask | (prefix[:, :, None] & prefix[:, None, :])
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+  return mask[:, None, :, :]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def masked_softmax(logits: Array, mask: Array, dtype: Any) -> Array:
-    """``softmax(where(mask, logits, -1e10))`` over the last axis in float32, as ``dtype``.
+  """``softmax(where(mask, logits, -1e10))`` over the last axis in float32, as ``dtype``.
 
-    The backward pass reads only the returned probabilities (``p * (g - sum(p * g))``, zero
-    where masked): no float32 copy of the probabilities and no select are kept per layer,
-    which is most of the memory traffic of attention on a CPU.
+  The backward pass reads only the returned probabilities (``p * (g - sum(p * g))``, zero
+  where masked): no float32 copy of the probabilities and no select are kept per layer,
+  which is most of the memory traffic of attention on a CPU.
 
-    Args:
-        logits: [..., keys] float32 scores.
-        mask: bool, broadcastable to ``logits``; False drops a key.
-        dtype: dtype of the result (the compute dtype).
+  Args:
+      logits: [..., keys] float32 scores.
+      mask: bool, broadcastable to ``logits``; False drops a key.
+      dtype: dtype of the result (the compute dtype).
 
-    Returns:
-        Probabilities shaped like ``logits``, in ``dtype``.
-    """
-    return jax.nn.softmax(jnp.where(mask, logits, _MASK_VALUE), axis=-1).astype(dtype)
+  Returns:
+      Probabilities shaped like ``logits``, in ``dtype``.
+  """
+  return jax.nn.softmax(jnp.where(mask, logits, _MASK_VALUE), axis=-1).astype(dtype)
 
 
 def _masked_softmax_fwd(logits, mask, dtype):
-    probs = masked_softmax(logits, mask, dtype)
-    return probs, probs
+  probs = masked_softmax(logits, mask, dtype)
+  return probs, probs
 
 
 def _masked_softmax_bwd(dtype, probs, g):
-    del dtype
-    p = probs.astype(jnp.float32)
-    g = g.astype(jnp.float32)
-    return p * (g - jnp.sum(p * g, axis=-1, keepdims=True)), None
+  del dtype
+  p = probs.astype(jnp.float32)
+  g = g.astype(jnp.float32)
+  return p * (g - jnp.sum(p * g, axis=-1, keepdims=True)), None
 
 
 masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)
 
 
 class Attention(nn.Module):
-    """Multi-query (or multi-head) causal self-attention with rotary embeddings, no biases.
+  """Multi-query (or multi-head) causal self-attention with rotary embeddings, no biases.
 
-    Projections multiply flattened tokens ([batch * length, embed]) with the kernels viewed as
-    matrices, and multi-query attention folds the heads into the query axis
-    ([batch, length * heads, kv] against one [batch, length, kv] key), so every product,
-    forward and backward, contracts one axis (see `matmul`).
+  Projections multiply flattened tokens ([batch * length, embed]) with the kernels viewed as
+  matrices, and multi-query attention folds the heads into the query axis
+  ([batch, length * heads, kv] against one [batch, length, kv] key), so every product,
+  forward and backward, contracts one axis (see `matmul`).
 
-    Attributes:
-        config: the model configuration.
+  Attributes:
+      config: the model configuration.
+  """
+
+  config: PaLMConfig
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, sin: Array, cos: Array) -> Array:
+    """Attends.
+
+    Args:
+        x: [batch, length, embed] normalised input in the compute dtype.
+        mask: [batch, 1, length, length] bool from `make_attention_mask`.
+        sin: [batch, length, head_dim // 2] from `rotary_sin_cos`.
+        cos: same shape as ``sin``.
+
+    Returns:
+        [batch, length, embed] in the compute dtype.
     """
+    c = self.config
+    dtype, param_dtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
+    d, h, k = c.d_model, c.num_heads, c.head_dim
+    batch, length = x.shape[:2]
+    tokens = x.reshape(batch * length, d)
 
-    config: PaLMConfig
+    def project(name: str, shape: tuple[int, ...], names: tuple[str, ...],
+                in_axis, out_axis, out_dtype=dtype) -> Array:
+      init = nn.with_logical_partitioning(_kernel_init(in_axis, out_axis), names)
+      kernel = self.param(name, init, shape, param_dtype)
+      out = matmul(tokens, kernel.reshape(d, -1), False, dtype, out_dtype)
+      return out.reshape((batch, length) + shape[1:])
 
-    @nn.compact
-    def __call__(self, x: Array, mask: Array, sin: Array, cos: Array) -> Array:
-        """Attends.
+    heads_names = ("embed", "heads", "kv")
+    # Queries and keys stay float32 until the rotary embedding has been applied (one pass).
+    query = project("query", (d, h, k), heads_names, 0, (1, 2), jnp.float32)
+    if c.multi_query:
+      key = project("key", (d, k), ("embed", "kv"), 0, 1, jnp.float32)
+      value = project("value", (d, k), ("embed", "kv"), 0, 1)
+      kv_names = ("batch", "length", "kv")
+    else:
+      key = project("key", (d, h, k), heads_names, 0, (1, 2), jnp.float32)
+      value = project("value", (d, h, k), heads_names, 0, (1, 2))
+      kv_names = ("batch", "length", "heads", "kv")
+    query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
+    key = nn.with_logical_constraint(key, kv_names)
+    value = nn.with_logical_constraint(value, kv_names)
 
-        Args:
-            x: [batch, length, embed] normalised input in the compute dtype.
-            mask: [batch, 1, length, length] bool from `make_attention_mask`.
-            sin: [batch, length, head_dim // 2] from `rotary_sin_cos`.
-            cos: same shape as ``sin``.
+    query = (apply_rotary(query, sin, cos) * np.float32(k ** -0.5)).astype(dtype)
+    key = apply_rotary(key, sin, cos).astype(dtype)
 
-        Returns:
-            [batch, length, embed] in the compute dtype.
-        """
-        c = self.config
-        dtype, param_dtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
-        d, h, k = c.d_model, c.num_heads, c.head_dim
-        batch, length = x.shape[:2]
-        tokens = x.reshape(batch * length, d)
+    if c.multi_query:
+      # [batch, length * heads, kv] x [batch, length, kv]: one batched matmul per example.
+      folded = query.reshape(batch, length * h, k)
+      logits = matmul(folded, key, True, dtype, jnp.float32)
+      probs = masked_softmax(logits.reshape(batch, length, h, length),
+                             mask.reshape(batch, length, 1, length), dtype)
+      context = matmul(probs.reshape(batch, length * h, length), value, False, dtype,
+                       dtype)
+    else:
+      # Heads become a batch axis: [batch * heads, length, kv].
+      def by_head(t: Array) -> Array:
+        return jnp.swapaxes(t, 1, 2).reshape(batch * h, length, k)
+      logits = matmul(by_head(query), by_head(key), True, dtype, jnp.float32)
+      probs = masked_softmax(logits.reshape(batch, h, length, length), mask, dtype)
+      context = matmul(probs.reshape(batch * h, length, length), by_head(value), False,
+                       dtype, dtype)
+      context = jnp.swapaxes(context.reshape(batch, h, length, k), 1, 2)
+    context = nn.with_logical_constraint(context.reshape(batch, length, h, k),
+                                         ("batch", "length", "heads", "kv"))
 
-        def project(name: str, shape: tuple[int, ...], names: tuple[str, ...],
-                    in_axis, out_axis, out_dtype=dtype) -> Array:
-            init = nn.with_logical_partitioning(_kernel_init(in_axis, out_axis), names)
-            kernel = self.param(name, init, shape, param_dtype)
-            out = matmul(tokens, kernel.reshape(d, -1), False, dtype, out_dtype)
-            return out.reshape((batch, length) + shape[1:])
-
-        heads_names = ("embed", "heads", "kv")
-        # Queries and keys stay float32 until the rotary embedding has been applied (one pass).
-        query = project("query", (d, h, k), heads_names, 0, (1, 2), jnp.float32)
-        if c.multi_query:
-            key = project("key", (d, k), ("embed", "kv"), 0, 1, jnp.float32)
-            value = project("value", (d, k), ("embed", "kv"), 0, 1)
-            kv_names = ("batch", "length", "kv")
-        else:
-            key = project("key", (d, h, k), heads_names, 0, (1, 2), jnp.float32)
-            value = project("value", (d, h, k), heads_names, 0, (1, 2))
-            kv_names = ("batch", "length", "heads", "kv")
-        query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
-        key = nn.with_logical_constraint(key, kv_names)
-        value = nn.with_logical_constraint(value, kv_names)
-
-        query = (apply_rotary(query, sin, cos) * np.float32(k ** -0.5)).astype(dtype)
-        key = apply_rotary(key, sin, cos).astype(dtype)
-
-        if c.multi_query:
-            # [batch, length * heads, kv] x [batch, length, kv]: one batched matmul per example.
-            folded = query.reshape(batch, length * h, k)
-            logits = matmul(folded, key, True, dtype, jnp.float32)
-            probs = masked_softmax(logits.reshape(batch, length, h, length),
-                                   mask.reshape(batch, length, 1, length), dtype)
-            context = matmul(probs.reshape(batch, length * h, length), value, False, dtype,
-                             dtype)
-        else:
-            # Heads become a batch axis: [batch * heads, length, kv].
-            def by_head(t: Array) -> Array:
-                return jnp.swapaxes(t, 1, 2).reshape(batch * h, length, k)
-            logits = matmul(by_head(query), by_head(key), True, dtype, jnp.float32)
-            probs = masked_softmax(logits.reshape(batch, h, length, length), mask, dtype)
-            context = matmul(probs.reshape(batch * h, length, length), by_head(value), False,
-                             dtype, dtype)
-            context = jnp.swapaxes(context.reshape(batch, h, length, k), 1, 2)
-        context = nn.with_logical_constraint(context.reshape(batch, length, h, k),
-                                             ("batch", "length", "heads", "kv"))
-
-        out_kernel = self.param(
-            "out", nn.with_logical_partitioning(_kernel_init((0, 1), 2), ("heads", "kv", "embed")),
-            (h, k, d), param_dtype)
-        out = matmul(context.reshape(batch * length, h * k), out_kernel.reshape(h * k, d), False,
-                     dtype, dtype)
-        return nn.with_logical_constraint(out.reshape(batch, length, d),
-                                          ("batch", "length", "embed"))
+    out_kernel = self.param(
+        "out", nn.with_logical_partitioning(_kernel_init((0, 1), 2), ("heads", "kv", "embed")),
+        (h, k, d), param_dtype)
+    out = matmul(context.reshape(batch * length, h * k), out_kernel.reshape(h * k, d), False,
+                 dtype, dtype)
+    return nn.with_logical_constraint(out.reshape(batch, length, d),
+                                      ("batch", "length", "embed"))
 
 
 class SwiGLU(nn.Module):
-    """Feed-forward ``(swish(x W_gate) * (x W_in)) W_out`` without biases.
+  """Feed-forward ``(swish(x W_gate) * (x W_in)) W_out`` without biases.
 
-    Attributes:
-        config: the model configuration.
+  Attributes:
+      config: the model configuration.
+  """
+
+  config: PaLMConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Applies the feed-forward.
+
+    Args:
+        x: [batch, length, embed] in the compute dtype.
+
+    Returns:
+        [batch, length, embed] in the compute dtype.
     """
+    c = self.config
+    dtype, param_dtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
+    batch, length = x.shape[:2]
+    tokens = x.reshape(batch * length, c.d_model)
 
-    config: PaLMConfig
+    def kernel(name: str, shape: tuple[int, int], names: tuple[str, str]) -> Array:
+      return self.param(name, nn.with_logical_partitioning(_kernel_init(0, 1), names),
+                        shape, param_dtype)
 
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        """Applies the feed-forward.
-
-        Args:
-            x: [batch, length, embed] in the compute dtype.
-
-        Returns:
-            [batch, length, embed] in the compute dtype.
-        """
-        c = self.config
-        dtype, param_dtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
-        batch, length = x.shape[:2]
-        tokens = x.reshape(batch * length, c.d_model)
-
-        def kernel(name: str, shape: tuple[int, int], names: tuple[str, str]) -> Array:
-            return self.param(name, nn.with_logical_partitioning(_kernel_init(0, 1), names),
-                              shape, param_dtype)
-
-        wi_shape, wi_names = (c.d_model, c.d_ff), ("embed", "mlp")
-        gate = matmul(tokens, kernel("wi_gate", wi_shape, wi_names), False, dtype, dtype)
-        lin = matmul(tokens, kernel("wi", wi_shape, wi_names), False, dtype, dtype)
-        hidden = nn.with_logical_constraint((nn.silu(gate) * lin).reshape(batch, length, c.d_ff),
-                                            ("batch", "length", "mlp"))
-        out = matmul(hidden.reshape(batch * length, c.d_ff),
-                     kernel("wo", (c.d_ff, c.d_model), ("mlp", "embed")), False, dtype, dtype)
-        return nn.with_logical_constraint(out.reshape(batch, length, c.d_model),
-                                          ("batch", "length", "embed"))
+    wi_shape, wi_names = (c.d_model, c.d_ff), ("embed", "mlp")
+    gate = matmul(tokens, kernel("wi_gate", wi_shape, wi_names), False, dtype, dtype)
+    lin = matmul(tokens, kernel("wi", wi_shape, wi_names), False, dtype, dtype)
+    hidden = nn.with_logical_constraint((nn.silu(gate) * lin).reshape(batch, length, c.d_ff),
+                                        ("batch", "length", "mlp"))
+    out = matmul(hidden.reshape(batch * length, c.d_ff),
+                 kernel("wo", (c.d_ff, c.d_model), ("mlp", "embed")), False, dtype, dtype)
+    return nn.with_logical_constraint(out.reshape(batch, length, c.d_model),
+                                      ("batch", "length", "embed"))
 
 
 class DecoderLayer(nn.Module):
-    """One PaLM block (parallel or serial formulation), shaped for ``nn.scan``.
+  """One PaLM block (parallel or serial formulation), shaped for ``nn.scan``.
 
-    Attributes:
-        config: the model configuration.
-        deterministic: disables dropout.
+  Attributes:
+      config: the model configuration.
+      deterministic: disables dropout.
+  """
+
+  config: PaLMConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, sin: Array,
+               cos: Array) -> tuple[Array, None]:
+    """Applies the block.
+
+    Args:
+        x: [batch, length, embed] residual stream in the compute dtype.
+        mask: [batch, 1, length, length] bool attention mask.
+        sin: rotary table, [batch, length, head_dim // 2].
+        cos: rotary table, [batch, length, head_dim // 2].
+
+    Returns:
+        (new residual stream, None): the scan carry and an empty per-layer output.
     """
-
-    config: PaLMConfig
-    deterministic: bool = True
-
-    @nn.compact
-    def __call__(self, x: Array, mask: Array, sin: Array,
-                 cos: Array) -> tuple[Array, None]:
-        """Applies the block.
-
-        Args:
-            x: [batch, length, embed] residual stream in the compute dtype.
-            mask: [batch, 1, length, length] bool attention mask.
-            sin: rotary table, [batch, length, head_dim // 2].
-            cos: rotary table, [batch, length, head_dim // 2].
-
-        Returns:
-            (new residual stream, None): the scan carry and an empty per-layer output.
-        """
-        c = self.config
-        dtype, param_dtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
-        dropout = nn.Dropout(rate=c.dropout_rate, deterministic=self.deterministic)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        if c.parallel_block:
-            normed = LayerNorm(dtype=dtype, param_dtype=param_dtype, name="pre_norm")(x)
-            attn = Attention(config=c, name="attention")(normed, mask, sin, cos)
-            mlp = SwiGLU(config=c, name="mlp")(normed)
-            y = x + dropout(attn) + dropout(mlp)
-        else:
-            normed = LayerNorm(dtype=dtype, param_dtype=param_dtype, name="pre_attention_norm")(x)
-            x = x + dropout(Attention(config=c, name="attention")(normed, mask, sin, cos))
-            normed = LayerNorm(dtype=dtype, param_dtype=param_dtype, name="pre_mlp_norm")(x)
-            y = x + dropout(SwiGLU(config=c, name="mlp")(normed))
-        return nn.with_logical_constraint(y, ("batch", "length", "embed")), None
+    c = self.config
+    dtype, param_dtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
+    dropout = nn.Dropout(rate=c.dropout_rate, deterministic=self.deterministic)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    if c.parallel_block:
+      normed = LayerNorm(dtype=dtype, param_dtype=param_dtype, name="pre_norm")(x)
+      attn = Attention(config=c, name="attention")(normed, mask, sin, cos)
+      mlp = SwiGLU(config=c, name="mlp")(normed)
+      y = x + dropout(attn) + dropout(mlp)
+    else:
+      normed = LayerNorm(dtype=dtype, param_dtype=param_dtype, name="pre_attention_norm")(x)
+      x = x + dropout(Attention(config=c, name="attention")(normed, mask, sin, cos))
+      normed = LayerNorm(dtype=dtype, param_dtype=param_dtype, name="pre_mlp_norm")(x)
+      y = x + dropout(SwiGLU(config=c, name="mlp")(normed))
+    return nn.with_logical_constraint(y, ("batch", "length", "embed")), None
 
 
 class PaLMDecoder(nn.Module):
-    """PaLM decoder-only language model.
+  """PaLM decoder-only language model.
 
-    Parameters (logical axes): ``embedding`` (vocab, embed); ``layers/...`` stacked along a leading
-    ``layers`` axis: ``attention/query`` (embed, heads, kv), ``attention/key|value`` (embed, kv)
-    for multi-query else (embed, heads, kv), ``attention/out`` (heads, kv, embed),
-    ``mlp/wi_gate|wi`` (embed, mlp), ``mlp/wo`` (mlp, embed), norm ``scale`` (embed,);
-    ``final_norm/scale``; ``logits_kernel`` (embed, vocab) only without shared embeddings.
+  Parameters (logical axes): ``embedding`` (vocab, embed); ``layers/...`` stacked along a leading
+  ``layers`` axis: ``attention/query`` (embed, heads, kv), ``attention/key|value`` (embed, kv)
+  for multi-query else (embed, heads, kv), ``attention/out`` (heads, kv, embed),
+  ``mlp/wi_gate|wi`` (embed, mlp), ``mlp/wo`` (mlp, embed), norm ``scale`` (embed,);
+  ``final_norm/scale``; ``logits_kernel`` (embed, vocab) only without shared embeddings.
 
-    Attributes:
-        config: the model configuration.
+  Attributes:
+      config: the model configuration.
+  """
+
+  config: PaLMConfig
+
+  @nn.compact
+  def __call__(self, tokens: Array, *, segment_ids: Array | None = None,
+               positions: Array | None = None, causal_attention_mask: Array | None = None,
+               deterministic: bool = True) -> Array:
+    """Computes next-token logits.
+
+    Args:
+        tokens: [batch, length] int token ids (decoder input tokens), each < vocab_size
+            (an out-of-range id yields NaN logits rather than an error under jit).
+        segment_ids: optional [batch, length] ids of packed documents (0 = padding);
+            attention is confined to the query's own document.
+        positions: optional [batch, length] positions for the rotary embedding; for packed
+            blocks pass the per-document positions (seqio's ``decoder_positions``).
+            Default: 0..length-1 in every row.
+        causal_attention_mask: optional [batch, length], 1 on prefix positions (seqio's
+            ``decoder_causal_attention``); attention is bidirectional among them (prefix LM).
+        deterministic: if False, applies dropout (needs the "dropout" rng).
+
+    Returns:
+        [batch, length, vocab_size] float32 logits.
     """
+    c = self.config
+    dtype, param_dtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
+    batch, length = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    mask = make_attention_mask(batch=batch, length=length, segment_ids=segment_ids,
+                               causal_attention_mask=causal_attention_mask)
+    sin, cos = _materialized_rotary_tables(positions, head_dim=c.head_dim,
+                                           max_wavelength=c.rope_max_wavelength)
 
-    config: PaLMConfig
+    # PaLM: no layer norm on the embeddings, so they are initialised N(0, 1).
+    embedding = self.param(
+        "embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                  ("vocab", "embed")),
+        (c.vocab_size, c.d_model), param_dtype)
+    x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
-    @nn.compact
-    def __call__(self, tokens: Array, *, segment_ids: Array | None = None,
-                 positions: Array | None = None, causal_attention_mask: Array | None = None,
-                 deterministic: bool = True) -> Array:
-        """Computes next-token logits.
+    layer_cls = DecoderLayer
+    if c.remat:
+      layer_cls = nn.remat(layer_cls, prevent_cse=False)
+    stack = nn.scan(
+        layer_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+        length=c.num_layers,
+        unroll=c.layers_per_loop_iteration,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    x, _ = stack(config=c, deterministic=deterministic, name="layers")(x, mask, sin, cos)
 
-        Args:
-            tokens: [batch, length] int token ids (decoder input tokens), each < vocab_size
-                (an out-of-range id yields NaN logits rather than an error under jit).
-            segment_ids: optional [batch, length] ids of packed documents (0 = padding);
-                attention is confined to the query's own document.
-            positions: optional [batch, length] positions for the rotary embedding; for packed
-                blocks pass the per-document positions (seqio's ``decoder_positions``).
-                Default: 0..length-1 in every row.
-            causal_attention_mask: optional [batch, length], 1 on prefix positions (seqio's
-                ``decoder_causal_attention``); attention is bidirectional among them (prefix LM).
-            deterministic: if False, applies dropout (needs the "dropout" rng).
-
-        Returns:
-            [batch, length, vocab_size] float32 logits.
-        """
-        c = self.config
-        dtype, param_dtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
-        batch, length = tokens.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        mask = make_attention_mask(batch=batch, length=length, segment_ids=segment_ids,
-                                   causal_attention_mask=causal_attention_mask)
-        sin, cos = _materialized_rotary_tables(positions, head_dim=c.head_dim,
-                                               max_wavelength=c.rope_max_wavelength)
-
-        # PaLM: no layer norm on the embeddings, so they are initialised N(0, 1).
-        embedding = self.param(
-            "embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0),
-                                                      ("vocab", "embed")),
-            (c.vocab_size, c.d_model), param_dtype)
-        x = jnp.take(embedding, tokens, axis=0).astype(dtype)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-
-        layer_cls = DecoderLayer
-        if c.remat:
-            layer_cls = nn.remat(layer_cls, prevent_cse=False)
-        stack = nn.scan(
-            layer_cls,
-            variable_axes={"params": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-            length=c.num_layers,
-            unroll=c.layers_per_loop_iteration,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        x, _ = stack(config=c, deterministic=deterministic, name="layers")(x, mask, sin, cos)
-
-        x = LayerNorm(dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
-        tokens_out = x.reshape(batch * length, c.d_model)
-        if c.shared_embedding:
-            logits = matmul(tokens_out, embedding, True, dtype, jnp.float32)
-            logits = logits / np.sqrt(c.d_model).astype(np.float32)
-        else:
-            init = nn.with_logical_partitioning(_kernel_init(0, 1), ("embed", "vocab"))
-            kernel = self.param("logits_kernel", init, (c.d_model, c.vocab_size), param_dtype)
-            logits = matmul(tokens_out, kernel, False, dtype, jnp.float32)
-        logits = logits.reshape(batch, length, c.vocab_size)
-        return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+    x = LayerNorm(dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
+    tokens_out = x.reshape(batch * length, c.d_model)
+    if c.shared_embedding:
+      logits = matmul(tokens_out, embedding, True, dtype, jnp.float32)
+      logits = logits / np.sqrt(c.d_model).astype(np.float32)
+    else:
+      init = nn.with_logical_partitioning(_kernel_init(0, 1), ("embed", "vocab"))
+      kernel = self.param("logits_kernel", init, (c.d_model, c.vocab_size), param_dtype)
+      logits = matmul(tokens_out, kernel, False, dtype, jnp.float32)
+    logits = logits.reshape(batch, length, c.vocab_size)
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))

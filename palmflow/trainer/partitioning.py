@@ -86,335 +86,335 @@ FSDP-like). Activations keep batch on ``data``, so their ``embed`` axis falls ba
 
 
 def _is_box(x: Any) -> bool:
-    return isinstance(x, nn.Partitioned)
+  return isinstance(x, nn.Partitioned)
 
 
 def _format_axes(axes: Sequence[Any]) -> str:
-    return "(" + ", ".join("None" if a is None else str(a) for a in axes) + ")"
+  return "(" + ", ".join("None" if a is None else str(a) for a in axes) + ")"
 
 
 class Partitioner:
-    """A ``data`` x ``model`` device mesh plus logical axis rules.
+  """A ``data`` x ``model`` device mesh plus logical axis rules.
 
-    Model code run inside `activate` (or through `partition`) sees the mesh and the rules, so
-    ``nn.with_logical_constraint`` and boxed parameters turn into sharding constraints.
+  Model code run inside `activate` (or through `partition`) sees the mesh and the rules, so
+  ``nn.with_logical_constraint`` and boxed parameters turn into sharding constraints.
+  """
+
+  def __init__(
+      self,
+      *,
+      num_partitions: int | None = None,
+      mesh_shape: tuple[int, int] | None = None,
+      logical_axis_rules: LogicalRules = STANDARD_RULES,
+      devices: Sequence[jax.Device] | None = None,
+  ) -> None:
+    """Builds the mesh.
+
+    Args:
+        num_partitions: size of the ``model`` axis; ``data`` gets the remaining devices.
+            -1: every device on the ``model`` axis. Give this or ``mesh_shape``;
+            neither means ``num_partitions=1``.
+        mesh_shape: (data, model) sizes whose product is the number of devices.
+        logical_axis_rules: (logical name, mesh axis or None) pairs, in priority order.
+        devices: the devices to use; default all devices of all processes.
+
+    Raises:
+        ValueError: if the mesh does not fit the devices or the rules name unknown mesh axes.
     """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if num_partitions is not None and mesh_shape is not None:
+      raise ValueError("Give num_partitions or mesh_shape, not both.")
+    if mesh_shape is None:
+      num_partitions = 1 if num_partitions is None else num_partitions
+      if num_partitions == -1:
+        num_partitions = n
+      if num_partitions < 1 or n % num_partitions:
+        raise ValueError(
+            f"num_partitions={num_partitions} must divide the number of devices ({n}).")
+      mesh_shape = (n // num_partitions, num_partitions)
+    mesh_shape = tuple(int(s) for s in mesh_shape)
+    if len(mesh_shape) != 2 or math.prod(mesh_shape) != n or min(mesh_shape) < 1:
+      raise ValueError(
+          f"mesh_shape={mesh_shape} must be (data, model) with data * model == {n} "
+          f"devices; e.g. ({n}, 1) for data parallelism or (1, {n}) for model parallelism.")
+    for logical, mesh_axes in logical_axis_rules:
+      named = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+      for axis in named:
+        if axis not in MESH_AXES:
+          raise ValueError(
+              f"Logical axis rule ({logical!r}, {mesh_axes!r}) names mesh axis "
+              f"{axis!r}; the mesh axes are {MESH_AXES}.")
+    self._rules: LogicalRules = tuple((k, v) for k, v in logical_axis_rules)
+    self._mesh = Mesh(self._device_grid(devices, mesh_shape), MESH_AXES)
 
-    def __init__(
-        self,
-        *,
-        num_partitions: int | None = None,
-        mesh_shape: tuple[int, int] | None = None,
-        logical_axis_rules: LogicalRules = STANDARD_RULES,
-        devices: Sequence[jax.Device] | None = None,
-    ) -> None:
-        """Builds the mesh.
+  @staticmethod
+  def _device_grid(devices: list[jax.Device], mesh_shape: tuple[int, int]) -> np.ndarray:
+    """Arranges devices so that the ``model`` axis uses the fastest links where known."""
+    if devices and devices[0].platform == "tpu":
+      from jax.experimental import mesh_utils
+      try:
+        return mesh_utils.create_device_mesh(mesh_shape, devices=devices)
+      except (ValueError, NotImplementedError, AssertionError):
+        pass
+    # jax.devices() lists devices process by process, so the model axis stays within a host
+    # whenever it fits there.
+    return np.asarray(devices, dtype=object).reshape(mesh_shape)
 
-        Args:
-            num_partitions: size of the ``model`` axis; ``data`` gets the remaining devices.
-                -1: every device on the ``model`` axis. Give this or ``mesh_shape``;
-                neither means ``num_partitions=1``.
-            mesh_shape: (data, model) sizes whose product is the number of devices.
-            logical_axis_rules: (logical name, mesh axis or None) pairs, in priority order.
-            devices: the devices to use; default all devices of all processes.
+  @property
+  def mesh(self) -> Mesh:
+    """The ``("data", "model")`` device mesh."""
+    return self._mesh
 
-        Raises:
-            ValueError: if the mesh does not fit the devices or the rules name unknown mesh axes.
-        """
-        devices = list(jax.devices() if devices is None else devices)
-        n = len(devices)
-        if num_partitions is not None and mesh_shape is not None:
-            raise ValueError("Give num_partitions or mesh_shape, not both.")
-        if mesh_shape is None:
-            num_partitions = 1 if num_partitions is None else num_partitions
-            if num_partitions == -1:
-                num_partitions = n
-            if num_partitions < 1 or n % num_partitions:
-                raise ValueError(
-                    f"num_partitions={num_partitions} must divide the number of devices ({n}).")
-            mesh_shape = (n // num_partitions, num_partitions)
-        mesh_shape = tuple(int(s) for s in mesh_shape)
-        if len(mesh_shape) != 2 or math.prod(mesh_shape) != n or min(mesh_shape) < 1:
-            raise ValueError(
-                f"mesh_shape={mesh_shape} must be (data, model) with data * model == {n} "
-                f"devices; e.g. ({n}, 1) for data parallelism or (1, {n}) for model parallelism.")
-        for logical, mesh_axes in logical_axis_rules:
-            named = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
-            for axis in named:
-                if axis not in MESH_AXES:
-                    raise ValueError(
-                        f"Logical axis rule ({logical!r}, {mesh_axes!r}) names mesh axis "
-                        f"{axis!r}; the mesh axes are {MESH_AXES}.")
-        self._rules: LogicalRules = tuple((k, v) for k, v in logical_axis_rules)
-        self._mesh = Mesh(self._device_grid(devices, mesh_shape), MESH_AXES)
+  @property
+  def logical_axis_rules(self) -> LogicalRules:
+    """The logical axis rules, in priority order."""
+    return self._rules
 
-    @staticmethod
-    def _device_grid(devices: list[jax.Device], mesh_shape: tuple[int, int]) -> np.ndarray:
-        """Arranges devices so that the ``model`` axis uses the fastest links where known."""
-        if devices and devices[0].platform == "tpu":
-            from jax.experimental import mesh_utils
-            try:
-                return mesh_utils.create_device_mesh(mesh_shape, devices=devices)
-            except (ValueError, NotImplementedError, AssertionError):
-                pass
-        # jax.devices() lists devices process by process, so the model axis stays within a host
-        # whenever it fits there.
-        return np.asarray(devices, dtype=object).reshape(mesh_shape)
+  @contextlib.contextmanager
+  def activate(self) -> Iterator[Partitioner]:
+    """Context in which jit/init/apply see this mesh and the logical axis rules.
 
-    @property
-    def mesh(self) -> Mesh:
-        """The ``("data", "model")`` device mesh."""
-        return self._mesh
+    Yields:
+        This partitioner.
+    """
+    with jax.set_mesh(self._mesh), nn.logical_axis_rules(self._rules):
+      yield self
 
-    @property
-    def logical_axis_rules(self) -> LogicalRules:
-        """The logical axis rules, in priority order."""
-        return self._rules
+  def logical_to_mesh_spec(self, logical_spec_tree: Any) -> Any:
+    """Maps a tree of logical ``PartitionSpec``s to mesh ``PartitionSpec``s.
 
-    @contextlib.contextmanager
-    def activate(self) -> Iterator[Partitioner]:
-        """Context in which jit/init/apply see this mesh and the logical axis rules.
+    Args:
+        logical_spec_tree: pytree whose leaves are PartitionSpecs of logical names.
 
-        Yields:
-            This partitioner.
-        """
-        with jax.set_mesh(self._mesh), nn.logical_axis_rules(self._rules):
-            yield self
+    Returns:
+        The same tree with mesh-axis PartitionSpecs.
+    """
+    return nn.logical_to_mesh(logical_spec_tree, self._rules)
 
-    def logical_to_mesh_spec(self, logical_spec_tree: Any) -> Any:
-        """Maps a tree of logical ``PartitionSpec``s to mesh ``PartitionSpec``s.
+  def logical_to_mesh_sharding(self, logical_spec_tree: Any) -> Any:
+    """Maps a tree of logical ``PartitionSpec``s to ``NamedSharding``s on this mesh.
 
-        Args:
-            logical_spec_tree: pytree whose leaves are PartitionSpecs of logical names.
+    Args:
+        logical_spec_tree: pytree whose leaves are PartitionSpecs of logical names.
 
-        Returns:
-            The same tree with mesh-axis PartitionSpecs.
-        """
-        return nn.logical_to_mesh(logical_spec_tree, self._rules)
+    Returns:
+        The same tree with ``NamedSharding`` leaves.
+    """
+    return nn.logical_to_mesh_sharding(logical_spec_tree, self._mesh, self._rules)
 
-    def logical_to_mesh_sharding(self, logical_spec_tree: Any) -> Any:
-        """Maps a tree of logical ``PartitionSpec``s to ``NamedSharding``s on this mesh.
+  def get_param_shardings(self, abstract_boxed_params: Any) -> Any:
+    """Shardings for a tree of (abstract) parameters boxed with logical axis names.
 
-        Args:
-            logical_spec_tree: pytree whose leaves are PartitionSpecs of logical names.
+    Args:
+        abstract_boxed_params: e.g. ``jax.eval_shape(model.init, ...)``; leaves are
+            ``nn.LogicallyPartitioned`` boxes (unboxed leaves are replicated).
 
-        Returns:
-            The same tree with ``NamedSharding`` leaves.
-        """
-        return nn.logical_to_mesh_sharding(logical_spec_tree, self._mesh, self._rules)
+    Returns:
+        A tree of ``NamedSharding`` with the structure of the *unboxed* parameters, usable as
+        jit ``in_shardings``/``out_shardings``.
 
-    def get_param_shardings(self, abstract_boxed_params: Any) -> Any:
-        """Shardings for a tree of (abstract) parameters boxed with logical axis names.
+    Raises:
+        ValueError: naming the parameter, if a dimension does not divide evenly over the mesh
+            axes its logical axis maps to.
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(abstract_boxed_params, is_leaf=_is_box)[0]
+    for path, leaf in leaves:
+      if not _is_box(leaf):
+        continue
+      names = tuple(leaf.names)
+      mesh_axes = nn.logical_to_mesh_axes(names, self._rules)
+      shape = leaf.unbox(apply_constraint=False).shape
+      for dim, (size, name, axes) in enumerate(zip(shape, names, mesh_axes)):
+        shards = _axis_size(self._mesh, axes)
+        if size % shards:
+          raise ValueError(
+              f"Parameter {_format_path(path)} {tuple(shape)}: dimension {dim} "
+              f"(logical {name!r}, size {size}) cannot be split over mesh axis "
+              f"{axes!r} of size {shards} (mesh {_format_mesh(self._mesh)}). Choose a "
+              f"mesh whose {axes!r} size divides {size}, or map {name!r} to None in "
+              f"the logical axis rules.")
+    return self.logical_to_mesh_sharding(nn.get_partition_spec(abstract_boxed_params))
 
-        Args:
-            abstract_boxed_params: e.g. ``jax.eval_shape(model.init, ...)``; leaves are
-                ``nn.LogicallyPartitioned`` boxes (unboxed leaves are replicated).
+  def data_sharding(self, ndim: int = 1) -> NamedSharding:
+    """Sharding of a batch array: its leading axis follows the ``batch`` rule.
 
-        Returns:
-            A tree of ``NamedSharding`` with the structure of the *unboxed* parameters, usable as
-            jit ``in_shardings``/``out_shardings``.
+    Args:
+        ndim: rank of the array.
 
-        Raises:
-            ValueError: naming the parameter, if a dimension does not divide evenly over the mesh
-                axes its logical axis maps to.
-        """
-        leaves = jax.tree_util.tree_flatten_with_path(abstract_boxed_params, is_leaf=_is_box)[0]
-        for path, leaf in leaves:
-            if not _is_box(leaf):
-                continue
-            names = tuple(leaf.names)
-            mesh_axes = nn.logical_to_mesh_axes(names, self._rules)
-            shape = leaf.unbox(apply_constraint=False).shape
-            for dim, (size, name, axes) in enumerate(zip(shape, names, mesh_axes)):
-                shards = _axis_size(self._mesh, axes)
-                if size % shards:
-                    raise ValueError(
-                        f"Parameter {_format_path(path)} {tuple(shape)}: dimension {dim} "
-                        f"(logical {name!r}, size {size}) cannot be split over mesh axis "
-                        f"{axes!r} of size {shards} (mesh {_format_mesh(self._mesh)}). Choose a "
-                        f"mesh whose {axes!r} size divides {size}, or map {name!r} to None in "
-                        f"the logical axis rules.")
-        return self.logical_to_mesh_sharding(nn.get_partition_spec(abstract_boxed_params))
+    Returns:
+        The ``NamedSharding`` for an array of that rank.
+    """
+    spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), self._rules)
+    return NamedSharding(self._mesh, spec)
 
-    def data_sharding(self, ndim: int = 1) -> NamedSharding:
-        """Sharding of a batch array: its leading axis follows the ``batch`` rule.
+  def shard_batch(self, batch: Any) -> Any:
+    """Places this process's part of a batch on the mesh, split along ``batch``.
 
-        Args:
-            ndim: rank of the array.
+    Every process passes its own rows; the global batch is their concatenation in process
+    order (with a replicated ``batch`` rule every process must pass the same rows).
 
-        Returns:
-            The ``NamedSharding`` for an array of that rank.
-        """
-        spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), self._rules)
-        return NamedSharding(self._mesh, spec)
+    Args:
+        batch: pytree of host arrays (e.g. a dict of numpy arrays), batch-major.
 
-    def shard_batch(self, batch: Any) -> Any:
-        """Places this process's part of a batch on the mesh, split along ``batch``.
+    Returns:
+        The same tree of global ``jax.Array``s.
 
-        Every process passes its own rows; the global batch is their concatenation in process
-        order (with a replicated ``batch`` rule every process must pass the same rows).
+    Raises:
+        ValueError: if the rows cannot be split evenly over the local devices.
+    """
+    def place(x: Any) -> jax.Array:
+      x = np.asarray(x)
+      sharding = self.data_sharding(x.ndim)
+      shards = _axis_size(self._mesh, sharding.spec[0] if x.ndim else None)
+      local = max(1, shards // jax.process_count())
+      if x.ndim == 0 or x.shape[0] % local:
+        raise ValueError(
+            f"A batch array of shape {x.shape} cannot be split over {local} local "
+            f"shards of the mesh {dict(self._mesh.shape)}; make the per-process batch "
+            f"size a multiple of {local}.")
+      return jax.make_array_from_process_local_data(sharding, x)
+    return jax.tree.map(place, batch)
 
-        Args:
-            batch: pytree of host arrays (e.g. a dict of numpy arrays), batch-major.
+  def abstract_init(self, init_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Shapes of ``init_fn(*args, **kwargs)`` without computing or allocating anything.
 
-        Returns:
-            The same tree of global ``jax.Array``s.
+    Args:
+        init_fn: e.g. ``model.init``, returning boxed variables.
+        *args: its positional arguments (arrays or ``jax.ShapeDtypeStruct``s).
+        **kwargs: its keyword arguments.
 
-        Raises:
-            ValueError: if the rows cannot be split evenly over the local devices.
-        """
-        def place(x: Any) -> jax.Array:
-            x = np.asarray(x)
-            sharding = self.data_sharding(x.ndim)
-            shards = _axis_size(self._mesh, sharding.spec[0] if x.ndim else None)
-            local = max(1, shards // jax.process_count())
-            if x.ndim == 0 or x.shape[0] % local:
-                raise ValueError(
-                    f"A batch array of shape {x.shape} cannot be split over {local} local "
-                    f"shards of the mesh {dict(self._mesh.shape)}; make the per-process batch "
-                    f"size a multiple of {local}.")
-            return jax.make_array_from_process_local_data(sharding, x)
-        return jax.tree.map(place, batch)
+    Returns:
+        The tree of boxed ``jax.ShapeDtypeStruct``s.
+    """
+    with self.activate():
+      return jax.eval_shape(init_fn, *args, **kwargs)
 
-    def abstract_init(self, init_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Shapes of ``init_fn(*args, **kwargs)`` without computing or allocating anything.
+  def sharded_init(self, init_fn: Callable[..., Any], *args: Any,
+                   **kwargs: Any) -> tuple[Any, Any]:
+    """Runs ``init_fn`` under jit so that each parameter is created directly in its shards.
 
-        Args:
-            init_fn: e.g. ``model.init``, returning boxed variables.
-            *args: its positional arguments (arrays or ``jax.ShapeDtypeStruct``s).
-            **kwargs: its keyword arguments.
+    Args:
+        init_fn: e.g. ``model.init``, returning boxed variables.
+        *args: its positional arguments (e.g. an rng key and dummy inputs).
+        **kwargs: its keyword arguments.
 
-        Returns:
-            The tree of boxed ``jax.ShapeDtypeStruct``s.
-        """
-        with self.activate():
-            return jax.eval_shape(init_fn, *args, **kwargs)
+    Returns:
+        ``(params, abstract_boxed_params)``: the unboxed, sharded variables, and their boxed
+        shapes (for `get_param_shardings` and `describe`).
+    """
+    abstract = self.abstract_init(init_fn, *args, **kwargs)
+    shardings = self.get_param_shardings(abstract)
+    with self.activate():
+      params = jax.jit(lambda *a, **k: nn.unbox(init_fn(*a, **k)),
+                       out_shardings=shardings)(*args, **kwargs)
+    return params, abstract
 
-    def sharded_init(self, init_fn: Callable[..., Any], *args: Any,
-                     **kwargs: Any) -> tuple[Any, Any]:
-        """Runs ``init_fn`` under jit so that each parameter is created directly in its shards.
+  def partition(self, fn: Callable[..., Any], *, in_shardings: Any = None,
+                out_shardings: Any = None, static_argnums: int | Sequence[int] = (),
+                donate_argnums: int | Sequence[int] = ()) -> Callable[..., Any]:
+    """jit ``fn`` with shardings, tracing and running it inside `activate`.
 
-        Args:
-            init_fn: e.g. ``model.init``, returning boxed variables.
-            *args: its positional arguments (e.g. an rng key and dummy inputs).
-            **kwargs: its keyword arguments.
+    Args:
+        fn: the function to compile.
+        in_shardings: as for ``jax.jit`` (None: inferred from the arguments).
+        out_shardings: as for ``jax.jit`` (None: chosen by the compiler).
+        static_argnums: as for ``jax.jit``.
+        donate_argnums: as for ``jax.jit``.
 
-        Returns:
-            ``(params, abstract_boxed_params)``: the unboxed, sharded variables, and their boxed
-            shapes (for `get_param_shardings` and `describe`).
-        """
-        abstract = self.abstract_init(init_fn, *args, **kwargs)
-        shardings = self.get_param_shardings(abstract)
-        with self.activate():
-            params = jax.jit(lambda *a, **k: nn.unbox(init_fn(*a, **k)),
-                             out_shardings=shardings)(*args, **kwargs)
-        return params, abstract
+    Returns:
+        A callable with ``fn``'s signature.
+    """
+    jit_kwargs: dict[str, Any] = {"static_argnums": static_argnums,
+                                  "donate_argnums": donate_argnums}
+    if in_shardings is not None:
+      jit_kwargs["in_shardings"] = in_shardings
+    if out_shardings is not None:
+      jit_kwargs["out_shardings"] = out_shardings
+    jitted = jax.jit(fn, **jit_kwargs)
 
-    def partition(self, fn: Callable[..., Any], *, in_shardings: Any = None,
-                  out_shardings: Any = None, static_argnums: int | Sequence[int] = (),
-                  donate_argnums: int | Sequence[int] = ()) -> Callable[..., Any]:
-        """jit ``fn`` with shardings, tracing and running it inside `activate`.
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+      with self.activate():
+        return jitted(*args, **kwargs)
+    return wrapped
 
-        Args:
-            fn: the function to compile.
-            in_shardings: as for ``jax.jit`` (None: inferred from the arguments).
-            out_shardings: as for ``jax.jit`` (None: chosen by the compiler).
-            static_argnums: as for ``jax.jit``.
-            donate_argnums: as for ``jax.jit``.
+  def describe(self, params: Any) -> str:
+    """Human-readable mesh, rules and per-parameter sharding (the model-info.txt text).
 
-        Returns:
-            A callable with ``fn``'s signature.
-        """
-        jit_kwargs: dict[str, Any] = {"static_argnums": static_argnums,
-                                      "donate_argnums": donate_argnums}
-        if in_shardings is not None:
-            jit_kwargs["in_shardings"] = in_shardings
-        if out_shardings is not None:
-            jit_kwargs["out_shardings"] = out_shardings
-        jitted = jax.jit(fn, **jit_kwargs)
+    Args:
+        params: boxed parameters (concrete or from `abstract_init`), or unboxed arrays (their
+            logical axes are then unknown and the spec is read from the array if placed).
 
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            with self.activate():
-                return jitted(*args, **kwargs)
-        return wrapped
-
-    def describe(self, params: Any) -> str:
-        """Human-readable mesh, rules and per-parameter sharding (the model-info.txt text).
-
-        Args:
-            params: boxed parameters (concrete or from `abstract_init`), or unboxed arrays (their
-                logical axes are then unknown and the spec is read from the array if placed).
-
-        Returns:
-            Lines: the mesh, the rules, then for every parameter its path, shape, dtype, logical
-            axes, mesh PartitionSpec and per-device shard shape, and the totals.
-        """
-        mesh = self._mesh
-        devices = mesh.devices.flatten()
-        lines = [
-            f"Mesh: {_format_mesh(mesh)} = {devices.size} devices "
-            f"({devices[0].platform}, {jax.process_count()} process(es))",
-            "Logical axis rules (first free match wins):",
-        ]
-        lines += [f"  {logical:<10} -> {mesh_axes}" for logical, mesh_axes in self._rules]
-        rows = [("path", "shape", "dtype", "logical axes", "mesh spec", "per-device shard")]
-        total = total_bytes = 0
-        leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_box)[0]
-        for path, leaf in leaves:
-            if _is_box(leaf):
-                value = leaf.unbox(apply_constraint=False)
-                names = tuple(leaf.names)
-                spec = PartitionSpec(*nn.logical_to_mesh_axes(names, self._rules))
-                logical = _format_axes(names)
-            else:
-                value = leaf
-                sharding = getattr(value, "sharding", None)
-                spec = sharding.spec if isinstance(sharding, NamedSharding) else PartitionSpec()
-                logical = "-"
-            shape = tuple(value.shape)
-            dtype = np.dtype(value.dtype)
-            padded = tuple(spec) + (None,) * (len(shape) - len(spec))
-            shard = tuple(-(-dim // _axis_size(mesh, axes)) for dim, axes in zip(shape, padded))
-            size = math.prod(shape)
-            total += size
-            total_bytes += size * dtype.itemsize
-            rows.append((_format_path(path), str(shape), dtype.name, logical,
-                         _format_axes(padded), str(shard)))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines.append(f"Parameters: {len(rows) - 1} arrays, {total:,} values, "
-                     f"{_format_bytes(total_bytes)}")
-        for row in rows:
-            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-        return "\n".join(lines) + "\n"
+    Returns:
+        Lines: the mesh, the rules, then for every parameter its path, shape, dtype, logical
+        axes, mesh PartitionSpec and per-device shard shape, and the totals.
+    """
+    mesh = self._mesh
+    devices = mesh.devices.flatten()
+    lines = [
+        f"Mesh: {_format_mesh(mesh)} = {devices.size} devices "
+        f"({devices[0].platform}, {jax.process_count()} process(es))",
+        "Logical axis rules (first free match wins):",
+    ]
+    lines += [f"  {logical:<10} -> {mesh_axes}" for logical, mesh_axes in self._rules]
+    rows = [("path", "shape", "dtype", "logical axes", "mesh spec", "per-device shard")]
+    total = total_bytes = 0
+    leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_box)[0]
+    for path, leaf in leaves:
+      if _is_box(leaf):
+        value = leaf.unbox(apply_constraint=False)
+        names = tuple(leaf.names)
+        spec = PartitionSpec(*nn.logical_to_mesh_axes(names, self._rules))
+        logical = _format_axes(names)
+      else:
+        value = leaf
+        sharding = getattr(value, "sharding", None)
+        spec = sharding.spec if isinstance(sharding, NamedSharding) else PartitionSpec()
+        logical = "-"
+      shape = tuple(value.shape)
+      dtype = np.dtype(value.dtype)
+      padded = tuple(spec) + (None,) * (len(shape) - len(spec))
+      shard = tuple(-(-dim // _axis_size(mesh, axes)) for dim, axes in zip(shape, padded))
+      size = math.prod(shape)
+      total += size
+      total_bytes += size * dtype.itemsize
+      rows.append((_format_path(path), str(shape), dtype.name, logical,
+                   _format_axes(padded), str(shard)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines.append(f"Parameters: {len(rows) - 1} arrays, {total:,} values, "
+                 f"{_format_bytes(total_bytes)}")
+    for row in rows:
+      lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    return "\n".join(lines) + "\n"
 
 
 def _axis_size(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
-    """Number of shards a dimension mapped to ``axes`` is split into."""
-    if axes is None:
-        return 1
-    if isinstance(axes, str):
-        axes = (axes,)
-    return math.prod(mesh.shape[a] for a in axes)
+  """Number of shards a dimension mapped to ``axes`` is split into."""
+  if axes is None:
+    return 1
+  if isinstance(axes, str):
+    axes = (axes,)
+  return math.prod(mesh.shape[a] for a in axes)
 
 
 def _format_bytes(num: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if num < 1024 or unit == "GiB":
-            return f"{num:.1f} {unit}" if unit != "B" else f"{num} B"
-        num /= 1024
-    return f"{num} B"
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if num < 1024 or unit == "GiB":
+      return f"{num:.1f} {unit}" if unit != "B" else f"{num} B"
+    num /= 1024
+  return f"{num} B"
 
 
 def _format_mesh(mesh: Mesh) -> str:
-    return " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
+  return " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
 
 
 def _format_path(path: Sequence[Any]) -> str:
-    parts = []
-    for key in path:
-        name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
-        parts.append(str(name))
-    return "/".join(parts)
+  parts = []
+  for key in path:
+    name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
+    parts.append(str(name))
+  return "/".join(parts)
 
 
 RULE_SETS: dict[str, LogicalRules] = {
@@ -426,17 +426,17 @@ RULE_SETS: dict[str, LogicalRules] = {
 
 
 def logical_axis_rules(name: str = "standard") -> LogicalRules:
-    """A named rule set (what ``gin/partitioning/*.gin`` bind).
+  """A named rule set (what ``gin/partitioning/*.gin`` bind).
 
-    Args:
-        name: one of ``RULE_SETS``.
+  Args:
+      name: one of ``RULE_SETS``.
 
-    Returns:
-        The rules.
+  Returns:
+      The rules.
 
-    Raises:
-        ValueError: for an unknown name.
-    """
-    if name not in RULE_SETS:
-        raise ValueError(f"Unknown logical axis rule set {name!r}; known: {sorted(RULE_SETS)}.")
-    return RULE_SETS[name]
+  Raises:
+      ValueError: for an unknown name.
+  """
+  if name not in RULE_SETS:
+    raise ValueError(f"Unknown logical axis rule set {name!r}; known: {sorted(RULE_SETS)}.")
+  return RULE_SETS[name]

@@ -19,253 +19,253 @@ TINY = models.PaLMConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, h
 
 
 def _config_from_gin(name: str, bindings: tuple[str, ...] = ()) -> models.PaLMConfig:
+  gin.clear_config()
+  gin.add_config_file_search_path(str(GIN_DIR))
+  try:
+    # A model file is used with a run file, which defines DROPOUT_RATE and includes the
+    # precision default; stand in for it here.
+    gin.parse_config_files_and_bindings(["precision/float32.gin", f"models/{name}.gin"],
+                                        ["DROPOUT_RATE = 0.0", *bindings])
+    return gin.query_parameter("%MODEL_CONFIG").scoped_configurable_fn()
+  finally:
     gin.clear_config()
-    gin.add_config_file_search_path(str(GIN_DIR))
-    try:
-        # A model file is used with a run file, which defines DROPOUT_RATE and includes the
-        # precision default; stand in for it here.
-        gin.parse_config_files_and_bindings(["precision/float32.gin", f"models/{name}.gin"],
-                                            ["DROPOUT_RATE = 0.0", *bindings])
-        return gin.query_parameter("%MODEL_CONFIG").scoped_configurable_fn()
-    finally:
-        gin.clear_config()
 
 
 def _abstract_params(config: models.PaLMConfig):
-    model = models.PaLMDecoder(config=config)
-    return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  model = models.PaLMDecoder(config=config)
+  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
 
 
 def _num_values(tree) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
 def _bump(tokens, position: int):
-    """``tokens`` with the token at [0, position] replaced by the next id."""
-    return tokens.at[0, position].set((tokens[0, position] + 1) % TINY.vocab_size)
+  """``tokens`` with the token at [0, position] replaced by the next id."""
+  return tokens.at[0, position].set((tokens[0, position] + 1) % TINY.vocab_size)
 
 
 @pytest.fixture(scope="module")
 def tiny_params():
-    """Parameters of TINY (shared by the variants that only change numerics)."""
-    model = models.PaLMDecoder(config=TINY)
-    return jax.jit(model.init)(jax.random.key(0), jnp.zeros((2, 8), jnp.int32))
+  """Parameters of TINY (shared by the variants that only change numerics)."""
+  model = models.PaLMDecoder(config=TINY)
+  return jax.jit(model.init)(jax.random.key(0), jnp.zeros((2, 8), jnp.int32))
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_params):
-    """Jitted ``apply(tokens, **kwargs)`` of TINY in full float32 matmul precision."""
-    model = models.PaLMDecoder(config=TINY)
+  """Jitted ``apply(tokens, **kwargs)`` of TINY in full float32 matmul precision."""
+  model = models.PaLMDecoder(config=TINY)
 
-    @jax.jit
-    def apply(tokens, segment_ids=None, positions=None, causal_attention_mask=None):
-        with jax.default_matmul_precision("highest"):
-            return model.apply(tiny_params, tokens, segment_ids=segment_ids,
-                               positions=positions, causal_attention_mask=causal_attention_mask)
-    return apply
+  @jax.jit
+  def apply(tokens, segment_ids=None, positions=None, causal_attention_mask=None):
+    with jax.default_matmul_precision("highest"):
+      return model.apply(tiny_params, tokens, segment_ids=segment_ids,
+                         positions=positions, causal_attention_mask=causal_attention_mask)
+  return apply
 
 
 @pytest.mark.parametrize("name, paper_billions", [
     ("palm_8b", 8.63), ("palm_62b", 62.50), ("palm_540b", 540.35)])
 def test_paper_sizes_from_gin_match_paper_param_counts(name, paper_billions):
-    config = _config_from_gin(name)
-    assert config.vocab_size == 256000 and config.multi_query and config.parallel_block
-    counted = _num_values(_abstract_params(config))
-    assert counted == models.count_params(config) == config.num_params()
-    assert abs(counted / 1e9 - paper_billions) / paper_billions < 0.01
+  config = _config_from_gin(name)
+  assert config.vocab_size == 256000 and config.multi_query and config.parallel_block
+  counted = _num_values(_abstract_params(config))
+  assert counted == models.count_params(config) == config.num_params()
+  assert abs(counted / 1e9 - paper_billions) / paper_billions < 0.01
 
 
 @pytest.mark.parametrize("path", sorted(GIN_DIR.glob("models/*.gin")), ids=lambda p: p.name)
 def test_every_model_gin_file_parses(path):
+  gin.clear_config()
+  gin.add_config_file_search_path(str(GIN_DIR))
+  try:
+    gin.parse_config_file(str(path))
+  finally:
     gin.clear_config()
-    gin.add_config_file_search_path(str(GIN_DIR))
-    try:
-        gin.parse_config_file(str(path))
-    finally:
-        gin.clear_config()
 
 
 def test_tiny_and_small_gin_override_only_dimensions_and_macros_work():
-    tiny = _config_from_gin("palm_tiny", ("DROPOUT_RATE = 0.1", "ACTIVATION_DTYPE = 'bfloat16'"))
-    base = _config_from_gin("palm_8b")
-    assert tiny.dropout_rate == 0.1 and tiny.dtype == "bfloat16"
-    assert tiny.num_params() < 2_000_000
-    assert 20e6 < _config_from_gin("palm_small").num_params() < 40e6
-    size_fields = {"vocab_size", "num_layers", "d_model", "num_heads", "head_dim", "d_ff"}
-    for field in models.PaLMConfig.__dataclass_fields__:
-        if field not in size_fields | {"dropout_rate", "dtype"}:
-            assert getattr(tiny, field) == getattr(base, field), field
+  tiny = _config_from_gin("palm_tiny", ("DROPOUT_RATE = 0.1", "ACTIVATION_DTYPE = 'bfloat16'"))
+  base = _config_from_gin("palm_8b")
+  assert tiny.dropout_rate == 0.1 and tiny.dtype == "bfloat16"
+  assert tiny.num_params() < 2_000_000
+  assert 20e6 < _config_from_gin("palm_small").num_params() < 40e6
+  size_fields = {"vocab_size", "num_layers", "d_model", "num_heads", "head_dim", "d_ff"}
+  for field in models.PaLMConfig.__dataclass_fields__:
+    if field not in size_fields | {"dropout_rate", "dtype"}:
+      assert getattr(tiny, field) == getattr(base, field), field
 
 
 @pytest.mark.parametrize("overrides", [
     {}, {"multi_query": False}, {"parallel_block": False}, {"shared_embedding": False}])
 def test_count_params_and_logical_axes_of_every_parameter(overrides):
-    config = models.PaLMConfig(**{**TINY.__dict__, **overrides})
-    abstract = _abstract_params(config)
-    assert _num_values(abstract) == models.count_params(config)
-    leaves = jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    for leaf in leaves:
-        assert isinstance(leaf, nn.LogicallyPartitioned)
-        assert set(leaf.names) <= LOGICAL_AXES and len(leaf.names) == len(leaf.value.shape)
-    params = abstract["params"]
-    kv_names = ("layers", "embed", "kv") if config.multi_query else (
-        "layers", "embed", "heads", "kv")
-    assert params["layers"]["attention"]["key"].names == kv_names
-    assert params["layers"]["attention"]["query"].names == ("layers", "embed", "heads", "kv")
-    assert params["layers"]["mlp"]["wo"].names == ("layers", "mlp", "embed")
-    assert params["embedding"].names == ("vocab", "embed")
-    assert ("logits_kernel" in params) == (not config.shared_embedding)
+  config = models.PaLMConfig(**{**TINY.__dict__, **overrides})
+  abstract = _abstract_params(config)
+  assert _num_values(abstract) == models.count_params(config)
+  leaves = jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  for leaf in leaves:
+    assert isinstance(leaf, nn.LogicallyPartitioned)
+    assert set(leaf.names) <= LOGICAL_AXES and len(leaf.names) == len(leaf.value.shape)
+  params = abstract["params"]
+  kv_names = ("layers", "embed", "kv") if config.multi_query else (
+      "layers", "embed", "heads", "kv")
+  assert params["layers"]["attention"]["key"].names == kv_names
+  assert params["layers"]["attention"]["query"].names == ("layers", "embed", "heads", "kv")
+  assert params["layers"]["mlp"]["wo"].names == ("layers", "mlp", "embed")
+  assert params["embedding"].names == ("vocab", "embed")
+  assert ("logits_kernel" in params) == (not config.shared_embedding)
 
 
 def test_logits_shape_dtype_and_mixed_precision(tiny_params):
-    tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, TINY.vocab_size)
-    config = models.PaLMConfig(**{**TINY.__dict__, "dtype": "bfloat16"})
-    model = models.PaLMDecoder(config=config)
-    params = tiny_params
-    assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype("float32")}
-    logits_bf16 = jax.jit(model.apply)(params, tokens)
-    logits_f32 = jax.jit(models.PaLMDecoder(config=TINY).apply)(params, tokens)
-    assert logits_bf16.shape == (2, 8, TINY.vocab_size) and logits_bf16.dtype == jnp.float32
-    np.testing.assert_allclose(logits_bf16, logits_f32, atol=0.1)
-    param_bf16 = models.PaLMConfig(**{**TINY.__dict__, "param_dtype": "bfloat16"})
-    params = jax.eval_shape(models.PaLMDecoder(config=param_bf16).init, jax.random.key(0),
-                            tokens)
-    assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(jnp.bfloat16)}
+  tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, TINY.vocab_size)
+  config = models.PaLMConfig(**{**TINY.__dict__, "dtype": "bfloat16"})
+  model = models.PaLMDecoder(config=config)
+  params = tiny_params
+  assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype("float32")}
+  logits_bf16 = jax.jit(model.apply)(params, tokens)
+  logits_f32 = jax.jit(models.PaLMDecoder(config=TINY).apply)(params, tokens)
+  assert logits_bf16.shape == (2, 8, TINY.vocab_size) and logits_bf16.dtype == jnp.float32
+  np.testing.assert_allclose(logits_bf16, logits_f32, atol=0.1)
+  param_bf16 = models.PaLMConfig(**{**TINY.__dict__, "param_dtype": "bfloat16"})
+  params = jax.eval_shape(models.PaLMDecoder(config=param_bf16).init, jax.random.key(0),
+                          tokens)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(jnp.bfloat16)}
 
 
 def test_shared_embedding_logits_are_scaled_by_inverse_sqrt_d_model(tiny_params):
-    model = models.PaLMDecoder(config=TINY)
-    tokens = jnp.arange(8)[None] % TINY.vocab_size
-    params = tiny_params
-    apply = jax.jit(lambda p, t: model.apply(
-        p, t, capture_intermediates=lambda mdl, _: mdl.name == "final_norm"))
-    logits, state = apply(params, tokens)
-    normed = state["intermediates"]["final_norm"]["__call__"][0]
-    embedding = nn.unbox(params)["params"]["embedding"]
-    expected = normed @ embedding.T / np.sqrt(TINY.d_model)
-    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
+  model = models.PaLMDecoder(config=TINY)
+  tokens = jnp.arange(8)[None] % TINY.vocab_size
+  params = tiny_params
+  apply = jax.jit(lambda p, t: model.apply(
+      p, t, capture_intermediates=lambda mdl, _: mdl.name == "final_norm"))
+  logits, state = apply(params, tokens)
+  normed = state["intermediates"]["final_norm"]["__call__"][0]
+  embedding = nn.unbox(params)["params"]["embedding"]
+  expected = normed @ embedding.T / np.sqrt(TINY.d_model)
+  np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_causal_later_tokens_do_not_change_earlier_logits(tiny):
-    tokens = jax.random.randint(jax.random.key(1), (1, 8), 0, TINY.vocab_size)
-    changed = _bump(tokens, 5)
-    a, b = tiny(tokens), tiny(changed)
-    np.testing.assert_allclose(a[:, :5], b[:, :5], atol=1e-6)
-    assert np.abs(a[:, 5:] - b[:, 5:]).max() > 1e-4
+  tokens = jax.random.randint(jax.random.key(1), (1, 8), 0, TINY.vocab_size)
+  changed = _bump(tokens, 5)
+  a, b = tiny(tokens), tiny(changed)
+  np.testing.assert_allclose(a[:, :5], b[:, :5], atol=1e-6)
+  assert np.abs(a[:, 5:] - b[:, 5:]).max() > 1e-4
 
 
 def test_packed_segments_are_independent_and_equal_unpacked(tiny):
-    doc_a = jnp.array([5, 6, 7, 8, 9])
-    doc_b = jnp.array([11, 12, 13])
-    tokens = jnp.concatenate([doc_a, doc_b])[None]
-    segment_ids = jnp.array([[1, 1, 1, 1, 1, 2, 2, 2]])
-    positions = jnp.array([[0, 1, 2, 3, 4, 0, 1, 2]])
-    packed = tiny(tokens, segment_ids=segment_ids, positions=positions)
-    alone_b = tiny(jnp.pad(doc_b, (0, 5))[None])
-    np.testing.assert_allclose(packed[0, 5:], alone_b[0, :3], atol=1e-5)
-    # Another document's tokens do not influence this one.
-    other = tokens.at[0, :5].set(jnp.array([1, 2, 3, 4, 20]))
-    repacked = tiny(other, segment_ids=segment_ids, positions=positions)
-    np.testing.assert_allclose(packed[0, 5:], repacked[0, 5:], atol=1e-6)
-    # Without segment ids the second document does see the first.
-    unmasked = tiny(tokens, positions=positions)
-    assert np.abs(unmasked[0, 5:] - packed[0, 5:]).max() > 1e-4
+  doc_a = jnp.array([5, 6, 7, 8, 9])
+  doc_b = jnp.array([11, 12, 13])
+  tokens = jnp.concatenate([doc_a, doc_b])[None]
+  segment_ids = jnp.array([[1, 1, 1, 1, 1, 2, 2, 2]])
+  positions = jnp.array([[0, 1, 2, 3, 4, 0, 1, 2]])
+  packed = tiny(tokens, segment_ids=segment_ids, positions=positions)
+  alone_b = tiny(jnp.pad(doc_b, (0, 5))[None])
+  np.testing.assert_allclose(packed[0, 5:], alone_b[0, :3], atol=1e-5)
+  # Another document's tokens do not influence this one.
+  other = tokens.at[0, :5].set(jnp.array([1, 2, 3, 4, 20]))
+  repacked = tiny(other, segment_ids=segment_ids, positions=positions)
+  np.testing.assert_allclose(packed[0, 5:], repacked[0, 5:], atol=1e-6)
+  # Without segment ids the second document does see the first.
+  unmasked = tiny(tokens, positions=positions)
+  assert np.abs(unmasked[0, 5:] - packed[0, 5:]).max() > 1e-4
 
 
 def test_padding_segment_does_not_disturb_real_tokens(tiny):
-    tokens = jnp.array([[3, 4, 5, 6, 0, 0, 0, 0]])
-    segment_ids = jnp.array([[1, 1, 1, 1, 0, 0, 0, 0]])
-    out = tiny(tokens, segment_ids=segment_ids)
-    assert np.isfinite(out).all()
-    changed = tiny(tokens.at[0, 6].set(9), segment_ids=segment_ids)
-    np.testing.assert_allclose(out[0, :4], changed[0, :4], atol=1e-6)
+  tokens = jnp.array([[3, 4, 5, 6, 0, 0, 0, 0]])
+  segment_ids = jnp.array([[1, 1, 1, 1, 0, 0, 0, 0]])
+  out = tiny(tokens, segment_ids=segment_ids)
+  assert np.isfinite(out).all()
+  changed = tiny(tokens.at[0, 6].set(9), segment_ids=segment_ids)
+  np.testing.assert_allclose(out[0, :4], changed[0, :4], atol=1e-6)
 
 
 def test_prefix_lm_is_bidirectional_inside_the_prefix_only(tiny):
-    tokens = jax.random.randint(jax.random.key(2), (1, 8), 0, TINY.vocab_size)
-    prefix = jnp.array([[1, 1, 1, 1, 0, 0, 0, 0]])
-    base = tiny(tokens, causal_attention_mask=prefix)
-    # A later prefix token changes earlier prefix positions...
-    edit_prefix = _bump(tokens, 3)
-    in_prefix = tiny(edit_prefix, causal_attention_mask=prefix)
-    assert np.abs(in_prefix[0, :3] - base[0, :3]).max() > 1e-4
-    # ...which plain causal attention forbids.
-    np.testing.assert_allclose(tiny(tokens)[0, :3], tiny(edit_prefix)[0, :3], atol=1e-6)
-    # Target positions stay causal.
-    in_targets = tiny(_bump(tokens, 6), causal_attention_mask=prefix)
-    np.testing.assert_allclose(in_targets[0, :6], base[0, :6], atol=1e-6)
+  tokens = jax.random.randint(jax.random.key(2), (1, 8), 0, TINY.vocab_size)
+  prefix = jnp.array([[1, 1, 1, 1, 0, 0, 0, 0]])
+  base = tiny(tokens, causal_attention_mask=prefix)
+  # A later prefix token changes earlier prefix positions...
+  edit_prefix = _bump(tokens, 3)
+  in_prefix = tiny(edit_prefix, causal_attention_mask=prefix)
+  assert np.abs(in_prefix[0, :3] - base[0, :3]).max() > 1e-4
+  # ...which plain causal attention forbids.
+  np.testing.assert_allclose(tiny(tokens)[0, :3], tiny(edit_prefix)[0, :3], atol=1e-6)
+  # Target positions stay causal.
+  in_targets = tiny(_bump(tokens, 6), causal_attention_mask=prefix)
+  np.testing.assert_allclose(in_targets[0, :6], base[0, :6], atol=1e-6)
 
 
 def test_rotary_embedding_depends_on_relative_positions_only(tiny):
-    tokens = jax.random.randint(jax.random.key(3), (1, 8), 0, TINY.vocab_size)
-    shifted = tiny(tokens, positions=jnp.arange(8)[None] + 37)
-    np.testing.assert_allclose(tiny(tokens), shifted, atol=2e-4)
-    reordered = tiny(tokens, positions=jnp.array([[0, 2, 1, 3, 4, 5, 6, 7]]))
-    assert np.abs(reordered - tiny(tokens)).max() > 1e-4
+  tokens = jax.random.randint(jax.random.key(3), (1, 8), 0, TINY.vocab_size)
+  shifted = tiny(tokens, positions=jnp.arange(8)[None] + 37)
+  np.testing.assert_allclose(tiny(tokens), shifted, atol=2e-4)
+  reordered = tiny(tokens, positions=jnp.array([[0, 2, 1, 3, 4, 5, 6, 7]]))
+  assert np.abs(reordered - tiny(tokens)).max() > 1e-4
 
 
 def test_dropout_only_when_not_deterministic(tiny_params):
-    config = models.PaLMConfig(**{**TINY.__dict__, "dropout_rate": 0.5})
-    model = models.PaLMDecoder(config=config)
-    tokens = jnp.arange(8)[None]
-    params = tiny_params
-    np.testing.assert_allclose(jax.jit(model.apply)(params, tokens),
-                               jax.jit(models.PaLMDecoder(config=TINY).apply)(params, tokens),
-                               atol=1e-6)
-    train = jax.jit(lambda p, t, key: model.apply(p, t, deterministic=False,
-                                                  rngs={"dropout": key}))
-    a = train(params, tokens, jax.random.key(1))
-    b = train(params, tokens, jax.random.key(2))
-    assert np.abs(a - b).max() > 1e-3
+  config = models.PaLMConfig(**{**TINY.__dict__, "dropout_rate": 0.5})
+  model = models.PaLMDecoder(config=config)
+  tokens = jnp.arange(8)[None]
+  params = tiny_params
+  np.testing.assert_allclose(jax.jit(model.apply)(params, tokens),
+                             jax.jit(models.PaLMDecoder(config=TINY).apply)(params, tokens),
+                             atol=1e-6)
+  train = jax.jit(lambda p, t, key: model.apply(p, t, deterministic=False,
+                                                rngs={"dropout": key}))
+  a = train(params, tokens, jax.random.key(1))
+  b = train(params, tokens, jax.random.key(2))
+  assert np.abs(a - b).max() > 1e-3
 
 
 def test_remat_gives_the_same_gradients(tiny_params):
-    tokens = jnp.arange(8)[None]
+  tokens = jnp.arange(8)[None]
 
-    def grads(config):
-        model = models.PaLMDecoder(config=config)
-        params = tiny_params
-        return jax.jit(jax.grad(lambda p: model.apply(p, tokens).sum()))(params)
+  def grads(config):
+    model = models.PaLMDecoder(config=config)
+    params = tiny_params
+    return jax.jit(jax.grad(lambda p: model.apply(p, tokens).sum()))(params)
 
-    remat = models.PaLMConfig(**{**TINY.__dict__, "remat": True})
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                 grads(TINY), grads(remat))
+  remat = models.PaLMConfig(**{**TINY.__dict__, "remat": True})
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               grads(TINY), grads(remat))
 
 
 @pytest.mark.parametrize("field, value, message", [
     ("head_dim", 7, "even"), ("dtype", "fp8", "dtype"), ("num_layers", 0, "positive"),
     ("dropout_rate", 1.0, "dropout_rate")])
 def test_config_validation_names_the_field(field, value, message):
-    with pytest.raises(ValueError, match=message):
-        models.PaLMConfig(**{**TINY.__dict__, field: value})
+  with pytest.raises(ValueError, match=message):
+    models.PaLMConfig(**{**TINY.__dict__, field: value})
 
 
 @pytest.mark.parametrize("variant", [
     {}, {"multi_query": False}, {"shared_embedding": False}, {"parallel_block": False},
     {"scan_unroll": 1}, {"remat": True}])
 def test_bfloat16_gradients_follow_float32_in_every_variant(variant):
-    """The custom-vjp products (`models.matmul`: transposed operands, optimization barriers)
-    compile and give the float32 gradients, within bfloat16 rounding, in every layout."""
-    base = models.PaLMConfig(**{**TINY.__dict__, "num_layers": 3, **variant})
-    tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, TINY.vocab_size)
-    segments = jnp.array([[1] * 10 + [2] * 6, [1] * 16])
-    params = jax.jit(models.PaLMDecoder(config=base).init)(jax.random.key(0), tokens)
+  """The custom-vjp products (`models.matmul`: transposed operands, optimization barriers)
+  compile and give the float32 gradients, within bfloat16 rounding, in every layout."""
+  base = models.PaLMConfig(**{**TINY.__dict__, "num_layers": 3, **variant})
+  tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, TINY.vocab_size)
+  segments = jnp.array([[1] * 10 + [2] * 6, [1] * 16])
+  params = jax.jit(models.PaLMDecoder(config=base).init)(jax.random.key(0), tokens)
 
-    def grads(dtype):
-        model = models.PaLMDecoder(config=models.PaLMConfig(**{**base.__dict__, "dtype": dtype}))
+  def grads(dtype):
+    model = models.PaLMDecoder(config=models.PaLMConfig(**{**base.__dict__, "dtype": dtype}))
 
-        def loss(p):
-            logits = model.apply(p, tokens, segment_ids=segments)
-            return -jnp.mean(jax.nn.log_softmax(logits.astype(jnp.float32))[..., 0])
-        return jax.jit(jax.grad(loss))(params)
+    def loss(p):
+      logits = model.apply(p, tokens, segment_ids=segments)
+      return -jnp.mean(jax.nn.log_softmax(logits.astype(jnp.float32))[..., 0])
+    return jax.jit(jax.grad(loss))(params)
 
-    g32, g16 = nn.unbox(grads("float32")), nn.unbox(grads("bfloat16"))
-    leaves16 = jax.tree.leaves(g16)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g32), leaves16, strict=True):
-        name = jax.tree_util.keystr(path)
-        assert b.shape == a.shape and b.dtype == np.float32, name
-        a, b = np.asarray(a), np.asarray(b)
-        cos = float(np.sum(a * b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
-        assert cos > 0.99, f"{name}: cosine {cos:.4f} ({variant})"
-        np.testing.assert_allclose(np.linalg.norm(b), np.linalg.norm(a), rtol=0.05,
-                                   err_msg=name)
+  g32, g16 = nn.unbox(grads("float32")), nn.unbox(grads("bfloat16"))
+  leaves16 = jax.tree.leaves(g16)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g32), leaves16, strict=True):
+    name = jax.tree_util.keystr(path)
+    assert b.shape == a.shape and b.dtype == np.float32, name
+    a, b = np.asarray(a), np.asarray(b)
+    cos = float(np.sum(a * b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+    assert cos > 0.99, f"{name}: cosine {cos:.4f} ({variant})"
+    np.testing.assert_allclose(np.linalg.norm(b), np.linalg.norm(a), rtol=0.05,
+                               err_msg=name)

@@ -220,19 +220,25 @@ class BlockRemainders(_BlockCounters):
 
 # ----------------------------------------------------------------------------- reading ranges
 
-def plan_ranges(pattern: str, num_ranges: int) -> list[tuple[int, str, int, int]]:
-  """The input cut into about `num_ranges` contiguous byte ranges of about equal size.
+def plan_ranges(pattern: str, num_ranges: int,
+                max_range_bytes: int | None = None) -> list[tuple[int, str, int, int]]:
+  """The input cut into about `num_ranges` contiguous byte ranges of about equal size (more if
+  a range would exceed `max_range_bytes`).
 
   Returns `(index, path, start, end)` in file-name order; a range holds the lines that start
   at a byte offset in `[start, end)`. A compressed file (by extension) is one range with
-  `end = -1` (read whole). The ranges depend only on the files' names and sizes.
+  `end = -1` (read whole). The ranges depend only on the files' names and sizes and the
+  two numbers.
   """
   found = FileSystems.match([pattern])[0].metadata_list
   if not found:
     raise DocumentsError(f"--documents {pattern!r} matches no file: give the corpus stage's "
                          "documents (a JSONL file pattern)")
   files = sorted((m.path, m.size_in_bytes) for m in found)
-  target = sum(size for _, size in files) / max(1, num_ranges)  # bytes a range
+  total = sum(size for _, size in files)
+  if max_range_bytes:
+    num_ranges = max(num_ranges, -(-total // max_range_bytes))
+  target = total / max(1, num_ranges)  # bytes a range
   out = []
   for path, size in files:
     if CompressionTypes.detect_compression_type(path) != CompressionTypes.UNCOMPRESSED:
@@ -241,6 +247,8 @@ def plan_ranges(pattern: str, num_ranges: int) -> list[tuple[int, str, int, int]
     if not size:
       continue
     k = max(1, round(size / target))  # equal ranges of the file, none left over
+    if max_range_bytes:
+      k = max(k, -(-size // max_range_bytes))
     bounds = [size * j // k for j in range(k + 1)]
     first = len(out)
     out.extend((first + j, path, lo, hi) for j, (lo, hi) in enumerate(zip(bounds, bounds[1:])))
@@ -558,7 +566,8 @@ def build(p: beam.Pipeline, args) -> None:
   """Adds the job's transforms to `p`."""
   prefix = FileSystems.join(args.output_dir, "blocks")
   _ = (p
-       | "ReadDocuments" >> beam.Create(plan_ranges(args.documents, args.num_buckets))
+       | "ReadDocuments" >> beam.Create(plan_ranges(args.documents, args.num_buckets,
+                                                    int(args.max_range_mb * 1e6)))
        | "TokenizeAndBlock" >> TokenizeAndBlockFiles(
            vocab_path=args.vocab, block_length=args.block_length, seed=args.seed,
            mode=args.mode)
@@ -577,6 +586,9 @@ def parse_args(argv=None):
                       help="the documents are cut into about this many contiguous byte ranges "
                            "(plus file boundaries), each read, tokenized and blocked by one "
                            "worker: the unit of parallelism")
+  parser.add_argument("--max_range_mb", type=float, default=256,
+                      help="more ranges than --num_buckets where a range would be larger "
+                           "(so a large corpus spreads over workers whatever --num_buckets)")
   parser.add_argument("--format", default="tfrecord", choices=["tfrecord", "array_record"])
   parser.add_argument("--seed", type=int, default=0)
   return parser.parse_known_args(argv)
@@ -605,6 +617,7 @@ def stats_from_counters(c: dict, args) -> dict:
       "packing_efficiency": c.get("non_pad_tokens", 0) / max(1, c.get("block_tokens", 0)),
       "per_source": per_source, "rejections": rejections,
       "num_shards": args.num_shards, "num_buckets": args.num_buckets,
+      "max_range_mb": args.max_range_mb,
       "format": args.format, "seed": args.seed,
       "shard_pattern": shards.shard_pattern(FileSystems.join(args.output_dir, "blocks"),
                                             args.num_shards, args.format),

@@ -17,6 +17,8 @@ class BlocksSettings:
   num_buckets: int = setting(8, doc="about how many contiguous byte ranges the documents are "
                                     "cut into (the unit of parallelism; each range's tail is "
                                     "packed with the others')")
+  max_range_mb: float = setting(256.0, doc="more ranges than num_buckets where a range would "
+                                           "be larger than this (MB of documents)")
   format: str = setting("tfrecord", doc="tfrecord | array_record")
   seed: int = setting(0, doc="shuffle seed (blocks across shards)")
 
@@ -27,6 +29,8 @@ class BlocksSettings:
       raise ValueError(f"format: {self.format!r} is not tfrecord or array_record")
     if self.block_length < 2:
       raise ValueError("block_length: must be at least 2")
+    if self.max_range_mb <= 0:
+      raise ValueError("max_range_mb: must be positive")
 
 
 def task_name(pipeline: str, stage: str, fingerprint: str) -> str:
@@ -51,6 +55,7 @@ class Blocks(StageKind):
     argv = [f"--documents={docs}", f"--vocab={vocab_path}", f"--output_dir={ctx.out_dir}",
             f"--block_length={s.block_length}", f"--mode={s.mode}",
             f"--num_shards={s.num_shards}", f"--num_buckets={s.num_buckets}",
+            f"--max_range_mb={s.max_range_mb}",
             f"--format={s.format}", f"--seed={s.seed}"]
     stats = job.run(argv + beam_args(ctx.placement, job_name=f"{ctx.pipeline}-{ctx.name}"))
     ctx.log(f"{stats['documents']} documents, {stats['tokens']} tokens -> {stats['blocks']} "

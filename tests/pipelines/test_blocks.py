@@ -288,6 +288,13 @@ def test_ranges_cover_every_line_once(tmp_path):
     assert got == lines, f"{n} ranges"
     if n == 7:
       assert len(ranges) >= 7
+  # a cap on a range's size adds ranges whatever the requested number
+  capped = blocks.plan_ranges(str(tmp_path / "*.jsonl*"), 1, max_range_bytes=1000)
+  uncompressed = sum(len(l) for l in lines[:250])
+  assert len(capped) >= -(-uncompressed // 1000) + 1
+  assert all(end - start <= 1000 for _, _, start, end in capped if end >= 0)
+  assert [line for _, path, start, end in capped
+          for _, line in blocks.range_lines(path, start, end)] == lines
   with pytest.raises(blocks.DocumentsError, match="matches no file"):
     blocks.plan_ranges(str(tmp_path / "nothing*"), 4)
 

@@ -137,8 +137,8 @@ class ConcatPacker:
 class _BlockCounters(beam.DoFn):
   """Counters shared by the DoFns that tokenize and block (they feed `stats.json`)."""
 
-  def __init__(self, block_length: int, seed: int):
-    self._len, self._seed = block_length, seed
+  def __init__(self, block_length: int, seed: int, num_shards: int | None = None):
+    self._len, self._seed, self._num_shards = block_length, seed, num_shards
     self._docs_in = beam.metrics.Metrics.counter(NS, "documents")
     self._tokens = beam.metrics.Metrics.counter(NS, "tokens")
     self._empty = beam.metrics.Metrics.counter(NS, "empty_documents")
@@ -175,6 +175,22 @@ class _BlockCounters(beam.DoFn):
     self._all.inc(len(tokens))
     return (shards.stable_hash(self._seed, "shuffle", *key_parts),
             serialize_block(tokens, segments, positions))
+
+  def _batches(self):
+    """A function sending (shuffle key, record) pairs on as they are (no `num_shards`), or
+    collecting them into per-shard batches for `WriteShards(batched=True)` (call it with
+    None at the end for the last batches)."""
+    if not self._num_shards:
+      return lambda records: records if records is not None else ()
+    batcher = shards.ShardBatches(self._num_shards)
+
+    def send(records):
+      if records is None:
+        yield from batcher.finish()
+        return
+      for key, record in records:
+        yield from batcher.add(key, record)
+    return send
 
   def _pad_blocks(self, doc_ids, ids):
     """pad mode: one block per document, ids + EOS trimmed or padded to the block length."""
@@ -213,9 +229,12 @@ class BlockRemainders(_BlockCounters):
     # documents numbered across ranges: (range, doc number) -> one increasing number
     offsets = np.cumsum([0] + [int(t[2].max()) + 1 for t in tails[:-1]])
     docs = np.concatenate([t[2] + off for t, off in zip(tails, offsets)])
-    for b, start in enumerate(range(0, len(tokens), L)):
-      sl = slice(start, start + L)
-      yield self._emit(("remainder", b), *block_features(tokens[sl], docs[sl], L))
+    send = self._batches()
+    blocks = (self._emit(("remainder", b), *block_features(tokens[start:start + L],
+                                                            docs[start:start + L], L))
+              for b, start in enumerate(range(0, len(tokens), L)))
+    yield from send(blocks)
+    yield from send(None)
 
 
 # ----------------------------------------------------------------------------- reading ranges
@@ -283,8 +302,8 @@ class TokenizeAndBlockRanges(_BlockCounters):
   """
 
   def __init__(self, vocab_path: str, block_length: int, seed: int, mode: str = "concat",
-               batch_size: int = 256):
-    super().__init__(block_length, seed)
+               batch_size: int = 256, num_shards: int | None = None):
+    super().__init__(block_length, seed, num_shards)
     self._vocab_path, self._mode, self._batch_size = vocab_path, mode, batch_size
     self._trimmed = beam.metrics.Metrics.counter(NS, "trimmed_tokens")
     self._trimmed_docs = beam.metrics.Metrics.counter(NS, "trimmed_documents")
@@ -302,6 +321,7 @@ class TokenizeAndBlockRanges(_BlockCounters):
   def process(self, element):
     index, path, start, end = element
     packer = ConcatPacker(self._len) if self._mode == "concat" else None
+    send = self._batches()
     block_no = 0
     doc_ids: list[str] = []
     texts: list[str] = []
@@ -321,11 +341,13 @@ class TokenizeAndBlockRanges(_BlockCounters):
         ids_of = doc_ids
       self._count_docs(ids_of, ids)
       if packer is None:
-        yield from self._pad_blocks(ids_of, ids)
+        yield from send(self._pad_blocks(ids_of, ids))
         return
+      blocks = []
       for tok, doc in packer.add(ids):
-        yield self._emit((index, block_no), *block_features(tok, doc, self._len))
+        blocks.append(self._emit((index, block_no), *block_features(tok, doc, self._len)))
         block_no += 1
+      yield from send(blocks)
 
     for offset, line in range_lines(path, start, end):
       if not line.strip():
@@ -346,6 +368,7 @@ class TokenizeAndBlockRanges(_BlockCounters):
         doc_ids, texts = [], []
     if texts:
       yield from flush()
+    yield from send(None)
     if packer is not None:
       tok, doc = packer.tail()
       if len(tok):
@@ -356,32 +379,37 @@ class TokenizeAndBlockFiles(beam.PTransform):
   """byte ranges (`plan_ranges`) -> (shuffle key, serialized tf.Example) blocks."""
 
   def __init__(self, *, vocab_path: str, block_length: int, seed: int = 0,
-               mode: str = "concat"):
+               mode: str = "concat", num_shards: int | None = None):
+    """With `num_shards`, the output is `(shard_index, [(shuffle key, record), ...])`
+    batches for `WriteShards(batched=True)` (few elements cross the shard shuffle)."""
     super().__init__()
     _check(block_length, mode)
     self._vocab, self._len, self._seed, self._mode = vocab_path, block_length, seed, mode
+    self._num_shards = num_shards
 
   def expand(self, ranges):
-    fn = TokenizeAndBlockRanges(self._vocab, self._len, self._seed, self._mode)
+    fn = TokenizeAndBlockRanges(self._vocab, self._len, self._seed, self._mode,
+                                num_shards=self._num_shards)
     if self._mode == "pad":
       return ranges | "TokenizeAndBlockRanges" >> beam.ParDo(fn)
     blocked = ranges | "TokenizeAndBlockRanges" >> beam.ParDo(fn).with_outputs(
         REMAINDER, main="blocks")
-    return (blocked.blocks, blocked[REMAINDER] | "Tails" >> PackTails(self._len, self._seed)
-            ) | "AllBlocks" >> beam.Flatten()
+    tails = blocked[REMAINDER] | "Tails" >> PackTails(self._len, self._seed, self._num_shards)
+    return (blocked.blocks, tails) | "AllBlocks" >> beam.Flatten()
 
 
 class PackTails(beam.PTransform):
   """(0, (range, tokens, docs)) tails -> their blocks, packed together in range order."""
 
-  def __init__(self, block_length: int, seed: int):
+  def __init__(self, block_length: int, seed: int, num_shards: int | None = None):
     super().__init__()
-    self._len, self._seed = block_length, seed
+    self._len, self._seed, self._num_shards = block_length, seed, num_shards
 
   def expand(self, tails):
     return (tails
             | "GroupRemainders" >> beam.GroupByKey()
-            | "BlockRemainders" >> beam.ParDo(BlockRemainders(self._len, self._seed)))
+            | "BlockRemainders" >> beam.ParDo(BlockRemainders(self._len, self._seed,
+                                                               self._num_shards)))
 
 
 def _check(block_length: int, mode: str) -> None:
@@ -570,9 +598,9 @@ def build(p: beam.Pipeline, args) -> None:
                                                     int(args.max_range_mb * 1e6)))
        | "TokenizeAndBlock" >> TokenizeAndBlockFiles(
            vocab_path=args.vocab, block_length=args.block_length, seed=args.seed,
-           mode=args.mode)
+           mode=args.mode, num_shards=args.num_shards)
        | "WriteShards" >> shards.WriteShards(prefix, num_shards=args.num_shards,
-                                             fmt=args.format))
+                                             fmt=args.format, batched=True))
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)

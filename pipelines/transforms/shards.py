@@ -67,13 +67,20 @@ class _WriteShard(beam.DoFn):
 
 
 class WriteShards(beam.PTransform):
-  """(sort_key, bytes) -> shard files; outputs (shard_index, record_count) per shard."""
+  """(sort_key, bytes) -> shard files; outputs (shard_index, record_count) per shard.
 
-  def __init__(self, prefix: str, *, num_shards: int, fmt: str = "tfrecord"):
+  With `batched=True` the input is instead `(shard_index, [(sort_key, bytes), ...])` batches
+  (`ShardBatches` makes them): the producer has already picked each record's shard
+  (`sort_key % num_shards`), and a few large elements cross the shuffle instead of one per
+  record, which costs much less on runners that move elements between processes.
+  """
+
+  def __init__(self, prefix: str, *, num_shards: int, fmt: str = "tfrecord",
+               batched: bool = False):
     super().__init__()
     if fmt not in FORMATS:
       raise ValueError(f"unknown shard format {fmt!r}; use one of {FORMATS}")
-    self._prefix, self._n, self._fmt = prefix, num_shards, fmt
+    self._prefix, self._n, self._fmt, self._batched = prefix, num_shards, fmt, batched
 
   def expand(self, pcoll):
     n = self._n
@@ -82,14 +89,43 @@ class WriteShards(beam.PTransform):
     empty = (pcoll.pipeline
              | "AllShards" >> beam.Create([(i, None) for i in range(n)], reshuffle=False))
     # named functions with type hints: Beam need not infer types from the bytecode of lambdas
-    keyed = pcoll | "ByShard" >> beam.Map(_by_shard, n).with_output_types(
-        beam.typehints.Tuple[int, beam.typehints.Any])
+    if self._batched:
+      keyed, join = pcoll, _join_batches
+    else:
+      keyed = pcoll | "ByShard" >> beam.Map(_by_shard, n).with_output_types(
+          beam.typehints.Tuple[int, beam.typehints.Any])
+      join = _drop_markers
     return ((keyed, empty)
             | "Merge" >> beam.Flatten()
             | "GroupShard" >> beam.GroupByKey()
-            | "DropMarkers" >> beam.MapTuple(_drop_markers).with_output_types(
+            | "DropMarkers" >> beam.MapTuple(join).with_output_types(
                 beam.typehints.Tuple[int, beam.typehints.List[beam.typehints.Any]])
             | "Write" >> beam.ParDo(_WriteShard(self._prefix, n, self._fmt)))
+
+
+class ShardBatches:
+  """Collects (sort_key, bytes) records into `(shard_index, [(sort_key, bytes), ...])`
+  batches for `WriteShards(batched=True)`: `add` returns the batches that reached about
+  `max_bytes`, `finish` the rest (in shard order)."""
+
+  def __init__(self, num_shards: int, max_bytes: int = 64 << 20):
+    self._n, self._max = num_shards, max_bytes
+    self._batches: dict[int, list] = {}
+    self._sizes: dict[int, int] = {}
+
+  def add(self, key: int, record: bytes) -> list[tuple[int, list]]:
+    shard = key % self._n
+    self._batches.setdefault(shard, []).append((key, record))
+    self._sizes[shard] = self._sizes.get(shard, 0) + len(record)
+    if self._sizes[shard] < self._max:
+      return []
+    self._sizes[shard] = 0
+    return [(shard, self._batches.pop(shard))]
+
+  def finish(self) -> list[tuple[int, list]]:
+    out = [(shard, self._batches[shard]) for shard in sorted(self._batches)]
+    self._batches, self._sizes = {}, {}
+    return out
 
 
 def _by_shard(kv, n: int):
@@ -98,3 +134,7 @@ def _by_shard(kv, n: int):
 
 def _drop_markers(index: int, items):
   return index, [x for x in items if x]
+
+
+def _join_batches(index: int, batches):
+  return index, [kv for batch in batches if batch for kv in batch]

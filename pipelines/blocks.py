@@ -176,20 +176,32 @@ class _BlockCounters(beam.DoFn):
     return (shards.stable_hash(self._seed, "shuffle", *key_parts),
             serialize_block(tokens, segments, positions))
 
-  def _batches(self):
+  def _batches(self, run_prefix: str | None = None):
     """A function sending (shuffle key, record) pairs on as they are (no `num_shards`), or
     collecting them into per-shard batches for `WriteShards(batched=True)` (call it with
-    None at the end for the last batches)."""
+    None at the end for the last batches). With `run_prefix`, each batch is written to a
+    sorted run file `<run_prefix>-s<shard>-<n>` and only `(shard, path)` is sent on."""
     if not self._num_shards:
       return lambda records: records if records is not None else ()
     batcher = shards.ShardBatches(self._num_shards)
+    written: dict[int, int] = {}
+
+    def out(batches):
+      for shard, batch in batches:
+        if run_prefix is None:
+          yield shard, batch
+          continue
+        n = written[shard] = written.get(shard, -1) + 1
+        path = f"{run_prefix}-s{shard:05d}-{n:04d}"
+        shards.write_run(path, batch)
+        yield shard, path
 
     def send(records):
       if records is None:
-        yield from batcher.finish()
+        yield from out(batcher.finish())
         return
       for key, record in records:
-        yield from batcher.add(key, record)
+        yield from out(batcher.add(key, record))
     return send
 
   def _pad_blocks(self, doc_ids, ids):
@@ -302,9 +314,11 @@ class TokenizeAndBlockRanges(_BlockCounters):
   """
 
   def __init__(self, vocab_path: str, block_length: int, seed: int, mode: str = "concat",
-               batch_size: int = 256, num_shards: int | None = None):
+               batch_size: int = 256, num_shards: int | None = None,
+               run_dir: str | None = None):
     super().__init__(block_length, seed, num_shards)
     self._vocab_path, self._mode, self._batch_size = vocab_path, mode, batch_size
+    self._run_dir = run_dir
     self._trimmed = beam.metrics.Metrics.counter(NS, "trimmed_tokens")
     self._trimmed_docs = beam.metrics.Metrics.counter(NS, "trimmed_documents")
     self._progress = Reporter("blocks", "documents tokenized")
@@ -321,7 +335,8 @@ class TokenizeAndBlockRanges(_BlockCounters):
   def process(self, element):
     index, path, start, end = element
     packer = ConcatPacker(self._len) if self._mode == "concat" else None
-    send = self._batches()
+    send = self._batches(FileSystems.join(self._run_dir, f"run-{index:06d}")
+                         if self._run_dir and self._num_shards else None)
     block_no = 0
     doc_ids: list[str] = []
     texts: list[str] = []
@@ -379,17 +394,20 @@ class TokenizeAndBlockFiles(beam.PTransform):
   """byte ranges (`plan_ranges`) -> (shuffle key, serialized tf.Example) blocks."""
 
   def __init__(self, *, vocab_path: str, block_length: int, seed: int = 0,
-               mode: str = "concat", num_shards: int | None = None):
+               mode: str = "concat", num_shards: int | None = None,
+               run_dir: str | None = None):
     """With `num_shards`, the output is `(shard_index, [(shuffle key, record), ...])`
-    batches for `WriteShards(batched=True)` (few elements cross the shard shuffle)."""
+    batches for `WriteShards(batched=True)` (few elements cross the shard shuffle); with
+    `run_dir` too, the ranges' blocks are written there as sorted run files and only
+    `(shard_index, path)` crosses it (the caller deletes `run_dir` after the job)."""
     super().__init__()
     _check(block_length, mode)
     self._vocab, self._len, self._seed, self._mode = vocab_path, block_length, seed, mode
-    self._num_shards = num_shards
+    self._num_shards, self._run_dir = num_shards, run_dir
 
   def expand(self, ranges):
     fn = TokenizeAndBlockRanges(self._vocab, self._len, self._seed, self._mode,
-                                num_shards=self._num_shards)
+                                num_shards=self._num_shards, run_dir=self._run_dir)
     if self._mode == "pad":
       return ranges | "TokenizeAndBlockRanges" >> beam.ParDo(fn)
     blocked = ranges | "TokenizeAndBlockRanges" >> beam.ParDo(fn).with_outputs(
@@ -590,6 +608,17 @@ class TokenizeAndBlock(beam.PTransform):
 
 # ----------------------------------------------------------------------------- the job
 
+def run_dir(args) -> str:
+  """Where the workers write their sorted runs of blocks (deleted when the job is done)."""
+  return FileSystems.join(args.output_dir, "runs.tmp")
+
+
+def _delete_runs(args) -> None:
+  path = run_dir(args)
+  if FileSystems.exists(path):
+    FileSystems.delete([path])
+
+
 def build(p: beam.Pipeline, args) -> None:
   """Adds the job's transforms to `p`."""
   prefix = FileSystems.join(args.output_dir, "blocks")
@@ -598,7 +627,7 @@ def build(p: beam.Pipeline, args) -> None:
                                                     int(args.max_range_mb * 1e6)))
        | "TokenizeAndBlock" >> TokenizeAndBlockFiles(
            vocab_path=args.vocab, block_length=args.block_length, seed=args.seed,
-           mode=args.mode, num_shards=args.num_shards)
+           mode=args.mode, num_shards=args.num_shards, run_dir=run_dir(args))
        | "WriteShards" >> shards.WriteShards(prefix, num_shards=args.num_shards,
                                              fmt=args.format, batched=True))
 def parse_args(argv=None):
@@ -660,6 +689,7 @@ def run(argv=None) -> dict:
   counters = jobs.run_and_count(p, NS)
   if counters is None:  # --dry_run: the job graph was built and nothing ran
     return {}
+  _delete_runs(args)
   stats = stats_from_counters(counters, args)
   jobs.write_json(FileSystems.join(args.output_dir, "stats.json"), stats)
   return stats

@@ -12,6 +12,8 @@ through the library's own C++ I/O, so local (or FUSE-mounted) paths only.
 from __future__ import annotations
 
 import hashlib
+import heapq
+import struct
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -41,8 +43,11 @@ class _WriteShard(beam.DoFn):
     self._prefix, self._n, self._fmt = prefix, num_shards, fmt
 
   def process(self, item):
-    index, keyed = item
-    records = [r for _, r in sorted(keyed, key=lambda kv: (kv[0], kv[1]))]
+    index, parts = item
+    # in-memory (key, record) pairs, and sorted run files (`write_run`) to merge with them
+    runs = [x for x in parts if isinstance(x, str)]
+    keyed = sorted(x for x in parts if not isinstance(x, str))
+    records = [r for _, r in heapq.merge(keyed, *(read_run(path) for path in sorted(runs)))]
     final = shard_name(self._prefix, index, self._n, self._fmt)
     tmp = final + ".tmp"
     if self._fmt == "tfrecord":
@@ -69,10 +74,12 @@ class _WriteShard(beam.DoFn):
 class WriteShards(beam.PTransform):
   """(sort_key, bytes) -> shard files; outputs (shard_index, record_count) per shard.
 
-  With `batched=True` the input is instead `(shard_index, [(sort_key, bytes), ...])` batches
-  (`ShardBatches` makes them): the producer has already picked each record's shard
-  (`sort_key % num_shards`), and a few large elements cross the shuffle instead of one per
-  record, which costs much less on runners that move elements between processes.
+  With `batched=True` the input is instead `(shard_index, part)`, where a part is a batch
+  `[(sort_key, bytes), ...]` (`ShardBatches` makes them) or the path of a run file of such
+  pairs (`write_run`): the producer has already picked each record's shard
+  (`sort_key % num_shards`), and a few elements cross the shuffle instead of one per record
+  (with run files, only their names). A shard's writer merges its batches and runs in key
+  order; run files are the producer's to delete once the job is done.
   """
 
   def __init__(self, prefix: str, *, num_shards: int, fmt: str = "tfrecord",
@@ -101,6 +108,30 @@ class WriteShards(beam.PTransform):
             | "DropMarkers" >> beam.MapTuple(join).with_output_types(
                 beam.typehints.Tuple[int, beam.typehints.List[beam.typehints.Any]])
             | "Write" >> beam.ParDo(_WriteShard(self._prefix, n, self._fmt)))
+
+
+_RUN_HEADER = struct.Struct("<QI")  # sort key, record length
+
+
+def write_run(path: str, keyed) -> None:
+  """Writes (sort_key, record) pairs sorted by (key, record) to a run file (atomically)."""
+  with FileSystems.create(path + ".tmp") as f:
+    for key, record in sorted(keyed):
+      f.write(_RUN_HEADER.pack(key, len(record)))
+      f.write(record)
+  FileSystems.rename([path + ".tmp"], [path])
+
+
+def read_run(path: str):
+  """The (sort_key, record) pairs of a run file, in order."""
+  with FileSystems.open(path) as f:
+    data = f.read()
+  at, n = 0, len(data)
+  while at < n:
+    key, size = _RUN_HEADER.unpack_from(data, at)
+    at += _RUN_HEADER.size
+    yield key, data[at:at + size]
+    at += size
 
 
 class ShardBatches:
@@ -136,5 +167,11 @@ def _drop_markers(index: int, items):
   return index, [x for x in items if x]
 
 
-def _join_batches(index: int, batches):
-  return index, [kv for batch in batches if batch for kv in batch]
+def _join_batches(index: int, parts):
+  out = []
+  for part in parts:
+    if isinstance(part, str):
+      out.append(part)       # a run file
+    elif part:
+      out.extend(part)       # a batch of (key, record)
+  return index, out

@@ -245,6 +245,7 @@ def test_job_is_byte_identical_shuffled_and_counts(tmp_path, vocab):
   assert shard_bytes(c["shard_pattern"]) != files_a  # the seed changes the shuffle
   stats = json.loads((tmp_path / "a" / "stats.json").read_text())
   assert stats == a
+  assert not (tmp_path / "a" / "runs.tmp").exists()  # the workers' sorted runs are gone
   assert stats["documents_in"] == 121 and stats["documents_out"] == 120
   assert stats["rejections"] == {"empty_after_tokenization": 1}
   assert stats["per_source"] == {"syn": {"documents": 120, "tokens": stats["tokens"]}}

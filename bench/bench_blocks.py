@@ -3,7 +3,8 @@
 In one go, on the same ~20 MB corpus and the same SentencePiece model:
   loop    read the JSONL documents, encode them with sentencepiece (batched, one thread, as
           the job does), concatenate with EOS, cut into blocks of `--block_length` with segment
-          ids and positions, serialize tf.Example (the job's function), write a TFRecord file:
+          ids and positions, serialize tf.Example (the job's functions for joining, cutting
+          and serializing, so that the ratio is Beam's overhead), write a TFRecord file:
           the plain Python baseline that the ratios divide by;
   loop_mt the same loop with sentencepiece's default threads (all cores), for reference;
   beam1   `pipelines.blocks.run` on DirectRunner, `--direct_num_workers=1`;
@@ -143,14 +144,15 @@ def plain_loop(doc_files: list[str], vocab: str, out_path: str, block_length: in
                batch_size: int = 256, num_threads: int = 1) -> dict:
   """The same work as the Beam job, as one plain Python loop; returns its counts.
 
-  It encodes with the same sentencepiece calls as the job's Tokenize (`batch_size` documents
-  a call, `num_threads` threads; -1: sentencepiece's default, all cores) and serializes each
-  block with the job's own tf.Example function, so the difference is Beam's.
+  It encodes with the same sentencepiece calls as the job (`batch_size` documents a call,
+  `num_threads` threads; -1: sentencepiece's default, all cores), and joins documents, cuts
+  blocks and serializes them with the job's own functions (`join_documents`,
+  `block_features`, `serialize_block`), so the difference is Beam's.
   """
   import numpy as np
   import sentencepiece as spm
   import tensorflow as tf
-  from pipelines.blocks import serialize_block as serialize  # the job's serializer
+  from pipelines.blocks import block_features, join_documents, serialize_block
   sp = spm.SentencePieceProcessor(model_file=vocab)
   L = block_length
   counts = {"documents": 0, "tokens": 0, "blocks": 0, "non_pad_tokens": 0}
@@ -160,16 +162,9 @@ def plain_loop(doc_files: list[str], vocab: str, out_path: str, block_length: in
 
   with tf.io.TFRecordWriter(out_path) as writer:
     def emit(tok, doc):
-      n = len(tok)
-      starts = np.ones(n, bool)
-      starts[1:] = doc[1:] != doc[:-1]
-      seg = np.cumsum(starts, dtype=np.int64)
-      pos = np.arange(n, dtype=np.int64) - np.flatnonzero(starts)[seg - 1]
-      pad = L - n
-      writer.write(serialize(np.pad(tok, (0, pad)), np.pad(seg, (0, pad)),
-                             np.pad(pos, (0, pad))))
+      writer.write(serialize_block(*block_features(tok, doc, L)))
       counts["blocks"] += 1
-      counts["non_pad_tokens"] += n
+      counts["non_pad_tokens"] += len(tok)
 
     def flush(texts):
       nonlocal carry_tok, carry_doc, next_doc
@@ -177,13 +172,10 @@ def plain_loop(doc_files: list[str], vocab: str, out_path: str, block_length: in
       counts["documents"] += len(texts)
       if not ids:
         return
-      lengths = np.array([len(x) + 1 for x in ids])
-      tok = np.concatenate([carry_tok] + [np.append(np.asarray(x, np.int64), EOS_ID)
-                                          for x in ids])
-      doc = np.concatenate([carry_doc, np.repeat(np.arange(next_doc, next_doc + len(ids)),
-                                                 lengths)])
+      tok, doc = join_documents(ids, next_doc)
       next_doc += len(ids)
-      counts["tokens"] += int(lengths.sum())
+      counts["tokens"] += len(tok)
+      tok, doc = np.concatenate([carry_tok, tok]), np.concatenate([carry_doc, doc])
       full = len(tok) // L
       for b in range(full):
         emit(tok[b * L:(b + 1) * L], doc[b * L:(b + 1) * L])

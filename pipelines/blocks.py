@@ -614,7 +614,12 @@ def run_dir(args) -> str:
 
 
 def _delete_runs(args) -> None:
+  """Deletes the run files (by listing them: on object stores a folder is only a prefix),
+  then the local folder if there is one."""
   path = run_dir(args)
+  found = FileSystems.match([FileSystems.join(path, "*")])[0].metadata_list
+  if found:
+    FileSystems.delete([m.path for m in found])
   if FileSystems.exists(path):
     FileSystems.delete([path])
 

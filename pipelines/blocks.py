@@ -6,6 +6,9 @@ cut into blocks of exactly `block_length` tokens. The input is cut into contiguo
 of about equal size (`--num_buckets` of them, plus file boundaries; a compressed file is one
 range), the unit of parallelism: a worker reads its range, tokenizes its documents in batches
 and cuts full blocks as it goes, in file order, so nothing per document crosses a shuffle.
+It writes the blocks as sorted per-shard run files under `<output_dir>/runs.tmp/` and only
+their names cross the shard shuffle; each shard's writer merges its runs (the folder is
+deleted when the job is done).
 Each range's tail, shorter than a block, is packed with all the other ranges' tails at the
 end, so the whole output has at most one partly padded block.
 

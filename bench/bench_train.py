@@ -186,18 +186,11 @@ def main(argv=None) -> int:
     variables, abstract = partitioner.sharded_init(init_fn, jax.random.PRNGKey(0))
     params = variables["params"]
     tx = model.optimizer
-    # As `train_lib.restore_train_state`: optimizer leaves not yet on the mesh (step
-    # counters) replicated over it, so the step sees the same shardings on every call.
-    replicated = jax.sharding.NamedSharding(partitioner.mesh, jax.sharding.PartitionSpec())
-    opt_state = jax.tree.map(
-        lambda x: x if getattr(getattr(x, "sharding", None), "mesh", None) == partitioner.mesh
-        else jax.device_put(x, replicated), jax.jit(tx.init)(params))
-    state_shardings = (partitioner.get_param_shardings(abstract["params"]),
-                       jax.tree.map(lambda x: x.sharding, opt_state))
-    step_fn = partitioner.partition(
-        train_lib.make_train_step(model, tx, num_microbatches=1, dropout_seed=0,
-                                  learning_rate_fn=schedule),
-        out_shardings=state_shardings + (None,), donate_argnums=(0, 1))
+    opt_state = train_lib.place_on_mesh(jax.jit(tx.init)(params), partitioner.mesh)
+    step_fn = train_lib.partition_train_step(
+        partitioner, train_lib.make_train_step(model, tx, num_microbatches=1, dropout_seed=0,
+                                               learning_rate_fn=schedule),
+        abstract["params"], opt_state)
     state = {"params": params, "opt": opt_state, "step": 0}
 
     def run(n: int) -> float:

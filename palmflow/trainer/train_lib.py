@@ -232,8 +232,9 @@ def _vocab_digest(cfg: data_lib.DatasetConfig) -> str | None:
   return ckpt_lib.vocabulary_digest(feature.vocabulary) if feature is not None else None
 
 
-def _on_mesh(tree, mesh):
-  """Leaves not placed on `mesh` (e.g. optimizer step counters) replicated over it."""
+def place_on_mesh(tree, mesh):
+  """Leaves not placed on `mesh` (e.g. optimizer step counters) replicated over it, so a
+  partitioned step sees the same shardings on every call."""
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   def place(x):
@@ -242,6 +243,23 @@ def _on_mesh(tree, mesh):
       return x
     return jax.device_put(x, rep)
   return jax.tree.map(place, tree)
+
+
+def partition_train_step(partitioner: Partitioner, step: Callable, abstract_params,
+                         opt_state) -> Callable:
+  """`step` (from `make_train_step`) jitted over the mesh, its state donated and its outputs
+  pinned to the inputs' shardings: parameters stay sharded as the rules say.
+
+  Args:
+    partitioner: the mesh and rules.
+    step: (params, opt_state, batch, step) -> (params, opt_state, metrics).
+    abstract_params: the boxed abstract parameters (`Partitioner.sharded_init`).
+    opt_state: the optimizer state as it will be passed (on the mesh: `place_on_mesh`).
+  """
+  state_shardings = (partitioner.get_param_shardings(abstract_params),
+                     jax.tree.map(lambda x: x.sharding, opt_state))
+  return partitioner.partition(step, out_shardings=state_shardings + (None,),
+                               donate_argnums=(0, 1))
 
 
 def restore_train_state(checkpointer: ckpt_lib.Checkpointer, params, opt_state, *, mesh,
@@ -257,7 +275,7 @@ def restore_train_state(checkpointer: ckpt_lib.Checkpointer, params, opt_state, 
     ConfigError: the initial checkpoint's shapes or vocabulary differ from the model's, or
       TRAIN_STEPS is not beyond its step (TRAIN_STEPS is absolute).
   """
-  opt_state = _on_mesh(opt_state, mesh)
+  opt_state = place_on_mesh(opt_state, mesh)
   abstract_of = lambda t: jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), t)
   restored = checkpointer.restore_latest(abstract_of(params), abstract_of(opt_state))
@@ -395,13 +413,10 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
                                 train_eval_dataset_cfg.mixture_or_task_name)
     _truncate_metrics(eval_writer.dir / "metrics.jsonl", start_step)
 
-  # Pin the outputs to the inputs' shardings: parameters stay sharded as the rules say.
-  state_shardings = (partitioner.get_param_shardings(abstract["params"]),
-                     jax.tree.map(lambda x: x.sharding, opt_state))
-  step_fn = partitioner.partition(
-      make_train_step(model, tx, num_microbatches=num_microbatches, dropout_seed=random_seed,
-                      learning_rate_fn=learning_rate_fn),
-      out_shardings=state_shardings + (None,), donate_argnums=(0, 1))
+  step_fn = partition_train_step(
+      partitioner, make_train_step(model, tx, num_microbatches=num_microbatches,
+                                   dropout_seed=random_seed, learning_rate_fn=learning_rate_fn),
+      abstract["params"], opt_state)
   eval_fn = partitioner.partition(make_eval_step(model))
   ds = data_lib.get_dataset(cfg, shard_index=jax.process_index(),
                             num_shards=jax.process_count(), skip_batches=consumed)

@@ -240,6 +240,9 @@ def from_dict(raw: Any, *, path: Path, lines: dict[tuple, int] | None = None) ->
       if slot in inputs and isinstance(inputs[slot], list) and not spec.many:
         raise err(f"input '{slot}' takes one stage, not a list", kp + ("inputs", slot),
                   stage=name, field=f"inputs.{slot}")
+      if isinstance(inputs.get(slot), list) and len(set(inputs[slot])) != len(inputs[slot]):
+        raise err(f"input '{slot}' lists a stage twice: {inputs[slot]}", kp + ("inputs", slot),
+                  stage=name, field=f"inputs.{slot}")
     try:
       kind.check_inputs(settings, inputs)
     except ValueError as ex:

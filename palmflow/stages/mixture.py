@@ -151,8 +151,6 @@ class Mixture(StageKind):
   def check_inputs(self, settings, inputs):
     names = inputs.get("tasks") or []
     names = names if isinstance(names, list) else [names]
-    if len(set(names)) != len(names):
-      raise ValueError(f"rates: inputs.tasks lists a stage twice: {names}")
     unknown = sorted(set(settings.rates) - set(names))
     if unknown:
       raise ValueError(f"rates: {', '.join(map(repr, unknown))} is not among inputs.tasks "
@@ -163,14 +161,7 @@ class Mixture(StageKind):
     s = ctx.settings
     ups = ctx.inputs["tasks"]
     ups = ups if isinstance(ups, list) else [ups]
-    names = [u.name for u in ups]
-    unknown = sorted(set(s.rates) - set(names))
-    if unknown:
-      raise ConfigError(f"rates name {unknown}, which are not among inputs.tasks {names}",
-                        stage=ctx.name, field="settings.rates")
-    if len(set(names)) != len(names):
-      raise ConfigError(f"inputs.tasks lists a stage twice: {names}", stage=ctx.name,
-                        field="inputs.tasks")
+    # rates naming no input, and a stage listed twice, were refused when the file loaded
     components = [(u.name, u.manifest["summary"]["task"], _stats(u)) for u in ups]
     try:
       rates = source_rates(components, rates=dict(s.rates), rate_by=s.rate_by)

@@ -539,8 +539,6 @@ class Block(_BlockCounters):
   blocks; the tail goes to the `remainder` output as `(0, (bucket, tokens, docs))`.
   """
 
-  REMAINDER = REMAINDER
-
   def process(self, item):
     bucket, docs = item
     docs = sorted(docs, key=lambda d: (d[0], d[1].tobytes()))  # GroupByKey's order is any

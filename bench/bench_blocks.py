@@ -8,7 +8,11 @@ In one go, on the same ~20 MB corpus and the same SentencePiece model:
           the plain Python baseline that the ratios divide by;
   loop_mt the same loop with sentencepiece's default threads (all cores), for reference;
   beam1   `pipelines.blocks.run` on DirectRunner, `--direct_num_workers=1`;
-  beam2   the same with `--direct_running_mode=multi_processing --direct_num_workers=2`.
+  beam2   the same with `--direct_running_mode=multi_processing --direct_num_workers=2`
+          (Beam starts two fresh worker processes for the job, and each imports Beam);
+  beam2_pool  two workers in palmflow's warm worker pool (`pipelines/transforms/worker_pool.py`,
+          how `palmflow run` runs multi_processing jobs): the pool is started once, before
+          the timings, as the imports are for every variant; its start-up time is reported.
 Each variant runs `--repeats` times, interleaved, and the best time counts (the machines are
 shared). Ratios are Beam time / loop time (lower is better; < 1 is faster than the loop).
 
@@ -43,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT / ".." / "shared" / "data"
 EOS_ID, PAD_ID = 1, 0
-VARIANTS = "loop,loop_mt,beam1,beam2"
+VARIANTS = "loop,loop_mt,beam1,beam2,beam2_pool"
 
 
 # ----------------------------------------------------------------------------- corpus, vocab
@@ -198,22 +202,32 @@ def plain_loop(doc_files: list[str], vocab: str, out_path: str, block_length: in
 
 # ----------------------------------------------------------------------------- runs
 
-def _cpu_seconds() -> float:
-  """CPU time of this process and of its finished children (multi_processing workers)."""
+def _cpu_seconds(pool=None) -> float:
+  """CPU time of this process, of its finished children (multi_processing workers) and of
+  the worker pool's running processes (from /proc, on Linux)."""
   import resource
   own = resource.getrusage(resource.RUSAGE_SELF)
   kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-  return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+  total = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+  for proc in (pool._procs if pool is not None else ()):
+    try:
+      fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+      total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+      pass
+  return total
 
 
 def run_beam(docs_glob: str, vocab: str, out_dir: str, block_length: int, workers: int,
-             num_buckets: int, num_shards: int) -> dict:
+             num_buckets: int, num_shards: int, pool=None) -> dict:
   from pipelines import blocks
   argv = [f"--documents={docs_glob}", f"--vocab={vocab}", f"--output_dir={out_dir}",
           f"--block_length={block_length}", f"--num_buckets={num_buckets}",
           f"--num_shards={num_shards}", "--runner=DirectRunner",
           f"--direct_num_workers={workers}"]
-  if workers > 1:
+  if pool is not None:
+    argv += pool.beam_args()
+  elif workers > 1:
     argv.append("--direct_running_mode=multi_processing")
   return blocks.run(argv)
 
@@ -270,6 +284,13 @@ def main(argv=None) -> int:
   import sentencepiece  # noqa: F401
   import tensorflow  # noqa: F401
   variants = [v for v in args.variants.split(",") if v]
+  pool, pool_start = None, None
+  if any(v.endswith("_pool") for v in variants):
+    from pipelines.transforms.worker_pool import LocalWorkerPool
+    t = time.perf_counter()
+    pool = LocalWorkerPool(2).start()
+    pool_start = time.perf_counter() - t
+    print(f"worker pool of 2 started in {pool_start:.2f}s (outside the timings)", flush=True)
   times: dict[str, list[float]] = {v: [] for v in variants}
   cpu_times: dict[str, list[float]] = {v: [] for v in variants}
   results: dict[str, dict] = {}
@@ -278,21 +299,24 @@ def main(argv=None) -> int:
       out = work / "out" / v
       shutil.rmtree(out, ignore_errors=True)
       out.mkdir(parents=True)
-      t, cpu = time.perf_counter(), _cpu_seconds()
+      t, cpu = time.perf_counter(), _cpu_seconds(pool)
       if v in ("loop", "loop_mt"):
         res = plain_loop(doc_files, str(vocab), str(out / "blocks.tfrecord"), args.block_length,
                          num_threads=1 if v == "loop" else -1)
       else:
         res = run_beam(docs_glob, str(vocab), str(out), args.block_length,
-                       workers=int(v[len("beam"):]), num_buckets=args.num_buckets,
-                       num_shards=args.num_shards)
-      dt, dcpu = time.perf_counter() - t, _cpu_seconds() - cpu
+                       workers=int(v[len("beam"):].split("_")[0]),
+                       num_buckets=args.num_buckets, num_shards=args.num_shards,
+                       pool=pool if v.endswith("_pool") else None)
+      dt, dcpu = time.perf_counter() - t, _cpu_seconds(pool) - cpu
       times[v].append(dt)
       cpu_times[v].append(dcpu)
       results[v] = res
       print(f"repeat {r + 1} {v:7s} {dt:7.2f}s  {mb / dt:6.2f} MB/s  cpu {dcpu:6.2f}s",
             flush=True)
 
+  if pool is not None:
+    pool.close()
   best = {v: min(ts) for v, ts in times.items()}
   loop = best.get("loop")
   summary = {
@@ -307,6 +331,8 @@ def main(argv=None) -> int:
                         if loop else {}),
       "cpus": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()],
   }
+  if pool_start is not None:
+    summary["pool_start_seconds"] = round(pool_start, 2)
   for v in variants:
     res = results[v]
     if "packing_efficiency" in res:
@@ -345,11 +371,16 @@ def write_results(path: Path, s: dict, info: dict, args) -> None:
   names = {"loop": "plain Python loop (sentencepiece on 1 thread, as the job)",
            "loop_mt": "plain Python loop, sentencepiece on all cores (num_threads=-1)",
            "beam1": "Beam DirectRunner, 1 worker",
-           "beam2": "Beam DirectRunner, 2 workers (multi_processing)"}
+           "beam2": "Beam DirectRunner, 2 workers (multi_processing: fresh processes)",
+           "beam2_pool": "Beam DirectRunner, 2 workers in the warm worker pool"}
   for v, t in s["best_seconds"].items():
     ratio = "1" if v == "loop" else f"{s['ratio_to_loop'].get(v, float('nan')):.2f}×"
     lines.append(f"| {names.get(v, v)} | {t:.2f} | {', '.join(map(str, s['all_seconds'][v]))}"
                  f" | {s['mb_per_s'][v]:.2f} | {ratio} | {s['cpu_seconds_of_best'][v]:.2f} |")
+  if "pool_start_seconds" in s:
+    lines += ["", f"The worker pool started once, before the timings, in "
+              f"{s['pool_start_seconds']:.2f} s (its processes import Beam and the job's "
+              "modules then; a `palmflow run` pays this once for all its Beam stages)."]
   if s.get("packing_efficiency"):
     eff = ", ".join(f"{v} {100 * e:.4f}%" for v, e in s["packing_efficiency"].items())
     lines += ["", f"Packing efficiency (non-pad / all tokens, from the job's stats.json): "

@@ -45,7 +45,6 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.transforms import jobs, shards
 from pipelines.transforms.progress import Reporter
@@ -690,7 +689,7 @@ def stats_from_counters(c: dict, args) -> dict:
 def run(argv=None) -> dict:
   """Runs the job; returns the stats it also writes to `<output_dir>/stats.json`."""
   args, beam_args = parse_args(argv)
-  p = beam.Pipeline(options=PipelineOptions(beam_args))
+  p = jobs.make_pipeline(beam_args)
   build(p, args)
   counters = jobs.run_and_count(p, NS)
   if counters is None:  # --dry_run: the job graph was built and nothing ran

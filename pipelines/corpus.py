@@ -19,7 +19,6 @@ import logging
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.transforms import jobs, shards
 from pipelines.transforms.progress import Progress
@@ -135,7 +134,7 @@ def parse_args(argv=None):
 def run(argv=None) -> dict:
   """Runs the job; returns the stats it also writes to `<output_dir>/stats.json`."""
   args, beam_args = parse_args(argv)
-  p = beam.Pipeline(options=PipelineOptions(beam_args))
+  p = jobs.make_pipeline(beam_args)
   build(p, args)
   counters = jobs.run_and_count(p)
   if counters is None:  # --dry_run: the job graph was built and nothing ran

@@ -30,7 +30,6 @@ import re
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.transforms import jobs, shards
 
@@ -208,7 +207,7 @@ def parse_args(argv=None):
 def run(argv=None) -> dict:
   """Runs the job; returns the stats it also writes to `<output_dir>/sample_stats.json`."""
   args, beam_args = parse_args(argv)
-  p = beam.Pipeline(options=PipelineOptions(beam_args))
+  p = jobs.make_pipeline(beam_args)
   build(p, args)
   c = jobs.run_and_count(p, NS)
   if c is None:  # --dry_run: the job graph was built and nothing ran

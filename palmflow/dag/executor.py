@@ -112,60 +112,64 @@ def run(pipeline: spec_lib.Pipeline, store: Store, *,
   by_name = {p.name: p for p in planned}
   log(f"pipeline '{pipeline.name}' ({pipeline.path}), store {store.root}")
   executed: list[str] = []
-  for p in planned:
-    if p.action == "reuse":
-      log(f"stage {p.name}: up to date ({p.fingerprint}), reused")
-      continue
-    if only is not None and p.name not in only:
-      log(f"stage {p.name}: would run but is not selected; stopping here")
-      break
-    st = pipeline.stages[p.name]
-    kind = registry[st.kind]
-    log(f"stage {p.name} ({st.kind}) {p.fingerprint}: running ({'; '.join(p.reasons)})")
-    out_dir = store.prepare(p.name, p.fingerprint, resumable=kind.resumable)
+  try:
+    for p in planned:
+      if p.action == "reuse":
+        log(f"stage {p.name}: up to date ({p.fingerprint}), reused")
+        continue
+      if only is not None and p.name not in only:
+        log(f"stage {p.name}: would run but is not selected; stopping here")
+        break
+      st = pipeline.stages[p.name]
+      kind = registry[st.kind]
+      log(f"stage {p.name} ({st.kind}) {p.fingerprint}: running ({'; '.join(p.reasons)})")
+      out_dir = store.prepare(p.name, p.fingerprint, resumable=kind.resumable)
 
-    def upstream(ref: str) -> kinds_lib.Upstream:
-      u = by_name[ref]
-      return kinds_lib.Upstream(name=ref, kind=u.kind, fingerprint=u.fingerprint,
-                                path=store.stage_dir(ref, u.fingerprint),
-                                manifest=store.manifest(ref, u.fingerprint))
-    inputs = {slot: ([upstream(r) for r in ref] if isinstance(ref, list) else upstream(ref))
-              for slot, ref in st.inputs.items()}
-    all_up = {}
-    stack = list(st.upstream_names())
-    while stack:
-      n = stack.pop()
-      if n not in all_up:
-        all_up[n] = upstream(n)
-        stack.extend(pipeline.stages[n].upstream_names())
-    ctx = kinds_lib.StageContext(
-        name=p.name, pipeline=pipeline.name, out_dir=out_dir, settings=st.settings,
-        inputs=inputs, placement=pipeline.placement, fingerprint=p.fingerprint,
-        all_upstream=all_up, log=lambda m, _n=p.name: log(f"  {_n}: {m}"),
-        store_root=store.root, base_dir=pipeline.base_dir)
-    started = time.time()
-    try:
-      summary = kind.run(ctx) or {}
-    except PalmflowError:
-      raise
-    except Exception as e:  # noqa: BLE001 - reported with the stage's name, then re-raised
-      tb = traceback.format_exc()
-      (out_dir / "error.txt").write_text(tb)
-      raise StageFailed(f"stage '{p.name}' ({st.kind}) failed: {type(e).__name__}: {e}\n"
-                        f"  full traceback: {out_dir / 'error.txt'}\n  partial output "
-                        f"kept in {out_dir} (not marked COMPLETED)") from e
-    finished = time.time()
-    store.publish(p.name, p.fingerprint, {
-        "stage": p.name, "kind": st.kind, "kind_version": kind.version,
-        "fingerprint": p.fingerprint, "identity": p.identity, "inputs": p.inputs,
-        "upstream": {slot: ref for slot, ref in st.inputs.items()},
-        "produces": kind.produces, "summary": summary,
-        "started": datetime.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
-        "finished": datetime.datetime.fromtimestamp(finished).isoformat(timespec="seconds"),
-        "duration_s": round(finished - started, 2), "pipeline_file": str(pipeline.path)})
-    (out_dir / "error.txt").unlink(missing_ok=True)
-    log(f"stage {p.name}: done in {finished - started:.1f}s -> {out_dir}")
-    executed.append(p.name)
+      def upstream(ref: str) -> kinds_lib.Upstream:
+        u = by_name[ref]
+        return kinds_lib.Upstream(name=ref, kind=u.kind, fingerprint=u.fingerprint,
+                                  path=store.stage_dir(ref, u.fingerprint),
+                                  manifest=store.manifest(ref, u.fingerprint))
+      inputs = {slot: ([upstream(r) for r in ref] if isinstance(ref, list) else upstream(ref))
+                for slot, ref in st.inputs.items()}
+      all_up = {}
+      stack = list(st.upstream_names())
+      while stack:
+        n = stack.pop()
+        if n not in all_up:
+          all_up[n] = upstream(n)
+          stack.extend(pipeline.stages[n].upstream_names())
+      ctx = kinds_lib.StageContext(
+          name=p.name, pipeline=pipeline.name, out_dir=out_dir, settings=st.settings,
+          inputs=inputs, placement=pipeline.placement, fingerprint=p.fingerprint,
+          all_upstream=all_up, log=lambda m, _n=p.name: log(f"  {_n}: {m}"),
+          store_root=store.root, base_dir=pipeline.base_dir)
+      started = time.time()
+      try:
+        summary = kind.run(ctx) or {}
+      except PalmflowError:
+        raise
+      except Exception as e:  # noqa: BLE001 - reported with the stage's name, then re-raised
+        tb = traceback.format_exc()
+        (out_dir / "error.txt").write_text(tb)
+        raise StageFailed(f"stage '{p.name}' ({st.kind}) failed: {type(e).__name__}: {e}\n"
+                          f"  full traceback: {out_dir / 'error.txt'}\n  partial output "
+                          f"kept in {out_dir} (not marked COMPLETED)") from e
+      finished = time.time()
+      store.publish(p.name, p.fingerprint, {
+          "stage": p.name, "kind": st.kind, "kind_version": kind.version,
+          "fingerprint": p.fingerprint, "identity": p.identity, "inputs": p.inputs,
+          "upstream": {slot: ref for slot, ref in st.inputs.items()},
+          "produces": kind.produces, "summary": summary,
+          "started": datetime.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
+          "finished": datetime.datetime.fromtimestamp(finished).isoformat(timespec="seconds"),
+          "duration_s": round(finished - started, 2), "pipeline_file": str(pipeline.path)})
+      (out_dir / "error.txt").unlink(missing_ok=True)
+      log(f"stage {p.name}: done in {finished - started:.1f}s -> {out_dir}")
+      executed.append(p.name)
+  finally:  # the Beam jobs' shared worker pool, if one was started
+    from palmflow.stages.common import close_worker_pool
+    close_worker_pool()
   return planned, executed
 
 

@@ -41,7 +41,13 @@ TOP_SCHEMA = {
             "properties": {
                 "beam": {"type": "object", "properties": {
                     "runner": {"type": "string"},
-                    "options": {"type": "object"}}, "additionalProperties": False},
+                    "options": {"type": "object"},
+                    "worker_pool": {
+                        "type": "boolean",
+                        "description": "DirectRunner multi_processing: run every Beam "
+                                       "stage's workers in one warm pool of processes "
+                                       "(default true)"}},
+                    "additionalProperties": False},
                 "train": {"type": "object", "properties": {
                     "env": {"type": "object", "additionalProperties": {"type": "string"}},
                     "launcher": {"enum": ["local", "subprocess"]},

@@ -11,18 +11,62 @@ def beam_args(placement: Mapping[str, Any], *, job_name: str) -> list[str]:
   """Beam pipeline flags from the pipeline file's `placement.beam` (runner named explicitly).
 
   The runner defaults to DirectRunner: Beam's own default first tries to download the
-  Prism runner, which fails without internet.
+  Prism runner, which fails without internet. On DirectRunner with
+  `direct_running_mode: multi_processing` and more than one worker, the jobs' workers are
+  the processes of one warm worker pool that every Beam stage of the run shares (started
+  at the first such job; `placement.beam.worker_pool: false` gives each job fresh worker
+  processes instead, as Beam does).
   """
   beam = dict(placement.get("beam") or {})
-  args = [f"--runner={beam.get('runner', 'DirectRunner')}",
-          f"--job_name={job_name.lower().replace('_', '-')}"]
-  for k, v in (beam.get("options") or {}).items():
+  runner = beam.get("runner", "DirectRunner")
+  options = dict(beam.get("options") or {})
+  args = [f"--runner={runner}", f"--job_name={job_name.lower().replace('_', '-')}"]
+  workers = _pool_workers(runner, options, beam.get("worker_pool", True))
+  if workers:
+    options.pop("direct_running_mode")
+    args += worker_pool(workers).beam_args()
+  for k, v in options.items():
     if isinstance(v, bool):
       if v:
         args.append(f"--{k}")
     else:
       args.append(f"--{k}={v}")
   return args
+
+
+def _pool_workers(runner: str, options: Mapping[str, Any], enabled: bool) -> int:
+  """How many worker pool processes a job with these settings runs on (0: no pool)."""
+  import os
+  if not enabled or runner not in ("DirectRunner", "SwitchingDirectRunner") or (
+      options.get("direct_running_mode") != "multi_processing"):
+    return 0
+  n = int(options.get("direct_num_workers", 1))
+  n = n or os.cpu_count() or 1  # Beam: 0 means one worker a core
+  return n if n > 1 else 0
+
+
+_POOL = None
+
+
+def worker_pool(num_workers: int):
+  """The run's warm worker pool of `num_workers` processes (started on first use)."""
+  global _POOL
+  from pipelines.transforms.worker_pool import LocalWorkerPool
+  if _POOL is not None and _POOL.num_workers != num_workers:
+    close_worker_pool()
+  if _POOL is None:
+    import atexit
+    _POOL = LocalWorkerPool(num_workers).start()
+    atexit.register(close_worker_pool)
+  return _POOL
+
+
+def close_worker_pool() -> None:
+  """Stops the run's worker pool, if one was started (the executor calls this at the end)."""
+  global _POOL
+  if _POOL is not None:
+    pool, _POOL = _POOL, None
+    pool.close()
 
 
 def path_identity(base_dir: Path, path: str) -> dict:

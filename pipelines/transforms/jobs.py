@@ -1,4 +1,4 @@
-"""What every palmflow Beam job does after building its graph: run, read counters, write JSON."""
+"""What every palmflow Beam job does: make its pipeline, run it, read counters, write JSON."""
 from __future__ import annotations
 
 import json
@@ -6,6 +6,26 @@ import logging
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+
+def make_pipeline(beam_args: list[str]) -> beam.Pipeline:
+  """The job's pipeline from its Beam flags.
+
+  On DirectRunner, `--environment_type=EXTERNAL --environment_config=HOST:PORT` runs the
+  job's workers in a worker pool that is already up (`transforms.worker_pool`), as it would on
+  a portable runner: Beam's DirectRunner itself ignores these flags. Every other runner gets
+  the flags as they are.
+  """
+  from apache_beam.options.pipeline_options import PortableOptions, StandardOptions
+  options = PipelineOptions(beam_args)
+  runner = options.view_as(StandardOptions).runner or ""
+  portable = options.view_as(PortableOptions)
+  if runner.split(".")[-1] in ("DirectRunner", "SwitchingDirectRunner") and (
+      (portable.environment_type or "").upper() == "EXTERNAL"):
+    from pipelines.transforms.worker_pool import pool_runner
+    return beam.Pipeline(runner=pool_runner(portable.environment_config), options=options)
+  return beam.Pipeline(options=options)
 
 
 def run_and_count(p: beam.Pipeline, namespace: str | None = None) -> dict[str, int] | None:
@@ -19,15 +39,17 @@ def run_and_count(p: beam.Pipeline, namespace: str | None = None) -> dict[str, i
     The counters, or None for a `--dry_run` (the job graph was built, nothing ran).
   """
   from apache_beam.options.pipeline_options import TestOptions
-  quiet = logging.getLogger("apache_beam.runners.portability.local_job_service")
-  quiet.addFilter(_drop_worker_startup_noise)
+  quiet = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+  for logger in quiet:
+    logger.addFilter(_drop_worker_startup_noise)
   try:
     result = p.run()
     if p.options.view_as(TestOptions).dry_run:
       return None
     result.wait_until_finish()
   finally:
-    quiet.removeFilter(_drop_worker_startup_noise)
+    for logger in quiet:
+      logger.removeFilter(_drop_worker_startup_noise)
   flt = beam.metrics.MetricsFilter()
   if namespace:
     flt = flt.with_namespace(namespace)
@@ -41,9 +63,14 @@ def run_and_count(p: beam.Pipeline, namespace: str | None = None) -> dict[str, i
 
 
 # What each DirectRunner multi_processing worker logs as a warning when it starts, though
-# nothing is wrong: palmflow registers no schemas, and the runner passes its own flags on.
+# nothing is wrong: palmflow registers no schemas, and the runner passes its own flags on;
+# and what the runner says of a worker pool job (its workers are the pool's processes, not
+# threads or subprocesses of the runner, so direct_running_mode has nothing to say).
 _HARMLESS_WORKER_WARNINGS = ("No semi_persistent_directory found",
-                             "Discarding unparseable args")
+                             "Discarding unparseable args",
+                             "direct_running_mode should be `multi_processing`")
+_NOISY_LOGGERS = ("apache_beam.runners.portability.local_job_service",
+                  "apache_beam.runners.portability.fn_api_runner.fn_runner")
 
 
 def _drop_worker_startup_noise(record: logging.LogRecord) -> bool:

@@ -107,6 +107,7 @@ def run(pipeline: spec_lib.Pipeline, store: Store, *,
   Raises:
     StageFailed: a stage raised; finished stages stay published, the failed one does not.
   """
+  from palmflow.stages.common import close_worker_pool
   registry = kinds_lib.registry()
   planned = plan(pipeline, store)
   by_name = {p.name: p for p in planned}
@@ -167,8 +168,10 @@ def run(pipeline: spec_lib.Pipeline, store: Store, *,
       (out_dir / "error.txt").unlink(missing_ok=True)
       log(f"stage {p.name}: done in {finished - started:.1f}s -> {out_dir}")
       executed.append(p.name)
+      if not any(registry[pipeline.stages[q.name].kind].runs_beam
+                 for q in planned[planned.index(p) + 1:] if q.action != "reuse"):
+        close_worker_pool()  # no Beam job is left: free the pool's processes now
   finally:  # the Beam jobs' shared worker pool, if one was started
-    from palmflow.stages.common import close_worker_pool
     close_worker_pool()
   return planned, executed
 

@@ -72,6 +72,7 @@ class StageKind(abc.ABC):
   settings_cls: ClassVar[type]
   slots: ClassVar[Mapping[str, Slot]] = {}
   resumable: ClassVar[bool] = False  # a partial output dir is resumed rather than wiped
+  runs_beam: ClassVar[bool] = False  # runs Beam jobs (through `stages.common.beam_args`)
   doc: ClassVar[str] = ""
 
   def identity(self, settings: Any, *, base_dir: Path) -> dict:

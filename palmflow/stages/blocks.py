@@ -5,7 +5,7 @@ import dataclasses
 
 from palmflow.dag.kinds import Slot, StageKind, register, setting
 from palmflow.dag.store import write_json
-from palmflow.stages.common import beam_args
+from palmflow.stages.common import beam_args, beam_summary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +41,7 @@ def task_name(pipeline: str, stage: str, fingerprint: str) -> str:
 class Blocks(StageKind):
   kind = "blocks"
   version = "3"   # 3: blocks cut from contiguous byte ranges in file order
+  runs_beam = True
   produces = "task"
   settings_cls = BlocksSettings
   slots = {"documents": Slot(("documents",)), "vocab": Slot(("vocabulary",))}
@@ -57,6 +58,7 @@ class Blocks(StageKind):
             f"--num_shards={s.num_shards}", f"--num_buckets={s.num_buckets}",
             f"--max_range_mb={s.max_range_mb}",
             f"--format={s.format}", f"--seed={s.seed}"]
+    ctx.log(f"Beam job pipelines.blocks on {beam_summary(ctx.placement)}")
     stats = job.run(argv + beam_args(ctx.placement, job_name=f"{ctx.pipeline}-{ctx.name}"))
     ctx.log(f"{stats['documents']} documents, {stats['tokens']} tokens -> {stats['blocks']} "
             f"blocks of {s.block_length}; packing efficiency "

@@ -34,6 +34,21 @@ def beam_args(placement: Mapping[str, Any], *, job_name: str) -> list[str]:
   return args
 
 
+def beam_summary(placement: Mapping[str, Any]) -> str:
+  """Where a stage's Beam job runs, for its log line (e.g. "DirectRunner, 2 workers in the
+  run's worker pool")."""
+  beam = dict(placement.get("beam") or {})
+  runner = beam.get("runner", "DirectRunner")
+  options = dict(beam.get("options") or {})
+  workers = _pool_workers(runner, options, beam.get("worker_pool", True))
+  if workers:
+    return f"{runner}, {workers} workers in the run's worker pool"
+  if not runner.endswith("DirectRunner") or "direct_num_workers" not in options:
+    return runner
+  n = int(options["direct_num_workers"])
+  return f"{runner}, " + ("one worker a core" if n == 0 else f"{n} worker{'s' * (n != 1)}")
+
+
 def _pool_workers(runner: str, options: Mapping[str, Any], enabled: bool) -> int:
   """How many worker pool processes a job with these settings runs on (0: no pool)."""
   import os

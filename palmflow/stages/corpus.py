@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from palmflow.dag.kinds import StageKind, register, setting
-from palmflow.stages.common import beam_args, path_identity
+from palmflow.stages.common import beam_args, beam_summary, path_identity
 
 FORMATS = ("python_stdlib", "text", "jsonl", "csv", "tsv", "parquet", "tfrecord", "tfds")
 
@@ -47,6 +47,7 @@ class CorpusSettings:
 class Corpus(StageKind):
   kind = "corpus"
   version = "1"
+  runs_beam = True
   produces = "documents"
   settings_cls = CorpusSettings
   doc = "Beam: read sources, normalize, filter, dedup -> JSONL document shards + stats.json"
@@ -79,7 +80,7 @@ class Corpus(StageKind):
             f"--num_shards={s.num_shards}", f"--normalize={s.normalize}",
             f"--filters={json.dumps(s.filters) if s.filters else ''}",
             f"--dedup={s.dedup}", f"--near_dedup={json.dumps(s.near_dedup)}"]
-    ctx.log(f"Beam job pipelines.corpus on {beam_args(ctx.placement, job_name='x')[0]}")
+    ctx.log(f"Beam job pipelines.corpus on {beam_summary(ctx.placement)}")
     stats = job.run(argv + beam_args(ctx.placement, job_name=f"{ctx.pipeline}-{ctx.name}"))
     ctx.log(f"{stats['documents_in']} documents in, {stats['documents_out']} out, "
             f"{stats['bytes_out'] / 1e6:.1f} MB")

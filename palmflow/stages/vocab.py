@@ -25,7 +25,7 @@ from typing import Iterable
 
 from palmflow.dag.kinds import Slot, StageKind, register, setting
 from palmflow.dag.store import atomic_path, file_digest, write_json
-from palmflow.stages.common import beam_args, path_identity
+from palmflow.stages.common import beam_args, beam_summary, path_identity
 
 MODEL = "spm.model"
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
@@ -123,6 +123,7 @@ def check_ids(model_path: str) -> int:
 class Vocab(StageKind):
   kind = "vocab"
   version = "2"
+  runs_beam = True
   produces = "vocabulary"
   settings_cls = VocabSettings
   slots = {"documents": Slot(("documents",), required=False,
@@ -155,6 +156,7 @@ class Vocab(StageKind):
               f"--sample_fraction={s.sample_fraction}", f"--split={s.split}",
               f"--max_lines={s.max_sentences or 0}", f"--max_chars={s.max_sentence_chars}",
               f"--seed={s.seed}"]
+      ctx.log(f"Beam job pipelines.vocab_sample on {beam_summary(ctx.placement)}")
       stats = job.run(argv + beam_args(ctx.placement,
                                        job_name=f"{ctx.pipeline}-{ctx.name}-sample"))
       lines = read_sample(stats["sample_path"])

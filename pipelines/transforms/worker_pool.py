@@ -81,12 +81,20 @@ class LocalWorkerPool:
     reader.start()
     reader.join(self._timeout)
     line = result[0].decode().strip() if result else ""
-    if not line.startswith("ADDRESS "):
-      raise WorkerPoolError(
-          f"a worker pool process (pid {proc.pid}) did not start within {self._timeout:.0f} s"
-          f" (exit status {proc.poll()}); its error output is above. Run the job without "
-          "the pool (palmflow: `beam_worker_pool: false`) to see the error in the job itself")
-    return line.split(" ", 1)[1]
+    if line.startswith("ADDRESS "):
+      return line.split(" ", 1)[1]
+    if result:  # end of output: the process has ended, or is ending
+      try:
+        status = proc.wait(timeout=30)
+      except subprocess.TimeoutExpired:
+        status = None
+      what = f"exited with status {status} before it could serve"
+    else:
+      what = f"did not start within {self._timeout:.0f} s"
+    raise WorkerPoolError(
+        f"a worker pool process (pid {proc.pid}) {what}; its error output is above. To run "
+        "without the pool, set `placement.beam.worker_pool: false` in the pipeline file (or "
+        "leave out --environment_type=EXTERNAL)")
 
   def _start_dispatcher(self) -> None:
     import grpc
@@ -187,6 +195,10 @@ def pool_runner(address: str):
 def _serve(preload: list[str]) -> None:
   """A pool process: imports, then hosts SDK harness threads until stdin closes."""
   import importlib
+  import signal
+  # Ctrl-C in a terminal reaches the whole process group: the parent stops the pool (it
+  # closes our stdin), so the processes do not each print a KeyboardInterrupt traceback
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
   from apache_beam.runners.worker import worker_pool_main
   for name in preload:
     importlib.import_module(name)

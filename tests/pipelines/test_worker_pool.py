@@ -81,7 +81,7 @@ def test_job_error_on_the_pool_names_file_and_offset(tmp_path, vocab, pool):
 
 def test_pool_that_cannot_start_says_so_and_leaves_nothing_running():
   bad = LocalWorkerPool(1, preload=("palmflow_no_such_module",), start_timeout_s=60)
-  with pytest.raises(WorkerPoolError, match=r"did not start .*exit status 1"):
+  with pytest.raises(WorkerPoolError, match=r"exited with status 1 before .*worker_pool: false"):
     bad.start()
   assert bad.address is None and not bad._procs
 
@@ -124,6 +124,8 @@ def test_placement_decides_whether_a_run_uses_a_pool(monkeypatch):
   assert not [a for a in args if a.startswith("--direct_running_mode")]
   common.beam_args({"beam": {"options": mp}}, job_name="p-t")
   assert started == [2]  # one pool for the run's jobs
+  assert common.beam_summary({"beam": {"options": mp}}) == (
+      "DirectRunner, 2 workers in the run's worker pool")
   common.close_worker_pool()
   assert started == [2, "closed"]
   # no pool: one worker, other running modes, other runners, or switched off
@@ -134,6 +136,7 @@ def test_placement_decides_whether_a_run_uses_a_pool(monkeypatch):
                     {"beam": {"options": mp, "worker_pool": False}}, {}):
     args = common.beam_args(placement, job_name="p-s")
     assert not [a for a in args if "EXTERNAL" in a], placement
+    assert "pool" not in common.beam_summary(placement)
   assert started == [2, "closed"]
 
 

@@ -174,22 +174,14 @@ class LocalWorkerPool:
       raise WorkerPoolError("the worker pool is not started")
     return ["--environment_type=EXTERNAL", f"--environment_config={self.address}"]
 
-  def runner(self):
-    """A DirectRunner (Beam's FnApiRunner) whose workers are this pool's."""
-    if self.address is None:
-      raise WorkerPoolError("the worker pool is not started")
-    return pool_runner(self.address)
-
-
-def pool_runner(address: str):
-  """Beam's FnApiRunner (what DirectRunner runs batch jobs on) with its workers at the
-  worker pool `address` (HOST:PORT)."""
-  from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+def pool_environment(address: str):
+  """The Beam environment whose workers come from the worker pool at `address`
+  (HOST:PORT)."""
   from apache_beam.transforms.environments import ExternalEnvironment
   if not address:
     raise WorkerPoolError("--environment_type=EXTERNAL needs --environment_config=HOST:PORT, "
                           "the address of a worker pool")
-  return FnApiRunner(default_environment=ExternalEnvironment(address))
+  return ExternalEnvironment(address)
 
 
 def _serve(preload: list[str]) -> None:

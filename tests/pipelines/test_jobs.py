@@ -1,0 +1,32 @@
+"""pipelines/transforms/jobs.py: which runner a job's flags give it."""
+from __future__ import annotations
+
+import logging
+
+import apache_beam as beam
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+from pipelines.transforms import jobs
+
+
+def test_direct_runner_batch_jobs_skip_the_prism_attempt(caplog):
+  for name in ("DirectRunner", "direct", "apache_beam.runners.direct.DirectRunner"):
+    p = jobs.make_pipeline([f"--runner={name}"])
+    assert isinstance(p.runner, FnApiRunner), name
+  with caplog.at_level(logging.INFO):
+    p = jobs.make_pipeline(["--runner=DirectRunner", "--direct_num_workers=1"])
+    _ = (p | beam.Create([1, 2, 3]) | beam.Map(
+        lambda x: beam.metrics.Metrics.counter("t", "n").inc(x)))
+    assert jobs.run_and_count(p, "t") == {"n": 6}
+  # Beam's DirectRunner would have tried to fetch the Prism binary first
+  assert not [r for r in caplog.records if "prism" in r.getMessage().lower()]
+
+
+def test_other_runners_and_streaming_keep_their_runner(monkeypatch):
+  streaming = jobs.make_pipeline(["--runner=DirectRunner", "--streaming"])
+  assert not isinstance(streaming.runner, FnApiRunner)
+  made = []
+  monkeypatch.setattr(jobs.beam, "Pipeline", lambda **kw: made.append(kw))
+  jobs.make_pipeline(["--runner=DataflowRunner", "--environment_type=EXTERNAL",
+                      "--environment_config=localhost:1"])
+  assert list(made[0]) == ["options"]  # no runner object: Beam makes the one named

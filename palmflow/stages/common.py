@@ -11,7 +11,9 @@ def beam_args(placement: Mapping[str, Any], *, job_name: str) -> list[str]:
   """Beam pipeline flags from the pipeline file's `placement.beam` (runner named explicitly).
 
   The runner defaults to DirectRunner: Beam's own default first tries to download the
-  Prism runner, which fails without internet. On DirectRunner with
+  Prism runner, which fails without internet (and so does Beam's DirectRunner before each
+  job: `pipelines.transforms.jobs.make_pipeline` runs DirectRunner batch jobs on FnApiRunner
+  directly). On DirectRunner with
   `direct_running_mode: multi_processing` and more than one worker, the jobs' workers are
   the processes of one warm worker pool that every Beam stage of the run shares (started
   at the first such job; `placement.beam.worker_pool: false` gives each job fresh worker

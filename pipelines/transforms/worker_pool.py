@@ -191,11 +191,21 @@ def _serve(preload: list[str]) -> None:
   # Ctrl-C in a terminal reaches the whole process group: the parent stops the pool (it
   # closes our stdin), so the processes do not each print a KeyboardInterrupt traceback
   signal.signal(signal.SIGINT, signal.SIG_IGN)
+  import grpc
+  from apache_beam.portability.api import beam_fn_api_pb2_grpc
   from apache_beam.runners.worker import worker_pool_main
+  from apache_beam.utils import thread_pool_executor
   for name in preload:
     importlib.import_module(name)
-  address, server = worker_pool_main.BeamFnExternalWorkerPoolServicer.start(
-      use_process=False, port=0, state_cache_size=0, data_buffer_time_limit_ms=0)
+  # Beam's own `BeamFnExternalWorkerPoolServicer.start` listens on every interface; a worker
+  # runs whatever code the runner that calls it sends, so this one listens on localhost only
+  server = grpc.server(thread_pool_executor.shared_unbounded_instance())
+  port = server.add_insecure_port("localhost:0")
+  beam_fn_api_pb2_grpc.add_BeamFnExternalWorkerPoolServicer_to_server(
+      worker_pool_main.BeamFnExternalWorkerPoolServicer(
+          use_process=False, state_cache_size=0, data_buffer_time_limit_ms=0), server)
+  server.start()
+  address = f"localhost:{port}"
   sys.stdout.write(f"ADDRESS {address}\n")
   sys.stdout.flush()
   os.dup2(2, 1)  # from now on what the jobs print goes to stderr, not to the unread pipe

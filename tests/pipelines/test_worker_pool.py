@@ -51,6 +51,28 @@ def test_jobs_run_in_the_pools_processes_in_parallel(pool):
   assert set(_pids_of_workers(pool, 10)) <= set(pids)
 
 
+def _listening_hosts(port: int) -> set[str]:
+  """The local addresses (hex, as /proc/net shows them) listening on `port`."""
+  hosts = set()
+  for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for line in Path(table).read_text().splitlines()[1:]:
+      local, state = line.split()[1], line.split()[3]
+      host, _, hexport = local.partition(":")
+      if state == "0A" and int(hexport, 16) == port:  # 0A: LISTEN
+        hosts.add(host)
+  return hosts
+
+
+def test_pool_listens_on_loopback_only(pool):
+  """A pool worker runs the code a runner sends it: it must not be reachable from outside."""
+  # 127.0.0.1, ::1 and ::ffff:127.0.0.1 (not 0.0.0.0 or ::, every interface)
+  loopback = {"0100007F", "00000000000000000000000001000000",
+              "0000000000000000FFFF00000100007F"}
+  for address in [pool.address, *pool._addresses]:
+    hosts = _listening_hosts(int(address.rsplit(":", 1)[1]))
+    assert hosts and hosts <= loopback, (address, hosts)
+
+
 def test_blocks_job_on_the_pool_gives_the_same_bytes(tmp_path, vocab, pool, caplog):
   path = write_docs(tmp_path / "docs.jsonl", synthetic_docs(300, seed=9))
   one = run_job(path, vocab, tmp_path / "one", num_buckets=5)

@@ -45,7 +45,8 @@ def beam_summary(placement: Mapping[str, Any]) -> str:
   workers = _pool_workers(runner, options, beam.get("worker_pool", True))
   if workers:
     return f"{runner}, {workers} workers in the run's worker pool"
-  if not runner.endswith("DirectRunner") or "direct_num_workers" not in options:
+  from pipelines.transforms.worker_pool import is_direct_runner
+  if not is_direct_runner(runner) or "direct_num_workers" not in options:
     return runner
   n = int(options["direct_num_workers"])
   return f"{runner}, " + ("one worker a core" if n == 0 else f"{n} worker{'s' * (n != 1)}")
@@ -54,7 +55,8 @@ def beam_summary(placement: Mapping[str, Any]) -> str:
 def _pool_workers(runner: str, options: Mapping[str, Any], enabled: bool) -> int:
   """How many worker pool processes a job with these settings runs on (0: no pool)."""
   import os
-  if not enabled or runner not in ("DirectRunner", "SwitchingDirectRunner") or (
+  from pipelines.transforms.worker_pool import is_direct_runner
+  if not enabled or not is_direct_runner(runner) or (
       options.get("direct_running_mode") != "multi_processing"):
     return 0
   n = int(options.get("direct_num_workers", 1))

@@ -1,10 +1,11 @@
 """Warm SDK worker processes that local Beam jobs share (Beam's EXTERNAL environment).
 
 `--direct_running_mode=multi_processing` starts fresh worker processes for every job, and each
-imports Beam before it does any work: about 1.5 s of CPU apiece on the machines seen here, then
-as long again to start and stop. A `palmflow run` runs several Beam jobs (corpus, vocabulary
-sample, blocks), so it starts a `LocalWorkerPool` once and every job's workers run in its
-processes, already past their imports, as Flink and Spark runners do with Beam's worker pool.
+imports Beam before it does any work: 1.2-1.5 s of CPU apiece on the machines seen here, and a
+job waited 2.2 s for its first element to be processed and 0.6 s at the end for the workers
+to stop. A `palmflow run` runs several Beam jobs (corpus, vocabulary sample, blocks), so it
+starts a `LocalWorkerPool` once and every job's workers run in its processes, already past
+their imports, as Flink and Spark runners do with Beam's worker pool.
 
 Each pool process hosts one SDK harness per job in a thread (Beam's
 `BeamFnExternalWorkerPoolServicer` in thread mode), so `num_workers` processes give
@@ -38,6 +39,12 @@ PRELOAD = ("pipelines.blocks", "pipelines.corpus", "pipelines.vocab_sample")
 
 class WorkerPoolError(RuntimeError):
   pass
+
+
+def is_direct_runner(name: str | None) -> bool:
+  """Whether a `--runner` value names Beam's DirectRunner (as Beam spells it or abbreviates)."""
+  return (name or "").split(".")[-1].lower() in ("direct", "directrunner",
+                                                  "switchingdirectrunner")
 
 
 class LocalWorkerPool:
@@ -173,6 +180,7 @@ class LocalWorkerPool:
     if self.address is None:
       raise WorkerPoolError("the worker pool is not started")
     return ["--environment_type=EXTERNAL", f"--environment_config={self.address}"]
+
 
 def pool_environment(address: str):
   """The Beam environment whose workers come from the worker pool at `address`

@@ -141,7 +141,7 @@ def test_placement_decides_whether_a_run_uses_a_pool(monkeypatch):
 
   monkeypatch.setattr("pipelines.transforms.worker_pool.LocalWorkerPool", FakePool)
   mp = {"direct_running_mode": "multi_processing", "direct_num_workers": 2}
-  args = common.beam_args({"beam": {"options": mp}}, job_name="p-s")
+  args = common.beam_args({"beam": {"runner": "direct", "options": mp}}, job_name="p-s")
   assert "--environment_config=localhost:1" in args and "--direct_num_workers=2" in args
   assert not [a for a in args if a.startswith("--direct_running_mode")]
   common.beam_args({"beam": {"options": mp}}, job_name="p-t")

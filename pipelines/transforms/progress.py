@@ -2,9 +2,10 @@
 
 `Reporter` is what a DoFn uses to report work done inside it (documents tokenized, bytes
 read); `Progress` is a pass-through step that reports the elements going by. In a terminal
-the report redraws one line (`\\r`); otherwise it is a plain log line at most every `every_s`
-seconds. On Dataflow the lines land in the worker logs, and the counters
-(`palmflow.progress/<label>`) show in the Dataflow console while the job runs.
+the report redraws one line (`\\r`); otherwise it is a plain log line every `every_s` seconds
+and a last one with the worker's totals when it is done. On Dataflow the lines land in the
+worker logs, and the counters (`palmflow.progress/<label>`) show in the Dataflow console
+while the job runs.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ class Reporter:
 
   def start(self) -> None:
     self._n = self._bytes = 0
-    self._start, self._last = time.time(), 0.0
+    self._start = self._last = time.time()  # the first line after a period, not at once
     self._tty = sys.stderr.isatty()
 
   def _text(self, now: float) -> str:
@@ -48,9 +49,10 @@ class Reporter:
             end="" if self._tty else "\n", file=sys.stderr, flush=True)
 
   def close(self) -> None:
-    """Ends a redrawn terminal line (call from `teardown()`)."""
-    if getattr(self, "_tty", False) and self._n:
-      print("\r" + self._text(time.time()), file=sys.stderr, flush=True)
+    """Reports the totals, ending a redrawn terminal line (call from `teardown()`)."""
+    if getattr(self, "_n", 0):
+      print(("\r" if self._tty else "") + self._text(time.time()), file=sys.stderr,
+            flush=True)
       self._n = 0
 
 

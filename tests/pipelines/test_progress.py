@@ -18,3 +18,16 @@ def test_progress_passes_through_counts_and_logs(capfd):
   assert sum(c.committed for c in counters) == 50
   err = capfd.readouterr().err
   assert "unit: 1 things" in err and "things (" in err
+  # the worker's totals come last, when it is done
+  assert err.strip().splitlines()[-1].startswith("unit: 50 things (")
+
+
+def test_reporter_waits_a_period_before_its_first_line(capfd):
+  from pipelines.transforms.progress import Reporter
+  r = Reporter("r", "docs", every_s=3600)
+  r.start()
+  for _ in range(5):
+    r.add(1, nbytes=10)
+  assert capfd.readouterr().err == ""  # not "r: 1 docs" at once
+  r.close()
+  assert capfd.readouterr().err.startswith("r: 5 docs (")

@@ -41,7 +41,7 @@ def _pids_of_workers(pool, n: int) -> dict[int, int]:
   return {int(k): v for k, v in jobs.run_and_count(p, "pids").items()}
 
 
-def test_jobs_run_in_the_pools_processes_in_parallel(pool):
+def test_jobs_run_in_both_of_the_pools_processes(pool):
   pids = _pids_of_workers(pool, 40)
   assert sum(pids.values()) == 40
   # two workers, neither of them this process: the pool's two processes

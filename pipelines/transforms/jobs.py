@@ -12,27 +12,43 @@ from apache_beam.options.pipeline_options import PipelineOptions
 def make_pipeline(beam_args: list[str]) -> beam.Pipeline:
   """The job's pipeline from its Beam flags.
 
-  A batch job on DirectRunner runs on Beam's FnApiRunner, the runner that DirectRunner picks
-  for batch jobs, without DirectRunner's first try of the Prism runner: Beam 2.77's
-  DirectRunner starts a worker pool and tries to download the Prism binary from GitHub
-  before every job, and falls back only when that fails (0.15-0.25 s a job here, where the
-  download fails at once; as long as the network takes to refuse elsewhere).
-  `--environment_type=EXTERNAL --environment_config=HOST:PORT` runs the job's workers in a
+  A job on DirectRunner (named, or Beam's default) runs on Beam's FnApiRunner, set up as
+  DirectRunner sets it up for a batch job, without DirectRunner's first try of the Prism
+  runner: Beam 2.77's DirectRunner starts a worker pool and tries to download the Prism
+  binary from GitHub before every job, and falls back only when that fails (0.15-0.25 s a
+  job here, where the download fails at once; as long as the network takes to refuse
+  elsewhere). palmflow's jobs are batch jobs that FnApiRunner runs whole; a streaming job
+  keeps Beam's DirectRunner, which then picks its runner as it does.
+
+  `--environment_type=EXTERNAL --environment_config=ADDRESS` runs the job's workers in a
   worker pool that is already up (`transforms.worker_pool`), as it would on a portable
-  runner (DirectRunner itself ignores these flags). Every other runner, and a streaming job,
-  gets the flags as they are.
+  runner (Beam's DirectRunner ignores these flags); the pool's processes are the workers, so
+  `--direct_running_mode` does not apply and is set aside. Every other runner gets the flags
+  as they are.
   """
-  from apache_beam.options.pipeline_options import PortableOptions, StandardOptions
-  options = PipelineOptions(beam_args)
+  from apache_beam.options.pipeline_options import (DirectOptions, PortableOptions,
+                                                     StandardOptions)
   from pipelines.transforms.worker_pool import is_direct_runner, pool_environment
+  options = PipelineOptions(beam_args)
   standard = options.view_as(StandardOptions)
   if not is_direct_runner(standard.runner) or standard.streaming:
     return beam.Pipeline(options=options)
-  portable = options.view_as(PortableOptions)
   environment = None
-  if (portable.environment_type or "").upper() == "EXTERNAL":
-    environment = pool_environment(portable.environment_config)
+  if _on_worker_pool(options):
+    environment = pool_environment(options.view_as(PortableOptions).environment_config)
+    direct = options.view_as(DirectOptions)
+    if direct.direct_running_mode != "in_memory":
+      # FnApiRunner would replace the pool's environment with its own for these modes
+      logging.getLogger(__name__).info(
+          "--direct_running_mode=%s set aside: the job's workers are the worker pool's "
+          "processes", direct.direct_running_mode)
+      direct.direct_running_mode = "in_memory"
   return beam.Pipeline(runner=batch_runner(options, environment), options=options)
+
+
+def _on_worker_pool(options: PipelineOptions) -> bool:
+  from apache_beam.options.pipeline_options import PortableOptions
+  return (options.view_as(PortableOptions).environment_type or "").upper() == "EXTERNAL"
 
 
 def batch_runner(options: PipelineOptions, environment=None):
@@ -60,8 +76,9 @@ def run_and_count(p: beam.Pipeline, namespace: str | None = None) -> dict[str, i
   """
   from apache_beam.options.pipeline_options import TestOptions
   quiet = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+  drop = _drop_pool_job_noise if _on_worker_pool(p.options) else _drop_worker_startup_noise
   for logger in quiet:
-    logger.addFilter(_drop_worker_startup_noise)
+    logger.addFilter(drop)
   try:
     result = p.run()
     if p.options.view_as(TestOptions).dry_run:
@@ -69,7 +86,7 @@ def run_and_count(p: beam.Pipeline, namespace: str | None = None) -> dict[str, i
     result.wait_until_finish()
   finally:
     for logger in quiet:
-      logger.removeFilter(_drop_worker_startup_noise)
+      logger.removeFilter(drop)
   flt = beam.metrics.MetricsFilter()
   if namespace:
     flt = flt.with_namespace(namespace)
@@ -83,12 +100,13 @@ def run_and_count(p: beam.Pipeline, namespace: str | None = None) -> dict[str, i
 
 
 # What each DirectRunner multi_processing worker logs as a warning when it starts, though
-# nothing is wrong: palmflow registers no schemas, and the runner passes its own flags on;
-# and what the runner says of a worker pool job (its workers are the pool's processes, not
-# threads or subprocesses of the runner, so direct_running_mode has nothing to say).
+# nothing is wrong: palmflow registers no schemas, and the runner passes its own flags on.
 _HARMLESS_WORKER_WARNINGS = ("No semi_persistent_directory found",
-                             "Discarding unparseable args",
-                             "direct_running_mode should be `multi_processing`")
+                             "Discarding unparseable args")
+# What the runner says of a worker pool job with several workers, which does not apply to
+# one (its workers are the pool's processes, not threads or subprocesses of the runner); it
+# stays for every other job, where it does apply.
+_POOL_JOB_WARNING = "direct_running_mode should be `multi_processing`"
 _NOISY_LOGGERS = ("apache_beam.runners.portability.local_job_service",
                   "apache_beam.runners.portability.fn_api_runner.fn_runner")
 
@@ -96,6 +114,10 @@ _NOISY_LOGGERS = ("apache_beam.runners.portability.local_job_service",
 def _drop_worker_startup_noise(record: logging.LogRecord) -> bool:
   message = record.getMessage()
   return not any(text in message for text in _HARMLESS_WORKER_WARNINGS)
+
+
+def _drop_pool_job_noise(record: logging.LogRecord) -> bool:
+  return _drop_worker_startup_noise(record) and _POOL_JOB_WARNING not in record.getMessage()
 
 
 def write_json(path: str, obj) -> None:

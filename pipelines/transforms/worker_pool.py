@@ -19,15 +19,20 @@ dispatcher in this process gives the jobs' worker requests to the processes in t
 or, for jobs run by hand, `python -m pipelines.transforms.worker_pool --num_workers 2` prints
 the flags to give them.
 
-The pool is local: on Dataflow (or any other runner) workers are the runner's own.
+The pool is local: on Dataflow (or any other runner) workers are the runner's own. A pool
+worker runs whatever code the runner that calls it sends, so the dispatcher and the
+processes listen on Unix sockets in a directory only this user can open (`unix:` addresses),
+not on TCP ports that any local user could reach.
 """
 from __future__ import annotations
 
 import itertools
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -42,9 +47,10 @@ class WorkerPoolError(RuntimeError):
 
 
 def is_direct_runner(name: str | None) -> bool:
-  """Whether a `--runner` value names Beam's DirectRunner (as Beam spells it or abbreviates)."""
-  return (name or "").split(".")[-1].lower() in ("direct", "directrunner",
-                                                  "switchingdirectrunner")
+  """Whether a `--runner` value names Beam's DirectRunner (as Beam spells it or abbreviates;
+  no runner at all is Beam's default, DirectRunner)."""
+  return (name or "DirectRunner").split(".")[-1].lower() in (
+      "direct", "directrunner", "switchingdirectrunner")
 
 
 class LocalWorkerPool:
@@ -59,21 +65,31 @@ class LocalWorkerPool:
     self._procs: list[subprocess.Popen] = []
     self._addresses: list[str] = []
     self._server = None
+    self._dir: str | None = None
     self.address: str | None = None
 
   # ------------------------------------------------------------------ life cycle
 
   def start(self) -> "LocalWorkerPool":
+    if self.address is not None:
+      return self
+    self._dir = tempfile.mkdtemp(prefix="palmflow-pool-")  # mode 0700: this user only
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", "pipelines.transforms.worker_pool", "--serve_child",
-           *self._preload]
+    # the processes import what this process imports (its sys.path, in its order), and not
+    # a `pipelines/` that happens to be in their working directory (-P)
+    env["PYTHONPATH"] = os.pathsep.join([_ROOT] + [p for p in sys.path if p])
     try:
-      for _ in range(self.num_workers):  # all start at once; their imports overlap
+      for i in range(self.num_workers):  # all start at once; their imports overlap
+        address = f"unix:{self._dir}/worker-{i}.sock"
+        cmd = [sys.executable, "-P", "-m", "pipelines.transforms.worker_pool",
+               "--serve_child", address, *self._preload]
+        # their own process group: Ctrl-C in a terminal stops the parent, which stops them
         self._procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE,
-                                            stdout=subprocess.PIPE, env=env))
+                                            stdout=subprocess.PIPE, env=env,
+                                            process_group=0))
+        self._addresses.append(address)
       for proc in self._procs:
-        self._addresses.append(self._read_address(proc))
+        self._wait_until_serving(proc)
       self._start_dispatcher()
     except BaseException:
       self.close()
@@ -81,23 +97,22 @@ class LocalWorkerPool:
     _LOG.info("worker pool: %d processes at %s", self.num_workers, self.address)
     return self
 
-  def _read_address(self, proc: subprocess.Popen) -> str:
+  def _wait_until_serving(self, proc: subprocess.Popen) -> None:
+    """Waits for the process's `SERVING` line (its stdout carries nothing else)."""
     result: list[bytes] = []
     reader = threading.Thread(target=lambda: result.append(proc.stdout.readline()),
                               daemon=True)
     reader.start()
     reader.join(self._timeout)
-    line = result[0].decode().strip() if result else ""
-    if line.startswith("ADDRESS "):
-      return line.split(" ", 1)[1]
-    if result:  # end of output: the process has ended, or is ending
-      try:
-        status = proc.wait(timeout=30)
-      except subprocess.TimeoutExpired:
-        status = None
-      what = f"exited with status {status} before it could serve"
-    else:
+    if result and result[0].strip() == b"SERVING":
+      return
+    if not result:
       what = f"did not start within {self._timeout:.0f} s"
+    else:
+      try:
+        what = f"exited with status {proc.wait(timeout=30)} before it could serve"
+      except subprocess.TimeoutExpired:
+        what = f"closed its output without serving (output: {result[0][:200]!r})"
     raise WorkerPoolError(
         f"a worker pool process (pid {proc.pid}) {what}; its error output is above. To run "
         "without the pool, set `placement.beam.worker_pool: false` in the pipeline file (or "
@@ -111,12 +126,11 @@ class LocalWorkerPool:
     procs, addresses = self._procs, self._addresses
     turn = itertools.count()
     lock = threading.Lock()
-    owner: dict[str, int] = {}
 
     def forward(i: int, call: str, request):
       with grpc.insecure_channel(addresses[i]) as channel:
-        return getattr(beam_fn_api_pb2_grpc.BeamFnExternalWorkerPoolStub(channel), call)(
-            request)
+        stub = beam_fn_api_pb2_grpc.BeamFnExternalWorkerPoolStub(channel)
+        return getattr(stub, call)(request, timeout=_FORWARD_TIMEOUT_S)
 
     class Dispatcher(beam_fn_api_pb2_grpc.BeamFnExternalWorkerPoolServicer):
       """Gives each job's StartWorker request to the next pool process in turn."""
@@ -124,28 +138,29 @@ class LocalWorkerPool:
       def StartWorker(self, request, context):
         with lock:
           i = next(turn) % len(addresses)
-          owner[request.worker_id] = i
         status = procs[i].poll()
         if status is not None:
           return beam_fn_api_pb2.StartWorkerResponse(error=(
               f"worker pool process {i} (pid {procs[i].pid}) has exited with status "
               f"{status}; its error output is above. Start the run again (a new pool "
               "starts with it)"))
-        return forward(i, "StartWorker", request)
+        try:
+          return forward(i, "StartWorker", request)
+        except grpc.RpcError as e:
+          return beam_fn_api_pb2.StartWorkerResponse(error=(
+              f"worker pool process {i} (pid {procs[i].pid}) did not answer: {e}"))
 
       def StopWorker(self, request, context):
-        with lock:
-          i = owner.pop(request.worker_id, None)
-        if i is None or procs[i].poll() is not None:
-          return beam_fn_api_pb2.StopWorkerResponse()
-        return forward(i, "StopWorker", request)
+        # A worker ends with its job (its control stream closes); nothing to stop here.
+        return beam_fn_api_pb2.StopWorkerResponse()
 
     self._server = grpc.server(thread_pool_executor.shared_unbounded_instance())
-    port = self._server.add_insecure_port("localhost:0")
+    address = f"unix:{self._dir}/dispatcher.sock"
+    self._server.add_insecure_port(address)
     beam_fn_api_pb2_grpc.add_BeamFnExternalWorkerPoolServicer_to_server(Dispatcher(),
                                                                         self._server)
     self._server.start()
-    self.address = f"localhost:{port}"
+    self.address = address
 
   def close(self) -> None:
     """Stops the dispatcher and the processes (closing their stdin tells them to exit)."""
@@ -165,6 +180,10 @@ class LocalWorkerPool:
         proc.wait()
       proc.stdout.close()
     self._procs.clear()
+    self._addresses.clear()
+    if self._dir is not None:
+      shutil.rmtree(self._dir, ignore_errors=True)
+      self._dir = None
     self.address = None
 
   def __enter__(self) -> "LocalWorkerPool":
@@ -182,41 +201,84 @@ class LocalWorkerPool:
     return ["--environment_type=EXTERNAL", f"--environment_config={self.address}"]
 
 
+_FORWARD_TIMEOUT_S = 60.0  # a StartWorker only creates a thread: a minute means it is stuck
+
+
 def pool_environment(address: str):
   """The Beam environment whose workers come from the worker pool at `address`
-  (HOST:PORT)."""
+  (`unix:PATH` or HOST:PORT)."""
   from apache_beam.transforms.environments import ExternalEnvironment
   if not address:
     raise WorkerPoolError("--environment_type=EXTERNAL needs --environment_config=HOST:PORT, "
                           "the address of a worker pool")
+  _register_local_external_handler()
   return ExternalEnvironment(address)
 
 
-def _serve(preload: list[str]) -> None:
-  """A pool process: imports, then hosts SDK harness threads until stdin closes."""
+def _register_local_external_handler() -> None:
+  """Workers of a pool on this machine reach the runner at `localhost`.
+
+  Beam's handler for EXTERNAL environments gives workers the runner's address as
+  `socket.getfqdn():PORT` (right for a pool on another machine); where the host name does
+  not resolve (an offline machine) the workers could not connect. This handler, registered
+  for the same environment, uses `localhost` when the pool's address is local.
+  """
+  from apache_beam.portability import common_urns
+  from apache_beam.portability.api import beam_runner_api_pb2
+  from apache_beam.runners.portability.fn_api_runner import worker_handlers
+
+  class LocalExternalWorkerHandler(worker_handlers.ExternalWorkerHandler):
+    def __init__(self, external_payload, *args, **kwargs):
+      # set first: the base class asks host_from_worker() while it is being built
+      self._local = external_payload.endpoint.url.startswith(
+          ("unix:", "localhost:", "127.0.0.1:"))
+      super().__init__(external_payload, *args, **kwargs)
+
+    def host_from_worker(self):
+      return "localhost" if self._local else super().host_from_worker()
+
+  worker_handlers.WorkerHandler.register_environment(
+      common_urns.environments.EXTERNAL.urn,
+      beam_runner_api_pb2.ExternalPayload)(LocalExternalWorkerHandler)
+
+
+def _serve(address: str, preload: list[str]) -> None:
+  """A pool process: imports, then hosts one SDK harness thread a job until stdin closes."""
   import importlib
-  import signal
-  # Ctrl-C in a terminal reaches the whole process group: the parent stops the pool (it
-  # closes our stdin), so the processes do not each print a KeyboardInterrupt traceback
-  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  import traceback
+  out = os.fdopen(os.dup(1), "w")  # only the SERVING line goes to the parent's pipe:
+  os.dup2(2, 1)                    # whatever imports or jobs print goes to stderr
   import grpc
-  from apache_beam.portability.api import beam_fn_api_pb2_grpc
-  from apache_beam.runners.worker import worker_pool_main
+  from apache_beam.portability.api import beam_fn_api_pb2, beam_fn_api_pb2_grpc
+  from apache_beam.runners.worker import sdk_worker
   from apache_beam.utils import thread_pool_executor
   for name in preload:
     importlib.import_module(name)
-  # Beam's own `BeamFnExternalWorkerPoolServicer.start` listens on every interface; a worker
-  # runs whatever code the runner that calls it sends, so this one listens on localhost only
+
+  class ThreadWorkers(beam_fn_api_pb2_grpc.BeamFnExternalWorkerPoolServicer):
+    """Starts an SDK harness for a job in a thread, and keeps no reference to it: it ends,
+    and is freed, when its job's control stream closes."""
+
+    def StartWorker(self, request, context):
+      try:
+        harness = sdk_worker.SdkHarness(request.control_endpoint.url,
+                                        worker_id=request.worker_id,
+                                        state_cache_size=0, data_buffer_time_limit_ms=0)
+        threading.Thread(target=harness.run, name=f"worker-{request.worker_id}",
+                         daemon=True).start()
+        return beam_fn_api_pb2.StartWorkerResponse()
+      except Exception:  # noqa: BLE001 - the runner shows the error
+        return beam_fn_api_pb2.StartWorkerResponse(error=traceback.format_exc())
+
+    def StopWorker(self, request, context):
+      return beam_fn_api_pb2.StopWorkerResponse()
+
   server = grpc.server(thread_pool_executor.shared_unbounded_instance())
-  port = server.add_insecure_port("localhost:0")
-  beam_fn_api_pb2_grpc.add_BeamFnExternalWorkerPoolServicer_to_server(
-      worker_pool_main.BeamFnExternalWorkerPoolServicer(
-          use_process=False, state_cache_size=0, data_buffer_time_limit_ms=0), server)
+  server.add_insecure_port(address)
+  beam_fn_api_pb2_grpc.add_BeamFnExternalWorkerPoolServicer_to_server(ThreadWorkers(), server)
   server.start()
-  address = f"localhost:{port}"
-  sys.stdout.write(f"ADDRESS {address}\n")
-  sys.stdout.flush()
-  os.dup2(2, 1)  # from now on what the jobs print goes to stderr, not to the unread pipe
+  out.write("SERVING\n")
+  out.flush()
   sys.stdin.read()  # until the parent closes it, or exits
   server.stop(0)
 
@@ -228,10 +290,10 @@ def main(argv=None) -> int:
   import time
   parser = argparse.ArgumentParser(description=main.__doc__)
   parser.add_argument("--num_workers", type=int, default=os.cpu_count() or 1)
-  parser.add_argument("--serve_child", nargs="*", help=argparse.SUPPRESS)
+  parser.add_argument("--serve_child", nargs="+", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.serve_child is not None:
-    _serve(args.serve_child)
+    _serve(args.serve_child[0], args.serve_child[1:])
     return 0
   logging.basicConfig(level=logging.INFO)
   with LocalWorkerPool(args.num_workers) as pool:

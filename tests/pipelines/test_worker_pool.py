@@ -28,7 +28,7 @@ def pool():
     yield p
 
 
-def _pids_of_workers(pool, n: int) -> dict[int, int]:
+def _pids_of_workers(pool, n: int, *flags: str) -> dict[int, int]:
   """Runs a job of `n` elements on the pool; returns {pid: elements} of the processes that
   handled them (from the job's counters)."""
   def count_pid(x):
@@ -36,7 +36,7 @@ def _pids_of_workers(pool, n: int) -> dict[int, int]:
     beam.metrics.Metrics.counter("pids", str(os_.getpid())).inc()
     return x
   p = jobs.make_pipeline(["--runner=DirectRunner", "--direct_num_workers=2",
-                          *pool.beam_args()])
+                          *pool.beam_args(), *flags])
   _ = (p | beam.Create(list(range(n))) | beam.Reshuffle() | beam.Map(count_pid))
   return {int(k): v for k, v in jobs.run_and_count(p, "pids").items()}
 
@@ -51,26 +51,45 @@ def test_jobs_run_in_both_of_the_pools_processes(pool):
   assert set(_pids_of_workers(pool, 10)) <= set(pids)
 
 
-def _listening_hosts(port: int) -> set[str]:
-  """The local addresses (hex, as /proc/net shows them) listening on `port`."""
-  hosts = set()
+def _tcp_listening_inodes() -> set[str]:
+  """The socket inodes of every TCP socket in the LISTEN state (from /proc/net)."""
+  inodes = set()
   for table in ("/proc/net/tcp", "/proc/net/tcp6"):
     for line in Path(table).read_text().splitlines()[1:]:
-      local, state = line.split()[1], line.split()[3]
-      host, _, hexport = local.partition(":")
-      if state == "0A" and int(hexport, 16) == port:  # 0A: LISTEN
-        hosts.add(host)
-  return hosts
+      fields = line.split()
+      if fields[3] == "0A":  # LISTEN
+        inodes.add(fields[9])
+  return inodes
 
 
-def test_pool_listens_on_loopback_only(pool):
-  """A pool worker runs the code a runner sends it: it must not be reachable from outside."""
-  # 127.0.0.1, ::1 and ::ffff:127.0.0.1 (not 0.0.0.0 or ::, every interface)
-  loopback = {"0100007F", "00000000000000000000000001000000",
-              "0000000000000000FFFF00000100007F"}
+def test_pool_is_reachable_only_by_this_user(pool):
+  """A pool worker runs the code a runner sends it: it listens on Unix sockets in a
+  directory only this user can open, and on no TCP port."""
   for address in [pool.address, *pool._addresses]:
-    hosts = _listening_hosts(int(address.rsplit(":", 1)[1]))
-    assert hosts and hosts <= loopback, (address, hosts)
+    assert address.startswith("unix:"), address
+    path = Path(address[len("unix:"):])
+    assert path.is_socket()
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+    assert path.parent.stat().st_uid == os.getuid()
+  listening = _tcp_listening_inodes()
+  for proc in pool._procs:
+    fds = Path(f"/proc/{proc.pid}/fd")
+    sockets = {os.readlink(fd)[len("socket:["):-1] for fd in fds.iterdir()
+               if os.readlink(fd).startswith("socket:[")}
+    assert sockets and not sockets & listening, proc.pid
+
+
+def test_pool_jobs_do_not_need_the_host_name(pool, monkeypatch):
+  """Workers reach a local runner at localhost, whether or not the machine's name resolves
+  (Beam's own handler gives them socket.getfqdn())."""
+  import socket
+  monkeypatch.setattr(socket, "getfqdn", lambda *a: "palmflow-no-such-host.invalid")
+  assert sum(_pids_of_workers(pool, 8).values()) == 8
+
+
+def test_a_running_mode_does_not_take_the_job_off_the_pool(pool):
+  pids = _pids_of_workers(pool, 12, "--direct_running_mode=multi_processing")
+  assert set(pids) <= {proc.pid for proc in pool._procs} and sum(pids.values()) == 12
 
 
 def test_blocks_job_on_the_pool_gives_the_same_bytes(tmp_path, vocab, pool, caplog):
@@ -108,11 +127,15 @@ def test_pool_that_cannot_start_says_so_and_leaves_nothing_running():
   assert bad.address is None and not bad._procs
 
 
-def test_close_stops_the_processes():
+def test_close_stops_the_processes_and_a_pool_starts_again():
   pool = LocalWorkerPool(1).start()
-  procs = list(pool._procs)
+  procs, folder = list(pool._procs), Path(pool.address[len("unix:"):]).parent
   pool.close()
   assert all(proc.poll() is not None for proc in procs)
+  assert not folder.exists()
+  pool.start()  # the same object, fresh processes
+  assert len(pool._procs) == len(pool._addresses) == 1 and pool._procs[0] not in procs
+  pool.close()
   with pytest.raises(WorkerPoolError, match="not started"):
     pool.beam_args()
 
@@ -123,6 +146,7 @@ def test_external_environment_needs_an_address():
 
 
 def test_placement_decides_whether_a_run_uses_a_pool(monkeypatch):
+  monkeypatch.setattr(common, "_POOL", None)  # and back, whatever happens here
   started = []
 
   class FakePool:

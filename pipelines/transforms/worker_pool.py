@@ -7,8 +7,8 @@ to stop. A `palmflow run` runs several Beam jobs (corpus, vocabulary sample, blo
 starts a `LocalWorkerPool` once and every job's workers run in its processes, already past
 their imports, as Flink and Spark runners do with Beam's worker pool.
 
-Each pool process hosts one SDK harness per job in a thread (Beam's
-`BeamFnExternalWorkerPoolServicer` in thread mode), so `num_workers` processes give
+Each pool process serves Beam's worker pool API and hosts one SDK harness per job in a
+thread (as Beam's own pool does in thread mode), so `num_workers` processes give
 `num_workers` workers that run in parallel, each with its own interpreter. A small
 dispatcher in this process gives the jobs' worker requests to the processes in turn.
 

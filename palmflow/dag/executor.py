@@ -114,7 +114,7 @@ def run(pipeline: spec_lib.Pipeline, store: Store, *,
   log(f"pipeline '{pipeline.name}' ({pipeline.path}), store {store.root}")
   executed: list[str] = []
   try:
-    for p in planned:
+    for i, p in enumerate(planned):
       if p.action == "reuse":
         log(f"stage {p.name}: up to date ({p.fingerprint}), reused")
         continue
@@ -169,7 +169,7 @@ def run(pipeline: spec_lib.Pipeline, store: Store, *,
       log(f"stage {p.name}: done in {finished - started:.1f}s -> {out_dir}")
       executed.append(p.name)
       if not any(registry[pipeline.stages[q.name].kind].runs_beam
-                 for q in planned[planned.index(p) + 1:] if q.action != "reuse"):
+                 for q in planned[i + 1:] if q.action != "reuse"):
         close_worker_pool()  # no Beam job is left: free the pool's processes now
   finally:  # the Beam jobs' shared worker pool, if one was started
     close_worker_pool()

@@ -1,6 +1,7 @@
 """Helpers shared by stage kinds: Beam flags from placement, input digests."""
 from __future__ import annotations
 
+import atexit
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,11 +20,8 @@ def beam_args(placement: Mapping[str, Any], *, job_name: str) -> list[str]:
   at the first such job; `placement.beam.worker_pool: false` gives each job fresh worker
   processes instead, as Beam does).
   """
-  beam = dict(placement.get("beam") or {})
-  runner = beam.get("runner", "DirectRunner")
-  options = dict(beam.get("options") or {})
+  runner, options, workers = _beam_placement(placement)
   args = [f"--runner={runner}", f"--job_name={job_name.lower().replace('_', '-')}"]
-  workers = _pool_workers(runner, options, beam.get("worker_pool", True))
   if workers:
     options.pop("direct_running_mode")
     args += worker_pool(workers).beam_args()
@@ -39,29 +37,31 @@ def beam_args(placement: Mapping[str, Any], *, job_name: str) -> list[str]:
 def beam_summary(placement: Mapping[str, Any]) -> str:
   """Where a stage's Beam job runs, for its log line (e.g. "DirectRunner, 2 workers in the
   run's worker pool")."""
-  beam = dict(placement.get("beam") or {})
-  runner = beam.get("runner", "DirectRunner")
-  options = dict(beam.get("options") or {})
-  workers = _pool_workers(runner, options, beam.get("worker_pool", True))
+  from pipelines.transforms.worker_pool import is_direct_runner
+  runner, options, workers = _beam_placement(placement)
   if workers:
     return f"{runner}, {workers} workers in the run's worker pool"
-  from pipelines.transforms.worker_pool import is_direct_runner
   if not is_direct_runner(runner) or "direct_num_workers" not in options:
     return runner
   n = int(options["direct_num_workers"])
   return f"{runner}, " + ("one worker a core" if n == 0 else f"{n} worker{'s' * (n != 1)}")
 
 
-def _pool_workers(runner: str, options: Mapping[str, Any], enabled: bool) -> int:
-  """How many worker pool processes a job with these settings runs on (0: no pool)."""
+def _beam_placement(placement: Mapping[str, Any]) -> tuple[str, dict, int]:
+  """(runner, a copy of the Beam options, worker pool processes: 0 for no pool) from
+  `placement.beam`. A pool is for DirectRunner with `direct_running_mode:
+  multi_processing` and more than one worker, unless `worker_pool: false`."""
   import os
   from pipelines.transforms.worker_pool import is_direct_runner
-  if not enabled or not is_direct_runner(runner) or (
+  beam = dict(placement.get("beam") or {})
+  runner = beam.get("runner", "DirectRunner")
+  options = dict(beam.get("options") or {})
+  if not beam.get("worker_pool", True) or not is_direct_runner(runner) or (
       options.get("direct_running_mode") != "multi_processing"):
-    return 0
+    return runner, options, 0
   n = int(options.get("direct_num_workers", 1))
   n = n or os.cpu_count() or 1  # Beam: 0 means one worker a core
-  return n if n > 1 else 0
+  return runner, options, (n if n > 1 else 0)
 
 
 _POOL = None
@@ -74,9 +74,7 @@ def worker_pool(num_workers: int):
   if _POOL is not None and _POOL.num_workers != num_workers:
     close_worker_pool()
   if _POOL is None:
-    import atexit
     _POOL = LocalWorkerPool(num_workers).start()
-    atexit.register(close_worker_pool)
   return _POOL
 
 
@@ -86,6 +84,9 @@ def close_worker_pool() -> None:
   if _POOL is not None:
     pool, _POOL = _POOL, None
     pool.close()
+
+
+atexit.register(close_worker_pool)  # a pool outlives no process that started it
 
 
 def path_identity(base_dir: Path, path: str) -> dict:

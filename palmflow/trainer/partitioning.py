@@ -17,6 +17,7 @@ On a TPU/GPU slice the same code builds the mesh from all devices of all process
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -155,8 +156,10 @@ class Partitioner:
       from jax.experimental import mesh_utils
       try:
         return mesh_utils.create_device_mesh(mesh_shape, devices=devices)
-      except (ValueError, NotImplementedError, AssertionError):
-        pass
+      except (ValueError, NotImplementedError, AssertionError) as e:
+        logging.getLogger(__name__).warning(
+            "mesh %s: no topology-aware TPU device order (%s: %s); devices are placed in "
+            "jax.devices() order", mesh_shape, type(e).__name__, e)
     # jax.devices() lists devices process by process, so the model axis stays within a host
     # whenever it fits there.
     return np.asarray(devices, dtype=object).reshape(mesh_shape)

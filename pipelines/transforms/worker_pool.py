@@ -26,6 +26,7 @@ not on TCP ports that any local user could reach.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -215,6 +216,7 @@ def pool_environment(address: str):
   return ExternalEnvironment(address)
 
 
+@functools.cache
 def _register_local_external_handler() -> None:
   """Workers of a pool on this machine reach the runner at `localhost`.
 

@@ -54,6 +54,8 @@ from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from pipelines.transforms import jobs
+
 _COMMON_KEYS = ("name", "format", "path", "strip_gutenberg")
 _FORMAT_KEYS = {
     "text": ("unit",),
@@ -441,7 +443,7 @@ class ReadSource(beam.PTransform):
                | "Pattern" >> beam.Create([spec])
                | "Match" >> beam.FlatMap(match_source_files, base_dir))
     return (units
-            | "Spread" >> beam.Reshuffle()
+            | "Spread" >> jobs.Spread()
             | "Parse" >> beam.ParDo(_ReadFn(spec)))
 
 

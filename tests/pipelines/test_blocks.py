@@ -6,6 +6,7 @@ seqio Task, and packing efficiency on the shared corpora.
 """
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 import random
@@ -275,18 +276,33 @@ def test_ranges_cover_every_line_once(tmp_path):
   import gzip
   rng = random.Random(4)
   lines = [("x" * rng.randint(0, 40) + "\n").encode() for _ in range(300)]
+  lines[-1] = lines[-1].rstrip(b"\n")  # the last file's last line without its newline
   (tmp_path / "a.jsonl").write_bytes(b"".join(lines[:170]))
   (tmp_path / "b.jsonl").write_bytes(b"".join(lines[170:250]))
   (tmp_path / "c.jsonl").write_bytes(b"")
   with gzip.open(tmp_path / "d.jsonl.gz", "wb") as f:
     f.write(b"".join(lines[250:]))
+  want = [line.rstrip(b"\n") for line in lines]
   for n in (1, 2, 7, 50, 10_000):
     ranges = blocks.plan_ranges(str(tmp_path / "*.jsonl*"), n)
     assert [r[0] for r in ranges] == list(range(len(ranges)))
     assert ranges[-1][1:] == (str(tmp_path / "d.jsonl.gz"), 0, -1)  # compressed: whole
     got = [line for _, path, start, end in ranges
            for _, line in blocks.range_lines(path, start, end)]
-    assert got == lines, f"{n} ranges"
+    assert got == want, f"{n} ranges"
+    # read a few bytes at a time, lines run over many chunks: the same lines, offsets right
+    for chunk in (1, 5, 64):
+      pieces = []
+      for _, path, start, end in ranges:
+        for offset, chunk_lines in blocks.range_chunks(path, start, end, chunk_bytes=chunk):
+          for line in chunk_lines:
+            if end >= 0:
+              with open(path, "rb") as f:
+                f.seek(offset)
+                assert f.read(len(line)) == line
+            pieces.append(line)
+            offset += len(line) + 1
+      assert pieces == want, f"{n} ranges, {chunk}-byte chunks"
     if n == 7:
       assert len(ranges) >= 7
   # a cap on a range's size adds ranges whatever the requested number
@@ -295,9 +311,13 @@ def test_ranges_cover_every_line_once(tmp_path):
   assert len(capped) >= -(-uncompressed // 1000) + 1
   assert all(end - start <= 1000 for _, _, start, end in capped if end >= 0)
   assert [line for _, path, start, end in capped
-          for _, line in blocks.range_lines(path, start, end)] == lines
+          for _, line in blocks.range_lines(path, start, end)] == want
   with pytest.raises(blocks.DocumentsError, match="matches no file"):
     blocks.plan_ranges(str(tmp_path / "nothing*"), 4)
+  # a UTF-8 byte order mark at the start of a file is not part of its first line
+  (tmp_path / "bom.jsonl").write_bytes(codecs.BOM_UTF8 + b"first\nsecond\n")
+  assert list(blocks.range_lines(str(tmp_path / "bom.jsonl"), 0, 100)) == [
+      (3, b"first"), (9, b"second")]
 
 
 def test_job_over_many_ranges_keeps_every_document(tmp_path, vocab):
@@ -330,9 +350,10 @@ def test_same_bytes_with_two_worker_processes(tmp_path, vocab, caplog):
 def test_malformed_document_line_names_file_and_offset(tmp_path, vocab):
   path = tmp_path / "docs.jsonl"
   good = json.dumps({"id": "s:f:1", "text": "the cat"}) + "\n"
-  path.write_text(good + '{"id": "s:f:2", "text": "the d\n')
-  with pytest.raises(Exception, match=rf"docs.jsonl: the line at byte {len(good)} is not a "
-                                      "JSON document"):
+  # a blank line between (skipped, still counted in the byte offset)
+  path.write_text(good + "\n" + good + '{"id": "s:f:2", "text": "the d\n')
+  with pytest.raises(Exception, match=rf"docs.jsonl: the line at byte {2 * len(good) + 1} is "
+                                      "not a JSON document"):
     run_job(str(path), vocab, tmp_path / "out")
   assert not (tmp_path / "out" / "stats.json").exists()
 

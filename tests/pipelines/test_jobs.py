@@ -30,3 +30,34 @@ def test_other_runners_and_streaming_keep_their_runner(monkeypatch):
   jobs.make_pipeline(["--runner=DataflowRunner", "--environment_type=EXTERNAL",
                       "--environment_config=localhost:1"])
   assert list(made[0]) == ["options"]  # no runner object: Beam makes the one named
+
+
+def test_spread_keeps_every_element_and_one_local_worker_skips_it():
+  def collect(flags, values, spread):
+    p = jobs.make_pipeline(["--runner=DirectRunner", *flags])
+    _ = (p | jobs.CreateSpread(values, spread=spread)
+         | beam.Map(lambda x: beam.metrics.Metrics.counter("t", repr(x)).inc()))
+    return jobs.run_and_count(p, "t")
+  values = [("a", 0, 10), ("a", 10, 20), ("b", 0, 5), ("a", 0, 10)]  # one twice
+  want = {repr(("a", 0, 10)): 2, repr(("a", 10, 20)): 1, repr(("b", 0, 5)): 1}
+  assert collect([], values, spread=True) == want
+  assert collect([], values, spread=False) == want
+  p = jobs.make_pipeline(["--runner=DirectRunner"])
+  _ = p | "Spread" >> jobs.CreateSpread(values) | beam.Map(str)
+  assert any(t.full_label == "Spread/Spread/Group" for t in _transforms(p))
+  # one local worker: nothing to spread to; several workers, a pool or another runner: spread
+  assert jobs.one_local_worker(jobs.PipelineOptions(["--runner=DirectRunner"]))
+  assert jobs.one_local_worker(jobs.PipelineOptions([]))
+  for flags in (["--direct_num_workers=2"], ["--runner=DataflowRunner"],
+                ["--environment_type=EXTERNAL", "--environment_config=unix:/x"]):
+    assert not jobs.one_local_worker(jobs.PipelineOptions(flags)), flags
+
+
+def _transforms(p):
+  out = []
+  def walk(node):
+    out.append(node)
+    for part in node.parts:
+      walk(part)
+  walk(p._root_transform())
+  return out

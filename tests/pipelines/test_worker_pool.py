@@ -28,16 +28,17 @@ def pool():
     yield p
 
 
-def _pids_of_workers(pool, n: int, *flags: str) -> dict[int, int]:
-  """Runs a job of `n` elements on the pool; returns {pid: elements} of the processes that
-  handled them (from the job's counters)."""
+def _pids_of_workers(pool, n: int, *flags: str, spread=None) -> dict[int, int]:
+  """Runs a job of `n` elements on the pool, spread by `spread` (Beam's Reshuffle by
+  default); returns {pid: elements} of the processes that handled them (from the job's
+  counters)."""
   def count_pid(x):
     import os as os_
     beam.metrics.Metrics.counter("pids", str(os_.getpid())).inc()
     return x
   p = jobs.make_pipeline(["--runner=DirectRunner", "--direct_num_workers=2",
                           *pool.beam_args(), *flags])
-  _ = (p | beam.Create(list(range(n))) | beam.Reshuffle() | beam.Map(count_pid))
+  _ = (p | beam.Create(list(range(n))) | (spread or beam.Reshuffle()) | beam.Map(count_pid))
   return {int(k): v for k, v in jobs.run_and_count(p, "pids").items()}
 
 
@@ -49,6 +50,9 @@ def test_jobs_run_in_both_of_the_pools_processes(pool):
   assert set(pids) == {proc.pid for proc in pool._procs}
   # the same processes serve the next job (warm: nothing is started again)
   assert set(_pids_of_workers(pool, 10)) <= set(pids)
+  # palmflow's cheaper Spread (one GroupByKey) gives both processes work, as Reshuffle does
+  spread = _pids_of_workers(pool, 40, spread=jobs.Spread())
+  assert sum(spread.values()) == 40 and set(spread) == set(pids)
 
 
 def _tcp_listening_inodes() -> set[str]:

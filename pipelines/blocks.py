@@ -236,9 +236,12 @@ def source_of(doc_id: str) -> str:
 
 
 REMAINDER = "remainder"
+# what the DoFns below emit: (shuffle key or shard, record or batch of them or run file)
+_KEYED = beam.typehints.Tuple[int, beam.typehints.Any]
 decode_json = json.JSONDecoder().decode
 
 
+@beam.typehints.with_output_types(_KEYED)  # (not inferred from the bytecode)
 class BlockRemainders(_BlockCounters):
   """(0, [(range, tokens, docs)]) -> blocks of all the ranges' tails, in range order.
 
@@ -351,6 +354,7 @@ def range_lines(path: str, start: int, end: int) -> Iterator[tuple[int, bytes]]:
       offset += len(line) + 1
 
 
+@beam.typehints.with_output_types(_KEYED)  # (not inferred from the bytecode)
 class TokenizeAndBlockRanges(_BlockCounters):
   """(index, path, start, end) byte range -> (shuffle key, serialized tf.Example) blocks.
 

@@ -38,6 +38,7 @@ def shard_pattern(prefix: str, count: int, fmt: str) -> str:
   return f"{prefix}.{_EXT[fmt]}-*-of-{count:05d}"
 
 
+@beam.typehints.with_output_types(beam.typehints.Tuple[int, int])
 class _WriteShard(beam.DoFn):
   def __init__(self, prefix: str, num_shards: int, fmt: str):
     self._prefix, self._n, self._fmt = prefix, num_shards, fmt

@@ -61,3 +61,21 @@ def _transforms(p):
       walk(part)
   walk(p._root_transform())
   return out
+
+
+def test_job_options_reuse_views_that_share_the_values():
+  import copy
+  import pickle
+  from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+  options = jobs.JobOptions(["--runner=DirectRunner", "--direct_num_workers=2"])
+  view = options.view_as(DirectOptions)
+  assert options.view_as(DirectOptions) is view  # made once
+  view.direct_num_workers = 3                     # a write through a view is the options'
+  assert options.get_all_options()["direct_num_workers"] == 3
+  assert options.view_as(StandardOptions).runner == "DirectRunner"
+  # copies and pickles keep their own values, as PipelineOptions do
+  clone = copy.deepcopy(options)
+  clone.view_as(DirectOptions).direct_num_workers = 5
+  assert options.view_as(DirectOptions).direct_num_workers == 3
+  assert pickle.loads(pickle.dumps(options)).view_as(DirectOptions).direct_num_workers == 3
+  assert isinstance(jobs.make_pipeline(["--runner=DirectRunner"]).options, jobs.JobOptions)

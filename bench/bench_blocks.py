@@ -13,8 +13,11 @@ In one go, on the same ~20 MB corpus and the same SentencePiece model:
   beam2_pool  two workers in palmflow's warm worker pool (`pipelines/transforms/worker_pool.py`,
           how `palmflow run` runs multi_processing jobs): the pool is started once, before
           the timings, as the imports are for every variant; its start-up time is reported.
-Each variant runs `--repeats` times, interleaved, and the best time counts (the machines are
-shared). Ratios are Beam time / loop time (lower is better; < 1 is faster than the loop).
+Each variant runs in a process of its own (imports and one warm-up run first, untimed), then
+`--repeats` times, interleaved with the others. Ratios are Beam time / loop time (lower is
+better; < 1 is faster than the loop): of the best times, and the median of the repeats'
+ratios (repeat k of a variant against repeat k of the loop, run next to it), which the
+shared machines' drift disturbs less.
 
 The corpus is built from ../shared/data (tiny-shakespeare and Moby Dick paragraphs, SST-2
 sentences, each its own document unless `--sst2_per_doc` groups them) and the running Python's
@@ -22,7 +25,8 @@ standard library source files, in that order, until `--target_mb` MB of text (go
 them again, ids marked `~2`, `~3`..., when they are shorter); the vocabulary
 (8k unigram by default) is trained once on a sample of it. Both are cached in `--work_dir`.
 Reported: wall seconds (best of the repeats), MB/s of text, time / loop, and the CPU seconds
-of the best run (this process and its finished children), which other load disturbs less.
+of the best run (the variant's process, its finished children and the pool's processes),
+which other load disturbs less.
 
     .venv/bin/python bench/bench_blocks.py --repeats 3 --results bench/results_data.md
     .venv/bin/python bench/bench_blocks.py --repeats 3 --sst2_per_doc 100 --append \
@@ -37,6 +41,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import sysconfig
 import tempfile
@@ -232,6 +237,85 @@ def run_beam(docs_glob: str, vocab: str, out_dir: str, block_length: int, worker
   return blocks.run(argv)
 
 
+def run_variant(v: str, args, docs_glob: str, doc_files: list[str], vocab: str, work: Path,
+                pool=None) -> dict:
+  """One run of variant `v`; returns the job's (or the loop's) counts."""
+  out = work / "out" / f"{v}-{os.getpid()}"
+  shutil.rmtree(out, ignore_errors=True)
+  out.mkdir(parents=True)
+  if v in ("loop", "loop_mt"):
+    return plain_loop(doc_files, vocab, str(out / "blocks.tfrecord"), args.block_length,
+                      num_threads=1 if v == "loop" else -1)
+  return run_beam(docs_glob, vocab, str(out), args.block_length,
+                  workers=int(v[len("beam"):].split("_")[0]), num_buckets=args.num_buckets,
+                  num_shards=args.num_shards, pool=pool if v.endswith("_pool") else None)
+
+
+_REPLY = "@@bench "  # how a variant process's replies start (other output passes through)
+
+
+def serve_variant(v: str, args, docs_glob: str, doc_files: list[str], vocab: str,
+                  work: Path) -> int:
+  """A variant's own process: imports, starts the pool (`_pool` variants), runs once to warm
+  up, then runs once for each line on stdin, replying with seconds, CPU seconds, counts."""
+  import apache_beam  # noqa: F401  (imports outside the timings, for every variant alike)
+  import sentencepiece  # noqa: F401
+  import tensorflow  # noqa: F401
+  pool, ready = None, {}
+  if v.endswith("_pool"):
+    from pipelines.transforms.worker_pool import LocalWorkerPool
+    t = time.perf_counter()
+    pool = LocalWorkerPool(2).start()
+    ready["pool_start"] = time.perf_counter() - t
+  try:
+    run_variant(v, args, docs_glob, doc_files, vocab, work, pool)  # warm-up
+    print(_REPLY + json.dumps(ready), flush=True)
+    for _ in sys.stdin:
+      t, cpu = time.perf_counter(), _cpu_seconds(pool)
+      res = run_variant(v, args, docs_glob, doc_files, vocab, work, pool)
+      dt, dcpu = time.perf_counter() - t, _cpu_seconds(pool) - cpu
+      print(_REPLY + json.dumps([dt, dcpu, res]), flush=True)
+  finally:
+    if pool is not None:
+      pool.close()
+  return 0
+
+
+class VariantProcess:
+  """A variant run in a process of its own, so that no variant runs in a heap or among
+  threads another variant left behind (a Beam job timed in the process that had just run
+  the loop, or the loop after a Beam job, was up to 10% slower). `run` times one run."""
+
+  def __init__(self, v: str, args):
+    self.v = v
+    self._cmd = [sys.executable, str(Path(__file__).resolve()), *args.argv,
+                 "--serve_variant", v]
+
+  def start(self) -> dict:
+    import subprocess
+    self._proc = subprocess.Popen(self._cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  text=True, cwd=ROOT)
+    return self._reply()
+
+  def _reply(self):
+    for line in self._proc.stdout:
+      if line.startswith(_REPLY):
+        return json.loads(line[len(_REPLY):])
+      sys.stdout.write(line)
+    raise RuntimeError(f"the {self.v} process stopped (exit status {self._proc.wait()})")
+
+  def run(self) -> tuple[float, float, dict]:
+    self._proc.stdin.write("run\n")
+    self._proc.stdin.flush()
+    dt, dcpu, res = self._reply()
+    return dt, dcpu, res
+
+  def close(self) -> None:
+    if getattr(self, "_proc", None) and self._proc.poll() is None:
+      self._proc.stdin.close()
+      self._proc.wait(timeout=60)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -253,7 +337,10 @@ def main(argv=None) -> int:
   parser.add_argument("--variants", default=VARIANTS)
   parser.add_argument("--results", default="", help="write a Markdown results table here")
   parser.add_argument("--append", action="store_true", help="append to --results")
+  parser.add_argument("--serve_variant", default="", help=argparse.SUPPRESS)
+  argv = sys.argv[1:] if argv is None else list(argv)
   args = parser.parse_args(argv)
+  args.argv = argv
   data = Path(args.data_dir)
   if not data.exists():
     print(f"shared data not found at {data.resolve()}", file=sys.stderr)
@@ -277,46 +364,34 @@ def main(argv=None) -> int:
   docs_glob = str(corpus / "documents.jsonl-*")
   doc_files = sorted(glob.glob(docs_glob))
   mb = info["text_bytes"] / 1e6
+  if args.serve_variant:
+    return serve_variant(args.serve_variant, args, docs_glob, doc_files, str(vocab), work)
   print(f"corpus: {info['documents']} documents, {mb:.1f} MB of text {info['sources']}",
         flush=True)
 
-  import apache_beam  # noqa: F401  (imports outside the timings, for every variant alike)
-  import sentencepiece  # noqa: F401
-  import tensorflow  # noqa: F401
   variants = [v for v in args.variants.split(",") if v]
-  pool, pool_start = None, None
-  if any(v.endswith("_pool") for v in variants):
-    from pipelines.transforms.worker_pool import LocalWorkerPool
-    t = time.perf_counter()
-    pool = LocalWorkerPool(2).start()
-    pool_start = time.perf_counter() - t
-    print(f"worker pool of 2 started in {pool_start:.2f}s (outside the timings)", flush=True)
+  runners = {v: VariantProcess(v, args) for v in variants}
   times: dict[str, list[float]] = {v: [] for v in variants}
   cpu_times: dict[str, list[float]] = {v: [] for v in variants}
   results: dict[str, dict] = {}
-  for r in range(args.repeats):
-    for v in variants:
-      out = work / "out" / v
-      shutil.rmtree(out, ignore_errors=True)
-      out.mkdir(parents=True)
-      t, cpu = time.perf_counter(), _cpu_seconds(pool)
-      if v in ("loop", "loop_mt"):
-        res = plain_loop(doc_files, str(vocab), str(out / "blocks.tfrecord"), args.block_length,
-                         num_threads=1 if v == "loop" else -1)
-      else:
-        res = run_beam(docs_glob, str(vocab), str(out), args.block_length,
-                       workers=int(v[len("beam"):].split("_")[0]),
-                       num_buckets=args.num_buckets, num_shards=args.num_shards,
-                       pool=pool if v.endswith("_pool") else None)
-      dt, dcpu = time.perf_counter() - t, _cpu_seconds(pool) - cpu
-      times[v].append(dt)
-      cpu_times[v].append(dcpu)
-      results[v] = res
-      print(f"repeat {r + 1} {v:7s} {dt:7.2f}s  {mb / dt:6.2f} MB/s  cpu {dcpu:6.2f}s",
-            flush=True)
+  pool_start = None
+  try:
+    for v, runner in runners.items():  # imports and a first run, outside the timings
+      ready = runner.start()
+      pool_start = ready.get("pool_start", pool_start)
+      print(f"{v}: ready (imports and a warm-up run done)", flush=True)
+    for r in range(args.repeats):
+      for v, runner in runners.items():
+        dt, dcpu, res = runner.run()
+        times[v].append(dt)
+        cpu_times[v].append(dcpu)
+        results[v] = res
+        print(f"repeat {r + 1} {v:7s} {dt:7.2f}s  {mb / dt:6.2f} MB/s  cpu {dcpu:6.2f}s",
+              flush=True)
+  finally:
+    for runner in runners.values():
+      runner.close()
 
-  if pool is not None:
-    pool.close()
   best = {v: min(ts) for v, ts in times.items()}
   loop = best.get("loop")
   summary = {
@@ -329,6 +404,9 @@ def main(argv=None) -> int:
                               for v, t in best.items()},
       "ratio_to_loop": ({v: round(t / loop, 3) for v, t in best.items() if v != "loop"}
                         if loop else {}),
+      "median_ratio_to_loop": ({v: round(statistics.median(
+          a / b for a, b in zip(ts, times["loop"])), 3) for v, ts in times.items()
+          if v != "loop"} if loop else {}),
       "cpus": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()],
   }
   if pool_start is not None:
@@ -364,10 +442,11 @@ def write_results(path: Path, s: dict, info: dict, args) -> None:
       f"({', '.join(f'{k} {v}' for k, v in info['sources'].items())}); SentencePiece "
       f"unigram {s['vocab_size']}; blocks of {s['block_length']} tokens. Machine: "
       f"{s['cpus']} cores ({platform.processor() or platform.machine()}), shared with other "
-      f"jobs (load average at the end {s['load_avg']}); best of {args.repeats} interleaved "
-      "runs each.", "",
-      "| variant | seconds (best) | all runs | MB/s | time / loop | CPU seconds (best run) |",
-      "|---|---|---|---|---|---|"]
+      f"jobs (load average at the end {s['load_avg']}); {args.repeats} interleaved runs "
+      "each, every variant in its own process after a warm-up run.", "",
+      "| variant | seconds (best) | all runs | MB/s | time / loop (best) "
+      "| time / loop (median of repeats) | CPU seconds (best run) |",
+      "|---|---|---|---|---|---|---|"]
   names = {"loop": "plain Python loop (sentencepiece on 1 thread, as the job)",
            "loop_mt": "plain Python loop, sentencepiece on all cores (num_threads=-1)",
            "beam1": "Beam DirectRunner, 1 worker",
@@ -375,8 +454,11 @@ def write_results(path: Path, s: dict, info: dict, args) -> None:
            "beam2_pool": "Beam DirectRunner, 2 workers in the warm worker pool"}
   for v, t in s["best_seconds"].items():
     ratio = "1" if v == "loop" else f"{s['ratio_to_loop'].get(v, float('nan')):.2f}×"
+    median = ("1" if v == "loop"
+              else f"{s['median_ratio_to_loop'].get(v, float('nan')):.2f}×")
     lines.append(f"| {names.get(v, v)} | {t:.2f} | {', '.join(map(str, s['all_seconds'][v]))}"
-                 f" | {s['mb_per_s'][v]:.2f} | {ratio} | {s['cpu_seconds_of_best'][v]:.2f} |")
+                 f" | {s['mb_per_s'][v]:.2f} | {ratio} | {median} "
+                 f"| {s['cpu_seconds_of_best'][v]:.2f} |")
   if "pool_start_seconds" in s:
     lines += ["", f"The worker pool started once, before the timings, in "
               f"{s['pool_start_seconds']:.2f} s (its processes import Beam and the job's "

@@ -20,7 +20,9 @@ print(losses.cross_entropy_loss(jnp.zeros((1, 3, 8)), jnp.ones((1, 3), jnp.int32
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import functools
 from typing import Any
 
 import jax
@@ -156,3 +158,199 @@ def cross_entropy_loss(
       "normalizing_factor": denominator,
   }
   return total_loss, z_part, stats
+
+
+def _chunk_length(batch: int, length: int, chunk_tokens: int) -> int:
+  """The largest divisor of `length` with at most `chunk_tokens` tokens a chunk of positions
+  over the whole batch (at least 1 position)."""
+  want = max(1, chunk_tokens // max(1, batch))
+  return max(d for d in range(1, length + 1) if length % d == 0 and d <= want) \
+      if want < length else length
+
+
+def projected_cross_entropy_loss(
+    hidden: Array,
+    kernel: Array,
+    targets: Array,
+    *,
+    weights: Array | None = None,
+    vocab_major: bool = True,
+    scale: float = 1.0,
+    dtype: Any = jnp.float32,
+    label_smoothing: float = 0.0,
+    z_loss: float = 1e-4,
+    loss_normalizing_factor: float | str | LossNormalizingFactor | None = None,
+    chunk_tokens: int = 2048,
+) -> tuple[Array, Array, dict[str, Array]]:
+  """`cross_entropy_loss` of the output projection's logits, without materialising them.
+
+  The logits are ``scale * hidden @ kernel^T`` (``kernel`` [vocab, embed], ``vocab_major``:
+  a shared embedding) or ``scale * hidden @ kernel`` ([embed, vocab]). They are computed a
+  chunk of positions at a time (about `chunk_tokens` tokens of the batch), and when
+  differentiated, each chunk's gradient is taken at once from its logits: softmax minus the
+  smoothed targets, then the two products into the hidden states' and the kernel's
+  gradients. No [batch, length, vocab] array is ever stored (the largest of a training step:
+  268 MB of float32 logits, then as many for their gradient, for palm_small), and a chunk's
+  logits are still in cache when they are used again.
+
+  Products take ``dtype`` operands and accumulate in float32, as `models.matmul` does
+  (a float32 logit gradient under float16). Only the total loss is differentiable: the
+  z-loss part and the stats are for metrics.
+
+  Args:
+      hidden: [batch, length, embed] final hidden states (after the final norm).
+      kernel: [vocab, embed] (``vocab_major``) or [embed, vocab] output weights.
+      targets, weights, label_smoothing, z_loss, loss_normalizing_factor: as for
+          `cross_entropy_loss`.
+      scale: multiplies the logits (PaLM's shared embedding: ``1 / sqrt(d_model)``).
+      dtype: the products' operand dtype.
+      chunk_tokens: tokens of the batch a chunk of positions holds at most.
+
+  Returns:
+      What `cross_entropy_loss` returns for the same logits.
+  """
+  batch, length, _ = hidden.shape
+  if targets.shape != (batch, length):
+    raise ValueError(f"targets {targets.shape} must be hidden {hidden.shape} without its "
+                     "embed axis.")
+  if weights is not None and weights.shape != targets.shape:
+    raise ValueError(f"weights {weights.shape} must have the shape of targets "
+                     f"{targets.shape}.")
+  if not 0.0 <= label_smoothing < 1.0:
+    raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}.")
+  vocab = kernel.shape[0] if vocab_major else kernel.shape[1]
+  weights = (jnp.ones(targets.shape, jnp.float32) if weights is None
+             else weights.astype(jnp.float32))
+  token_weights, denominator = _token_weights(weights, loss_normalizing_factor)
+  denominator = jnp.where(denominator > 0, denominator, 1.0)
+  settings = _Projection(vocab_major=vocab_major, scale=float(scale),
+                         dtype=jnp.dtype(dtype).name, vocab=vocab,
+                         label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+                         chunk=_chunk_length(batch, length, chunk_tokens))
+  sums = _projected_sums(settings, hidden, kernel, targets.astype(jnp.int32),
+                         token_weights / denominator, weights)
+  total, z_part, xent_sum, z_sum, correct = sums
+  stats = {
+      "cross_ent_loss_sum": xent_sum,
+      "z_loss_sum": z_sum,
+      "accuracy_numerator": correct,
+      "accuracy_denominator": jnp.sum(weights),
+      "normalizing_factor": denominator,
+  }
+  return total, z_part, stats
+
+
+@dataclasses.dataclass(frozen=True)
+class _Projection:
+  """The static settings of `projected_cross_entropy_loss` (hashable, for `custom_vjp`)."""
+
+  vocab_major: bool
+  scale: float
+  dtype: str
+  vocab: int
+  label_smoothing: float
+  z_loss: float
+  chunk: int
+
+
+def _chunked(x: Array, chunk: int) -> Array:
+  """[batch, length, ...] -> [length // chunk, batch, chunk, ...]."""
+  b, n = x.shape[:2]
+  return jnp.swapaxes(x.reshape(b, n // chunk, chunk, *x.shape[2:]), 0, 1)
+
+
+def _unchunked(x: Array) -> Array:
+  """The inverse of `_chunked`."""
+  n, b, c = x.shape[:3]
+  return jnp.swapaxes(x, 0, 1).reshape(b, n * c, *x.shape[3:])
+
+
+def _projected_pass(s: _Projection, hidden, kernel, targets, scaled_weights, weights,
+                    with_grad: bool):
+  """The per-chunk loop: the five sums, and with `with_grad` the gradients of the first
+  (the normalised total loss) for `hidden` and `kernel`."""
+  from palmflow.trainer.models import _mm, _transposed
+  dtype = jnp.dtype(s.dtype)
+  grad_dtype = jnp.float32 if dtype == jnp.float16 else dtype
+  k = kernel.astype(dtype)
+  kg = kernel.astype(grad_dtype)
+  conf = 1.0 - s.label_smoothing
+  low = s.label_smoothing / (s.vocab - 1) if s.vocab > 1 else 0.0
+  const = -conf * np.log(conf)
+  if low > 0:
+    const -= (s.vocab - 1) * low * np.log(low)
+  d = hidden.shape[-1]
+  on_cpu = jax.default_backend() == "cpu"
+
+  def body(dk, chunk):
+    h, t, sw, w = chunk                                   # [b, c, d], [b, c] x3
+    rows = h.shape[0] * h.shape[1]
+    h = h.reshape(rows, d).astype(dtype)
+    t, sw, w = t.reshape(rows), sw.reshape(rows), w.reshape(rows)
+    logits = _mm(h, k, s.vocab_major) * np.float32(s.scale)          # [rows, vocab]
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    e = jnp.exp(logits - top)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    log_z = (top + jnp.log(total))[:, 0]
+    ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+    is_target = ids == t[:, None]
+    target_logit = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
+    xent = -(conf - low) * (target_logit - log_z) - const
+    if low > 0:
+      xent -= low * (jnp.sum(logits, axis=-1) - s.vocab * log_z)
+    z_term = s.z_loss * jnp.square(log_z)
+    float_ids = jax.lax.broadcasted_iota(jnp.float32, logits.shape, 1)
+    argmax = jnp.min(jnp.where(logits == top, float_ids, float(s.vocab)), axis=-1)
+    sums = (jnp.sum(sw * (xent + z_term)), jnp.sum(sw * z_term), jnp.sum(w * xent),
+            jnp.sum(w * z_term), jnp.sum(w * (argmax == t)))
+    if not with_grad:
+      return dk, (sums, None)
+    # d total / d logits: softmax (1 + 2 z log_z) - (conf - low) onehot - low, per token
+    # weight; times the scale, into both products.
+    g = (e / total) * (1.0 + 2.0 * s.z_loss * log_z)[:, None]
+    g = g - jnp.where(is_target, conf - low, 0.0) - low
+    g = (g * (sw * np.float32(s.scale))[:, None]).astype(grad_dtype)
+    dh = _mm(g, kg, not s.vocab_major).astype(grad_dtype)             # [rows, d]
+    hg = h.astype(grad_dtype)
+    if on_cpu:  # [d, vocab] = h^T g, the smaller operand transposed (see models.matmul)
+      dk = dk + _mm(_transposed(hg), g, False)
+    else:
+      dk = dk + jax.lax.dot_general(hg, g, (((0,), (0,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+    return dk, (sums, dh.reshape(chunk[0].shape[:2] + (d,)))
+
+  xs = (_chunked(hidden, s.chunk), _chunked(targets, s.chunk),
+        _chunked(scaled_weights, s.chunk), _chunked(weights, s.chunk))
+  dk0 = jnp.zeros((d, s.vocab), jnp.float32) if with_grad else jnp.zeros((), jnp.float32)
+  dk, (sums, dh) = jax.lax.scan(body, dk0, xs)
+  sums = tuple(jnp.sum(x) for x in sums)
+  if not with_grad:
+    return sums, None
+  if s.vocab_major:  # [d, vocab] -> [vocab, d]; the barrier keeps the transpose a copy
+    dk = jnp.swapaxes(jax.lax.optimization_barrier(dk), 0, 1)
+  return sums, (_unchunked(dh), dk)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _projected_sums(s, hidden, kernel, targets, scaled_weights, weights):
+  return _projected_pass(s, hidden, kernel, targets, scaled_weights, weights, False)[0]
+
+
+def _projected_sums_fwd(s, hidden, kernel, targets, scaled_weights, weights):
+  sums, (dh, dk) = _projected_pass(s, hidden, kernel, targets, scaled_weights, weights,
+                                   True)
+  # dh stays in the gradient dtype until scaled (under float16, float32: a loss-scaled
+  # cotangent would overflow float16, an unscaled gradient underflow it); the empty arrays
+  # carry the dtypes the gradients go back in.
+  return sums, (dh, dk, jnp.zeros((0,), hidden.dtype), jnp.zeros((0,), kernel.dtype))
+
+
+def _projected_sums_bwd(s, residuals, cotangents):
+  del s
+  dh, dk, hidden_like, kernel_like = residuals
+  g = cotangents[0].astype(jnp.float32)  # only the total loss is differentiable
+  return ((dh.astype(jnp.float32) * g).astype(hidden_like.dtype),
+          (dk * g).astype(kernel_like.dtype), None, None, None)
+
+
+_projected_sums.defvjp(_projected_sums_fwd, _projected_sums_bwd)

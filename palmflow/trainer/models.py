@@ -251,6 +251,12 @@ def _matmul_bwd(transpose_b, dtype, out_dtype, residuals, ct):
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+def logits_scale(config: PaLMConfig) -> np.float32:
+  """What the output projection's logits are multiplied by: ``1 / sqrt(d_model)`` with
+  shared embeddings (PaLM), else 1."""
+  return np.float32(1.0 / np.sqrt(config.d_model) if config.shared_embedding else 1.0)
+
+
 class LayerNorm(nn.Module):
   """Layer normalisation with a scale and no bias; statistics in float32.
 
@@ -584,8 +590,8 @@ class PaLMDecoder(nn.Module):
   @nn.compact
   def __call__(self, tokens: Array, *, segment_ids: Array | None = None,
                positions: Array | None = None, causal_attention_mask: Array | None = None,
-               deterministic: bool = True) -> Array:
-    """Computes next-token logits.
+               deterministic: bool = True, return_hidden: bool = False) -> Array:
+    """Computes next-token logits (or the hidden states they are projected from).
 
     Args:
         tokens: [batch, length] int token ids (decoder input tokens), each < vocab_size
@@ -598,9 +604,13 @@ class PaLMDecoder(nn.Module):
         causal_attention_mask: optional [batch, length], 1 on prefix positions (seqio's
             ``decoder_causal_attention``); attention is bidirectional among them (prefix LM).
         deterministic: if False, applies dropout (needs the "dropout" rng).
+        return_hidden: return the final hidden states instead of the logits: the loss then
+            projects them itself (`losses.projected_cross_entropy_loss`, with `embedding`
+            or `logits_kernel` and `logits_scale`).
 
     Returns:
-        [batch, length, vocab_size] float32 logits.
+        [batch, length, vocab_size] float32 logits; with ``return_hidden``, [batch, length,
+        d_model] hidden states (after the final norm) in the compute dtype.
     """
     c = self.config
     dtype, param_dtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
@@ -635,13 +645,16 @@ class PaLMDecoder(nn.Module):
     x, _ = stack(config=c, deterministic=deterministic, name="layers")(x, mask, sin, cos)
 
     x = LayerNorm(dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
+    if not c.shared_embedding:
+      init = nn.with_logical_partitioning(_kernel_init(0, 1), ("embed", "vocab"))
+      kernel = self.param("logits_kernel", init, (c.d_model, c.vocab_size), param_dtype)
+    if return_hidden:
+      return x
     tokens_out = x.reshape(batch * length, c.d_model)
     if c.shared_embedding:
       logits = matmul(tokens_out, embedding, True, dtype, jnp.float32)
       logits = logits / np.sqrt(c.d_model).astype(np.float32)
     else:
-      init = nn.with_logical_partitioning(_kernel_init(0, 1), ("embed", "vocab"))
-      kernel = self.param("logits_kernel", init, (c.d_model, c.vocab_size), param_dtype)
       logits = matmul(tokens_out, kernel, False, dtype, jnp.float32)
     logits = logits.reshape(batch, length, c.vocab_size)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))

@@ -122,3 +122,95 @@ def test_bad_arguments_are_explained(kwargs, message):
   args = {"logits": jnp.zeros((1, 2, 4)), "targets": jnp.zeros((1, 2), jnp.int32), **kwargs}
   with pytest.raises(ValueError, match=message):
     losses.cross_entropy_loss(args.pop("logits"), args.pop("targets"), **args)
+
+
+def _projection_case(seed=0, batch=3, length=10, d=16, vocab=40, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  hidden = jnp.asarray(rng.standard_normal((batch, length, d)), dtype)
+  kernel = jnp.asarray(rng.standard_normal((vocab, d)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, vocab, (batch, length)), jnp.int32)
+  weights = jnp.asarray(rng.random((batch, length)) > 0.25, jnp.float32)
+  return hidden, kernel, targets, weights
+
+
+@pytest.mark.parametrize("vocab_major", [True, False])
+@pytest.mark.parametrize("factor", [None, "NUM_TOTAL_TARGET_TOKENS", "AVERAGE_PER_SEQUENCE",
+                                    7.0])
+@pytest.mark.parametrize("chunk_tokens", [1, 6, 15, 1000])
+def test_projected_loss_equals_the_loss_of_the_logits(vocab_major, factor, chunk_tokens):
+  """The chunked projection + loss gives cross_entropy_loss's value, stats and gradients for
+  the hidden states and the kernel, whatever the chunking (1 position a chunk; a chunk
+  length that must divide 10; one chunk)."""
+  hidden, kernel, targets, weights = _projection_case()
+  kernel = kernel if vocab_major else kernel.T
+  settings = dict(weights=weights, label_smoothing=0.1, z_loss=1e-3,
+                  loss_normalizing_factor=factor)
+
+  def reference(h, k):
+    logits = (h @ (k.T if vocab_major else k)) * 0.25
+    loss, z, stats = losses.cross_entropy_loss(logits, targets, **settings)
+    return loss, (z, stats)
+
+  def projected(h, k):
+    loss, z, stats = losses.projected_cross_entropy_loss(
+        h, k, targets, vocab_major=vocab_major, scale=0.25, chunk_tokens=chunk_tokens,
+        **settings)
+    return loss, (z, stats)
+
+  (want, (want_z, want_stats)), want_grads = jax.value_and_grad(
+      reference, argnums=(0, 1), has_aux=True)(hidden, kernel)
+  (got, (got_z, got_stats)), got_grads = jax.jit(jax.value_and_grad(
+      projected, argnums=(0, 1), has_aux=True))(hidden, kernel)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  np.testing.assert_allclose(got_z, want_z, rtol=1e-5)
+  for name in want_stats:
+    np.testing.assert_allclose(got_stats[name], want_stats[name], rtol=1e-5, err_msg=name)
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+  # without differentiation (evaluation) the same values
+  loss, _, stats = jax.jit(lambda h, k: losses.projected_cross_entropy_loss(
+      h, k, targets, vocab_major=vocab_major, scale=0.25, chunk_tokens=chunk_tokens,
+      **settings))(hidden, kernel)
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  np.testing.assert_allclose(stats["accuracy_numerator"], want_stats["accuracy_numerator"])
+
+
+def test_projected_loss_in_bfloat16_and_float16():
+  """Reduced-precision products with float32 accumulation: close to the float32 loss and
+  gradients; the gradients come back in the inputs' dtypes; a float16 loss scale that
+  float16 cannot hold (2**20) does not overflow the hidden states' gradient."""
+  hidden, kernel, targets, weights = _projection_case(seed=1)
+
+  def loss_of(h, k, dtype, scale=1.0):
+    return scale * losses.projected_cross_entropy_loss(
+        h, k, targets, weights=weights, scale=0.25, dtype=dtype, chunk_tokens=8)[0]
+
+  want, (want_h, want_k) = jax.value_and_grad(loss_of, argnums=(0, 1))(
+      hidden, kernel, jnp.float32)
+  for dtype in (jnp.bfloat16, jnp.float16):
+    got, (got_h, got_k) = jax.jit(jax.value_and_grad(loss_of, argnums=(0, 1)),
+                                  static_argnums=2)(hidden.astype(dtype), kernel, dtype)
+    assert got_h.dtype == dtype and got_k.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=2e-2)
+    np.testing.assert_allclose(np.asarray(got_h, np.float32), want_h, rtol=0.1,
+                               atol=0.05 * float(jnp.max(jnp.abs(want_h))))
+    np.testing.assert_allclose(got_k, want_k, rtol=0.1,
+                               atol=0.05 * float(jnp.max(jnp.abs(want_k))))
+  # 2**17 is past float16's range (65504); the scaled gradients (at most ~0.04 * 2**17) fit
+  scale = 2.0 ** 17
+  scaled_h = jax.jit(jax.grad(loss_of), static_argnums=2)(
+      hidden.astype(jnp.float16), kernel, jnp.float16, scale)
+  assert bool(jnp.all(jnp.isfinite(scaled_h.astype(jnp.float32))))
+  np.testing.assert_allclose(np.asarray(scaled_h, np.float32) / scale, want_h, rtol=0.1,
+                             atol=0.05 * float(jnp.max(jnp.abs(want_h))))
+
+
+def test_projected_loss_chunks_divide_the_length():
+  assert losses._chunk_length(batch=8, length=512, chunk_tokens=512) == 64
+  assert losses._chunk_length(batch=3, length=10, chunk_tokens=15) == 5
+  assert losses._chunk_length(batch=3, length=7, chunk_tokens=15) == 1   # 7 is prime
+  assert losses._chunk_length(batch=64, length=512, chunk_tokens=32) == 1
+  assert losses._chunk_length(batch=2, length=10, chunk_tokens=1000) == 10
+  with pytest.raises(ValueError, match="targets"):
+    losses.projected_cross_entropy_loss(jnp.zeros((2, 3, 4)), jnp.zeros((5, 4)),
+                                        jnp.zeros((2, 4), jnp.int32))

@@ -29,6 +29,7 @@ Accelerator: see bench/gpu_train_mfu.py (a ~1B model in bf16).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -54,7 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--steps", type=int, default=5, help="steps per timed round")
   p.add_argument("--rounds", type=int, default=3, help="alternating rounds per variant")
   p.add_argument("--log_every", type=int, default=10, help="metrics fetch period of our loop")
-  p.add_argument("--variants", default="ours,handwritten")
+  p.add_argument("--variants", default="ours,handwritten",
+                 help="ours, handwritten, ours_logits (ours with the loss over the whole "
+                      "materialised logits, as before the chunked projected loss)")
   p.add_argument("--compare_models_at", default=None, metavar="GIT_REF",
                  help="also run our loop with palmflow/trainer/models.py as of this git "
                       "revision (e.g. 66925b9, before the CPU speed work)")
@@ -154,7 +157,6 @@ def main(argv=None) -> int:
 
   def models_at(ref: str):
     """`DecoderOnlyModel` whose module is `PaLMDecoder` from models.py at git revision `ref`."""
-    import dataclasses
     import importlib.util
     import subprocess
     import tempfile
@@ -273,6 +275,9 @@ def main(argv=None) -> int:
         model.config, num_params=model.config.num_params(), length=L) * B * L
     if "ours" in variants:
       runners[(dtype, "ours")], _ = make_ours(model, schedule, batches)
+    if "ours_logits" in variants:  # the loss over materialised logits, for an A/B
+      runners[(dtype, "ours_logits")], _ = make_ours(
+          dataclasses.replace(model, loss_chunk_tokens=-1), schedule, batches)
     if old_model is not None:
       runners[(dtype, f"ours@{args.compare_models_at}")], _ = make_ours(
           old_model(model), schedule, batches)

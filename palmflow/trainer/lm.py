@@ -42,7 +42,8 @@ class DecoderOnlyModel:
     attend_across_documents: False confines attention to one document of a packed block.
     loss_chunk_tokens: tokens of the batch whose logits the loss computes at a time
       (0: `default_loss_chunk_tokens()`); smaller chunks stay in cache, larger ones keep
-      an accelerator busy.
+      an accelerator busy. Negative: the whole [batch, length, vocab] logits, then the loss
+      (as `score_batch` does; for comparison).
   """
 
   config: PaLMConfig
@@ -78,6 +79,13 @@ class DecoderOnlyModel:
     `losses.projected_cross_entropy_loss` with the output weights, which projects and
     scores them a chunk of positions at a time (`loss_chunk_tokens`).
     """
+    if self.loss_chunk_tokens < 0:  # the logits in whole, then the loss
+      logits = self._logits(params, batch, dropout_rng=dropout_rng)
+      loss, z, stats = losses.cross_entropy_loss(
+          logits, batch["decoder_target_tokens"], weights=batch["decoder_loss_weights"],
+          label_smoothing=self.label_smoothing, z_loss=self.z_loss,
+          loss_normalizing_factor=self.loss_normalizing_factor)
+      return loss, dict(stats, z_loss=z)
     hidden = self._logits(params, batch, dropout_rng=dropout_rng, return_hidden=True)
     c = self.config
     kernel = params["embedding"] if c.shared_embedding else params["logits_kernel"]

@@ -100,6 +100,14 @@ class PaLMConfig:
   instead of stacking them for the backward pass (palm_small trains ~1.5x faster on a CPU);
   compile time grows with the depth. Parameters are stacked along ``layers`` either way."""
 
+  attention_blocks: int = 0
+  """Causal attention is computed in this many blocks of query positions, each against
+  the keys up to its own end only, skipping the blocks above the diagonal that the causal
+  mask would drop whole (palm_small's attention forward + backward at length 512 on a CPU:
+  1.7x faster with 2 blocks, 1.9x with 4). 0 (default): 4 for lengths of at least 256, else
+  1. A length it does not divide, and prefix-LM attention (bidirectional over the inputs),
+  use one block."""
+
   def __post_init__(self) -> None:
     for name in ("vocab_size", "num_layers", "d_model", "num_heads", "head_dim", "d_ff"):
       value = getattr(self, name)
@@ -117,12 +125,22 @@ class PaLMConfig:
             self.scan_unroll, (int, np.integer)) or self.scan_unroll < 0:
       raise ValueError(
           f"PaLMConfig.scan_unroll must be an int >= 0, got {self.scan_unroll!r}.")
+    if isinstance(self.attention_blocks, bool) or not isinstance(
+            self.attention_blocks, (int, np.integer)) or self.attention_blocks < 0:
+      raise ValueError(
+          f"PaLMConfig.attention_blocks must be an int >= 0, got {self.attention_blocks!r}.")
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(
           f"PaLMConfig.dropout_rate must be in [0, 1), got {self.dropout_rate!r}.")
     if self.rope_max_wavelength <= 0:
       raise ValueError(
           f"PaLMConfig.rope_max_wavelength must be > 0, got {self.rope_max_wavelength!r}.")
+
+  def causal_blocks(self, length: int) -> int:
+    """The query blocks of causal attention over `length` positions (see
+    `attention_blocks`)."""
+    blocks = self.attention_blocks or (4 if length >= 256 else 1)
+    return blocks if blocks <= length and length % blocks == 0 else 1
 
   @property
   def layers_per_loop_iteration(self) -> int:
@@ -417,6 +435,9 @@ class Attention(nn.Module):
   """
 
   config: PaLMConfig
+  blocks: int = 1
+  """Query blocks (`PaLMConfig.causal_blocks`): >1 only for a causal mask (each block
+  attends to the keys up to its end)."""
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, sin: Array, cos: Array) -> Array:
@@ -462,23 +483,31 @@ class Attention(nn.Module):
     query = (apply_rotary(query, sin, cos) * np.float32(k ** -0.5)).astype(dtype)
     key = apply_rotary(key, sin, cos).astype(dtype)
 
-    if c.multi_query:
-      # [batch, length * heads, kv] x [batch, length, kv]: one batched matmul per example.
-      folded = query.reshape(batch, length * h, k)
-      logits = matmul(folded, key, True, dtype, jnp.float32)
-      probs = masked_softmax(logits.reshape(batch, length, h, length),
-                             mask.reshape(batch, length, 1, length), dtype)
-      context = matmul(probs.reshape(batch, length * h, length), value, False, dtype,
-                       dtype)
-    else:
-      # Heads become a batch axis: [batch * heads, length, kv].
-      def by_head(t: Array) -> Array:
-        return jnp.swapaxes(t, 1, 2).reshape(batch * h, length, k)
-      logits = matmul(by_head(query), by_head(key), True, dtype, jnp.float32)
-      probs = masked_softmax(logits.reshape(batch, h, length, length), mask, dtype)
-      context = matmul(probs.reshape(batch * h, length, length), by_head(value), False,
-                       dtype, dtype)
-      context = jnp.swapaxes(context.reshape(batch, h, length, k), 1, 2)
+    step = length // self.blocks
+    parts = []
+    for i in range(self.blocks):  # query block i against keys [0, end): causal, by blocks
+      start, end = i * step, (i + 1) * step
+      q_i = query[:, start:end]
+      if c.multi_query:
+        # [batch, step * heads, kv] x [batch, end, kv]: one batched matmul per example.
+        logits = matmul(q_i.reshape(batch, step * h, k), key[:, :end], True, dtype,
+                        jnp.float32)
+        probs = masked_softmax(logits.reshape(batch, step, h, end),
+                               mask[:, 0, start:end, None, :end], dtype)
+        part = matmul(probs.reshape(batch, step * h, end), value[:, :end], False, dtype,
+                      dtype).reshape(batch, step, h, k)
+      else:
+        # Heads become a batch axis: [batch * heads, positions, kv].
+        def by_head(t: Array) -> Array:
+          return jnp.swapaxes(t, 1, 2).reshape(batch * h, t.shape[1], k)
+        logits = matmul(by_head(q_i), by_head(key[:, :end]), True, dtype, jnp.float32)
+        probs = masked_softmax(logits.reshape(batch, h, step, end),
+                               mask[:, :, start:end, :end], dtype)
+        part = matmul(probs.reshape(batch * h, step, end), by_head(value[:, :end]), False,
+                      dtype, dtype)
+        part = jnp.swapaxes(part.reshape(batch, h, step, k), 1, 2)
+      parts.append(part)
+    context = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
     context = nn.with_logical_constraint(context.reshape(batch, length, h, k),
                                          ("batch", "length", "heads", "kv"))
 
@@ -536,10 +565,12 @@ class DecoderLayer(nn.Module):
   Attributes:
       config: the model configuration.
       deterministic: disables dropout.
+      attention_blocks: query blocks of the (causal) attention; see `Attention.blocks`.
   """
 
   config: PaLMConfig
   deterministic: bool = True
+  attention_blocks: int = 1
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, sin: Array,
@@ -559,14 +590,15 @@ class DecoderLayer(nn.Module):
     dtype, param_dtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
     dropout = nn.Dropout(rate=c.dropout_rate, deterministic=self.deterministic)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    attention = Attention(config=c, blocks=self.attention_blocks, name="attention")
     if c.parallel_block:
       normed = LayerNorm(dtype=dtype, param_dtype=param_dtype, name="pre_norm")(x)
-      attn = Attention(config=c, name="attention")(normed, mask, sin, cos)
+      attn = attention(normed, mask, sin, cos)
       mlp = SwiGLU(config=c, name="mlp")(normed)
       y = x + dropout(attn) + dropout(mlp)
     else:
       normed = LayerNorm(dtype=dtype, param_dtype=param_dtype, name="pre_attention_norm")(x)
-      x = x + dropout(Attention(config=c, name="attention")(normed, mask, sin, cos))
+      x = x + dropout(attention(normed, mask, sin, cos))
       normed = LayerNorm(dtype=dtype, param_dtype=param_dtype, name="pre_mlp_norm")(x)
       y = x + dropout(SwiGLU(config=c, name="mlp")(normed))
     return nn.with_logical_constraint(y, ("batch", "length", "embed")), None
@@ -642,7 +674,9 @@ class PaLMDecoder(nn.Module):
         unroll=c.layers_per_loop_iteration,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
-    x, _ = stack(config=c, deterministic=deterministic, name="layers")(x, mask, sin, cos)
+    blocks = c.causal_blocks(length) if causal_attention_mask is None else 1
+    x, _ = stack(config=c, deterministic=deterministic, attention_blocks=blocks,
+                 name="layers")(x, mask, sin, cos)
 
     x = LayerNorm(dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
     if not c.shared_embedding:

@@ -232,9 +232,43 @@ def test_remat_gives_the_same_gradients(tiny_params):
                grads(TINY), grads(remat))
 
 
+@pytest.mark.parametrize("multi_query", [True, False])
+def test_causal_attention_by_query_blocks_equals_one_block(tiny_params, multi_query):
+  """Blocks of query positions, each against the keys up to its end (the blocks above the
+  diagonal skipped): the same logits and gradients as one block, with packed segments; a
+  prefix-LM mask (not causal) and a length the blocks do not divide use one block."""
+  rng = np.random.default_rng(3)
+  tokens = jnp.asarray(rng.integers(1, TINY.vocab_size, (2, 8)), jnp.int32)
+  segments = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1, 0, 0]])
+
+  def run(blocks, **kwargs):
+    config = models.PaLMConfig(**{**TINY.__dict__, "multi_query": multi_query,
+                                  "attention_blocks": blocks})
+    model = models.PaLMDecoder(config=config)
+    params = model.init(jax.random.key(1), tokens)
+
+    def f(p):
+      with jax.default_matmul_precision("float32"):
+        return model.apply(p, tokens, segment_ids=segments, **kwargs)
+    return jax.jit(f)(params), jax.jit(jax.grad(lambda p: jnp.sum(f(p) ** 2)))(params)
+
+  want, want_grads = run(1)
+  for blocks in (2, 4, 8):
+    got, got_grads = run(blocks)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{blocks} blocks")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 got_grads, want_grads)
+  assert models.PaLMConfig(**{**TINY.__dict__, "attention_blocks": 3}).causal_blocks(8) == 1
+  assert TINY.causal_blocks(512) == 4 and TINY.causal_blocks(128) == 1
+  # prefix LM: the inputs attend to later inputs, so no block may skip keys
+  prefix = jnp.asarray([[1, 1, 1, 1, 0, 0, 0, 0]] * 2)
+  np.testing.assert_allclose(run(4, causal_attention_mask=prefix)[0],
+                             run(1, causal_attention_mask=prefix)[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("head_dim", 7, "even"), ("dtype", "fp8", "dtype"), ("num_layers", 0, "positive"),
-    ("dropout_rate", 1.0, "dropout_rate")])
+    ("dropout_rate", 1.0, "dropout_rate"), ("attention_blocks", -1, "attention_blocks")])
 def test_config_validation_names_the_field(field, value, message):
   with pytest.raises(ValueError, match=message):
     models.PaLMConfig(**{**TINY.__dict__, field: value})

@@ -483,7 +483,13 @@ class Attention(nn.Module):
     query = (apply_rotary(query, sin, cos) * np.float32(k ** -0.5)).astype(dtype)
     key = apply_rotary(key, sin, cos).astype(dtype)
 
+    if length % self.blocks:
+      raise ValueError(f"Attention.blocks={self.blocks} must divide the length {length}.")
     step = length // self.blocks
+
+    def by_head(t: Array) -> Array:  # multi-head: heads become a batch axis
+      return jnp.swapaxes(t, 1, 2).reshape(batch * h, t.shape[1], k)
+
     parts = []
     for i in range(self.blocks):  # query block i against keys [0, end): causal, by blocks
       start, end = i * step, (i + 1) * step
@@ -496,10 +502,7 @@ class Attention(nn.Module):
                                mask[:, 0, start:end, None, :end], dtype)
         part = matmul(probs.reshape(batch, step * h, end), value[:, :end], False, dtype,
                       dtype).reshape(batch, step, h, k)
-      else:
-        # Heads become a batch axis: [batch * heads, positions, kv].
-        def by_head(t: Array) -> Array:
-          return jnp.swapaxes(t, 1, 2).reshape(batch * h, t.shape[1], k)
+      else:  # [batch * heads, step, kv] x [batch * heads, end, kv]
         logits = matmul(by_head(q_i), by_head(key[:, :end]), True, dtype, jnp.float32)
         probs = masked_softmax(logits.reshape(batch, h, step, end),
                                mask[:, :, start:end, :end], dtype)

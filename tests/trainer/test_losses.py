@@ -1,11 +1,14 @@
 """Tests of the cross-entropy loss against a direct numpy transcription of t5x's semantics."""
 
+import dataclasses
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from palmflow.trainer import losses
+from palmflow.trainer import lm, losses, models
 
 
 def _reference(logits, targets, weights, label_smoothing, z_loss):
@@ -214,3 +217,30 @@ def test_projected_loss_chunks_divide_the_length():
   with pytest.raises(ValueError, match="targets"):
     losses.projected_cross_entropy_loss(jnp.zeros((2, 3, 4)), jnp.zeros((5, 4)),
                                         jnp.zeros((2, 4), jnp.int32))
+
+
+@pytest.mark.parametrize("shared_embedding", [True, False])
+def test_model_loss_is_the_same_chunked_or_over_whole_logits(shared_embedding):
+  """DecoderOnlyModel.loss_fn (chunked projected loss by default) against the loss over the
+  materialised logits (loss_chunk_tokens < 0): same loss, stats and parameter gradients."""
+  config = models.PaLMConfig(vocab_size=48, num_layers=2, d_model=16, num_heads=2,
+                             head_dim=8, d_ff=32, shared_embedding=shared_embedding)
+  model = lm.DecoderOnlyModel(config=config, label_smoothing=0.1, loss_chunk_tokens=6)
+  whole = dataclasses.replace(model, loss_chunk_tokens=-1)
+  rng = np.random.default_rng(2)
+  targets = jnp.asarray(rng.integers(1, 48, (2, 6)), jnp.int32)
+  batch = {"decoder_input_tokens": jnp.pad(targets[:, :-1], ((0, 0), (1, 0))),
+           "decoder_target_tokens": targets,
+           "decoder_loss_weights": jnp.asarray([[1] * 6, [1] * 4 + [0] * 2], jnp.float32)}
+  params = model.init(jax.random.key(0), batch_size=2, length=6)["params"]
+  params = nn.unbox(params)
+  with jax.default_matmul_precision("float32"):
+    (got, got_stats), got_grads = jax.value_and_grad(model.loss_fn, has_aux=True)(
+        params, batch)
+    (want, want_stats), want_grads = jax.value_and_grad(whole.loss_fn, has_aux=True)(
+        params, batch)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for name in want_stats:
+    np.testing.assert_allclose(got_stats[name], want_stats[name], rtol=1e-5, err_msg=name)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               got_grads, want_grads)

@@ -315,6 +315,7 @@ def range_chunks(path: str, start: int, end: int,
   job a tenth of what a `readline` a line did on 20 MB of short documents.
   """
   whole = end < 0
+  chunk_bytes = max(chunk_bytes, 4)  # room to see a byte order mark and a byte more
   with FileSystems.open(path, compression_type=(CompressionTypes.AUTO if whole
                                                 else CompressionTypes.UNCOMPRESSED)) as f:
     pos = 0         # where the next line (`rest` first) starts in the file
@@ -329,6 +330,8 @@ def range_chunks(path: str, start: int, end: int,
       read_to += len(data)
       if pos == 0 and not rest and data.startswith(codecs.BOM_UTF8):
         data, pos = data[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)
+        if not whole:  # the first line starts at 0 for which range owns it
+          end = max(end, pos + 1)
       if not data:
         if rest:
           yield pos, [rest]
@@ -424,8 +427,10 @@ class TokenizeAndBlockRanges(_BlockCounters):
         if not line or line.isspace():
           continue
         try:
-          # decoded here, not by json.loads(bytes), which sniffs each line's encoding
-          doc = decode_json(line.decode("utf-8"))
+          try:  # decoded here, not by json.loads(bytes), which sniffs each line's encoding
+            doc = decode_json(line.decode("utf-8"))
+          except ValueError:  # then as json.loads(bytes) reads it (a BOM, UTF-16/32)
+            doc = json.loads(line)
           doc_id, text = doc["id"], doc["text"]
         except (ValueError, KeyError, TypeError) as e:
           at = offset + sum(len(x) + 1 for x in lines[:i])

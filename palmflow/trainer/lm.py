@@ -20,12 +20,20 @@ Batch = Mapping[str, jax.Array]
 
 
 def default_loss_chunk_tokens() -> int:
-  """Tokens whose logits the loss computes at a time: 512 a device on CPU, where a chunk's
-  [tokens, vocab] logits should stay in cache (palm_small bf16: the output projection and
-  loss, forward and backward, 1.3-1.9x faster than over the whole batch at once; about 5% of
-  a training step), 4096 a device on accelerators."""
-  per_device = 512 if jax.default_backend() == "cpu" else 4096
-  return per_device * jax.device_count()
+  """Tokens whose logits the loss computes at a time (`DecoderOnlyModel.loss_chunk_tokens`
+  0), or -1 for the whole logits at once.
+
+  On one device: 512 on CPU, where a chunk's [tokens, vocab] logits should stay in cache
+  (palm_small bf16: the output projection and loss, forward and backward, 1.3-1.9x faster
+  than over the whole batch at once; about 5% of a training step), 4096 on an accelerator.
+  On several devices the whole logits, as t5x does: with the batch sharded over devices,
+  each chunk's partial kernel gradient ([embed, vocab]) would be all-reduced inside the
+  chunk loop, once a chunk instead of once a step. A positive `loss_chunk_tokens` asks for
+  chunks anyway.
+  """
+  if jax.device_count() > 1:
+    return -1
+  return 512 if jax.default_backend() == "cpu" else 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,10 +48,10 @@ class DecoderOnlyModel:
     loss_normalizing_factor: None (per real target token), a number, or a
       `losses.LossNormalizingFactor` name.
     attend_across_documents: False confines attention to one document of a packed block.
-    loss_chunk_tokens: tokens of the batch whose logits the loss computes at a time
-      (0: `default_loss_chunk_tokens()`); smaller chunks stay in cache, larger ones keep
-      an accelerator busy. Negative: the whole [batch, length, vocab] logits, then the loss
-      (as `score_batch` does; for comparison).
+    loss_chunk_tokens: tokens of the batch whose logits the loss computes at a time;
+      smaller chunks stay in cache, larger ones keep an accelerator busy. Negative: the
+      whole [batch, length, vocab] logits, then the loss (as `score_batch` does). 0: see
+      `default_loss_chunk_tokens` (chunks on one device, whole logits on several).
   """
 
   config: PaLMConfig
@@ -75,11 +83,12 @@ class DecoderOnlyModel:
   def loss_fn(self, params, batch: Batch, dropout_rng=None):
     """(loss, metrics sums) for one batch; dropout when `dropout_rng` is given.
 
-    The logits are never materialised: the final hidden states go to
-    `losses.projected_cross_entropy_loss` with the output weights, which projects and
-    scores them a chunk of positions at a time (`loss_chunk_tokens`).
+    With chunks (`loss_chunk_tokens`), the logits are never materialised: the final hidden
+    states go to `losses.projected_cross_entropy_loss` with the output weights, which
+    projects and scores them a chunk of positions at a time.
     """
-    if self.loss_chunk_tokens < 0:  # the logits in whole, then the loss
+    chunk_tokens = self.loss_chunk_tokens or default_loss_chunk_tokens()
+    if chunk_tokens < 0:  # the logits in whole, then the loss
       logits = self._logits(params, batch, dropout_rng=dropout_rng)
       loss, z, stats = losses.cross_entropy_loss(
           logits, batch["decoder_target_tokens"], weights=batch["decoder_loss_weights"],
@@ -95,7 +104,7 @@ class DecoderOnlyModel:
         scale=float(logits_scale(c)), dtype=DTYPES[c.dtype],
         label_smoothing=self.label_smoothing, z_loss=self.z_loss,
         loss_normalizing_factor=self.loss_normalizing_factor,
-        chunk_tokens=self.loss_chunk_tokens or default_loss_chunk_tokens())
+        chunk_tokens=chunk_tokens)
     stats = dict(stats, z_loss=z)
     return loss, stats
 

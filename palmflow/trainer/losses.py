@@ -162,10 +162,13 @@ def cross_entropy_loss(
 
 def _chunk_length(batch: int, length: int, chunk_tokens: int) -> int:
   """The largest divisor of `length` with at most `chunk_tokens` tokens a chunk of positions
-  over the whole batch (at least 1 position)."""
+  over the whole batch (at least 1 position); the whole length when the best divisor is
+  under a quarter of that (a prime length would otherwise loop once a position)."""
   want = max(1, chunk_tokens // max(1, batch))
-  return max(d for d in range(1, length + 1) if length % d == 0 and d <= want) \
-      if want < length else length
+  if want >= length:
+    return length
+  best = max(d for d in range(1, length + 1) if length % d == 0 and d <= want)
+  return best if 4 * best >= want else length
 
 
 def projected_cross_entropy_loss(
@@ -195,7 +198,9 @@ def projected_cross_entropy_loss(
 
   Products take ``dtype`` operands and accumulate in float32, as `models.matmul` does
   (a float32 logit gradient under float16). Only the total loss is differentiable: the
-  z-loss part and the stats are for metrics.
+  z-loss part and the stats are for metrics. With the batch sharded over devices, the
+  kernel gradient's partial sums are all-reduced once a chunk (the chunk loop carries
+  them), so `lm.DecoderOnlyModel` uses it on one device by default.
 
   Args:
       hidden: [batch, length, embed] final hidden states (after the final norm).

@@ -22,9 +22,16 @@ class JobOptions(PipelineOptions):
   def view_as(self, cls):
     views = self.__dict__.setdefault("_views", {})  # not an option: past __setattr__
     view = views.get(cls)
-    if view is None:
+    if view is None or view._all_options is not self._all_options:
       view = views[cls] = super().view_as(cls)
     return view
+
+  def __getstate__(self):
+    # copies and pickles make their own views: Beam's __getstate__ may give the options a
+    # new values dict (with impersonate_service_account), which a copied view would miss
+    state = dict(super().__getstate__())
+    state.pop("_views", None)
+    return state
 
 
 def make_pipeline(beam_args: list[str]) -> beam.Pipeline:
@@ -87,7 +94,8 @@ class Spread(beam.PTransform):
   `beam.Reshuffle()` does on every runner (Dataflow, Flink, FnApiRunner's workers), at a
   third of its local cost: one GroupByKey on a key from each element (`repr`'s CRC-32; equal
   elements land together), where Reshuffle adds random keys, timestamps and a window
-  reification around its shuffle (about 90 ms a local job here, against 30 ms).
+  reification around its shuffle (about 90 ms a local job here, against 30 ms). For batch
+  jobs: in streaming, a GroupByKey in the global window without a trigger never fires.
   """
 
   def expand(self, pcoll):

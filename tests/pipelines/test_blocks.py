@@ -318,6 +318,27 @@ def test_ranges_cover_every_line_once(tmp_path):
   (tmp_path / "bom.jsonl").write_bytes(codecs.BOM_UTF8 + b"first\nsecond\n")
   assert list(blocks.range_lines(str(tmp_path / "bom.jsonl"), 0, 100)) == [
       (3, b"first"), (9, b"second")]
+  # ... and that line belongs to the first range even when it ends within the mark
+  small = tmp_path / "small"
+  small.mkdir()
+  (small / "a.jsonl").write_bytes(codecs.BOM_UTF8 + b"only line")
+  (small / "b.jsonl").write_bytes(b"x" * 30 + b"\n")
+  for n in (1, 4, 40):
+    ranges = blocks.plan_ranges(str(small / "*.jsonl"), n)
+    got = [line for _, path, start, end in ranges
+           for _, line in blocks.range_lines(path, start, end)]
+    assert got == [b"only line", b"x" * 30], f"{n} ranges"
+
+
+def test_lines_that_json_loads_reads_are_read(tmp_path, vocab):
+  """A line that json.loads(bytes) reads but is not plain UTF-8 JSON (a byte order mark
+  in mid-file, from concatenated files; UTF-16) is read as json.loads reads it."""
+  docs = [json.dumps({"id": f"s:f:{i}", "text": f"the cat sat {i}"}) for i in range(3)]
+  path = tmp_path / "docs.jsonl"
+  path.write_bytes(docs[0].encode() + b"\n" + codecs.BOM_UTF8 + docs[1].encode() + b"\n"
+                   + docs[2].encode("utf-16"))
+  stats = run_job(str(path), vocab, tmp_path / "out")
+  assert stats["documents"] == 3 and stats["documents_out"] == 3
 
 
 def test_job_over_many_ranges_keeps_every_document(tmp_path, vocab):

@@ -79,3 +79,13 @@ def test_job_options_reuse_views_that_share_the_values():
   assert options.view_as(DirectOptions).direct_num_workers == 3
   assert pickle.loads(pickle.dumps(options)).view_as(DirectOptions).direct_num_workers == 3
   assert isinstance(jobs.make_pipeline(["--runner=DirectRunner"]).options, jobs.JobOptions)
+  # Beam gives a copy its own values dict when impersonating a service account: a write
+  # through a view of the copy still reaches the copy's options (beam.Pipeline deep-copies
+  # its options, then sets the runner through a view)
+  options = jobs.JobOptions(["--runner=DataflowRunner", "--impersonate_service_account=sa@x",
+                             "--project=p"])
+  options.view_as(StandardOptions)
+  for clone in (copy.deepcopy(options), pickle.loads(pickle.dumps(options))):
+    clone.view_as(StandardOptions).runner = "DirectRunner"
+    assert clone.get_all_options()["runner"] == "DirectRunner"
+  assert options.get_all_options()["runner"] == "DataflowRunner"

@@ -211,7 +211,9 @@ def test_projected_loss_in_bfloat16_and_float16():
 def test_projected_loss_chunks_divide_the_length():
   assert losses._chunk_length(batch=8, length=512, chunk_tokens=512) == 64
   assert losses._chunk_length(batch=3, length=10, chunk_tokens=15) == 5
-  assert losses._chunk_length(batch=3, length=7, chunk_tokens=15) == 1   # 7 is prime
+  # a prime length: one chunk, not a loop over single positions
+  assert losses._chunk_length(batch=3, length=7, chunk_tokens=15) == 7
+  assert losses._chunk_length(batch=8, length=2039, chunk_tokens=512) == 2039
   assert losses._chunk_length(batch=64, length=512, chunk_tokens=32) == 1
   assert losses._chunk_length(batch=2, length=10, chunk_tokens=1000) == 10
   with pytest.raises(ValueError, match="targets"):

@@ -183,7 +183,7 @@ def projected_cross_entropy_loss(
     label_smoothing: float = 0.0,
     z_loss: float = 1e-4,
     loss_normalizing_factor: float | str | LossNormalizingFactor | None = None,
-    chunk_tokens: int = 2048,
+    chunk_tokens: int = 512,
 ) -> tuple[Array, Array, dict[str, Array]]:
   """`cross_entropy_loss` of the output projection's logits, without materialising them.
 

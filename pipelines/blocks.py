@@ -157,7 +157,9 @@ class _BlockCounters(beam.DoFn):
       return
     lengths = [len(t) + 1 for t in ids]
     tokens = sum(lengths)
-    sources = [d.partition(":")[0] for d in doc_ids]  # source_of, inlined
+    # a document's source: its id's part before the first ":" (`<source>:<file>:<key>`,
+    # see transforms/ingest.py)
+    sources = [d.partition(":")[0] for d in doc_ids]
     per: dict[str, list[int]] = {}
     if sources.count(sources[0]) == len(sources):  # the common case: one source a batch
       per[sources[0]] = [len(sources), tokens]
@@ -228,11 +230,6 @@ class _BlockCounters(beam.DoFn):
         toks = toks[:self._len]
       yield self._emit(("doc", doc_id),
                        *block_features(toks, np.zeros(len(toks), np.int64), self._len))
-
-
-def source_of(doc_id: str) -> str:
-  """The source name of a document id (`<source>:<file>:<key>`, see transforms/ingest.py)."""
-  return doc_id.partition(":")[0]
 
 
 REMAINDER = "remainder"

@@ -17,6 +17,8 @@ class JobOptions(PipelineOptions):
   again when it runs), and makes each anew: a new argparse parser, the flags parsed again
   (about 60 ms of a local job here). A view shares the options' values (`_all_options`)
   whenever it is made, so a reused one reads and writes the same values as a new one would.
+  A view is made again when the options' values dict is no longer its own (a copy or a
+  pickle: Beam's __getstate__ gives one a new dict with impersonate_service_account).
   """
 
   def view_as(self, cls):
@@ -25,13 +27,6 @@ class JobOptions(PipelineOptions):
     if view is None or view._all_options is not self._all_options:
       view = views[cls] = super().view_as(cls)
     return view
-
-  def __getstate__(self):
-    # copies and pickles make their own views: Beam's __getstate__ may give the options a
-    # new values dict (with impersonate_service_account), which a copied view would miss
-    state = dict(super().__getstate__())
-    state.pop("_views", None)
-    return state
 
 
 def make_pipeline(beam_args: list[str]) -> beam.Pipeline:

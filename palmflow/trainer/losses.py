@@ -70,6 +70,42 @@ def _token_weights(weights: Array, factor: Any) -> tuple[Array, Array]:
   return weights, jnp.asarray(factor, jnp.float32)
 
 
+def _checked_weights(targets: Array, weights: Array | None, label_smoothing: float,
+                     factor: Any) -> tuple[Array, Array, Array]:
+  """Checks ``weights`` and ``label_smoothing``; returns the float32 weights, the per-token
+  weights of ``factor`` and its (non-zero) denominator."""
+  if weights is not None and weights.shape != targets.shape:
+    raise ValueError(f"weights {weights.shape} must have the shape of targets "
+                     f"{targets.shape}.")
+  if not 0.0 <= label_smoothing < 1.0:
+    raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}.")
+  weights = (jnp.ones(targets.shape, jnp.float32) if weights is None
+             else weights.astype(jnp.float32))
+  token_weights, denominator = _token_weights(weights, factor)
+  return weights, token_weights, jnp.where(denominator > 0, denominator, 1.0)
+
+
+def _smoothing(label_smoothing: float, vocab: int) -> tuple[float, float, float]:
+  """(target probability, every other id's probability, normalizing constant) of the
+  smoothed targets (see the module docstring)."""
+  confidence = 1.0 - label_smoothing
+  low_confidence = label_smoothing / (vocab - 1) if vocab > 1 else 0.0
+  normalizing_constant = -confidence * np.log(confidence)
+  if low_confidence > 0:
+    normalizing_constant -= (vocab - 1) * low_confidence * np.log(low_confidence)
+  return confidence, low_confidence, normalizing_constant
+
+
+def _first_argmax(logits: Array, top: Array) -> Array:
+  """The first id whose logit is ``top`` (the max, keepdims), over the last axis.
+
+  A max and a float min, two plain reductions that fuse: XLA:CPU runs the (value, index)
+  reduction of jnp.argmax ~4x slower. Float ids are exact below 2**24.
+  """
+  float_ids = jax.lax.broadcasted_iota(jnp.float32, logits.shape, logits.ndim - 1)
+  return jnp.min(jnp.where(logits == top, float_ids, float(logits.shape[-1])), axis=-1)
+
+
 def cross_entropy_loss(
     logits: Array,
     targets: Array,
@@ -105,21 +141,11 @@ def cross_entropy_loss(
   if logits.shape[:-1] != targets.shape:
     raise ValueError(
         f"logits {logits.shape} must be targets {targets.shape} plus a vocab axis.")
-  if weights is not None and weights.shape != targets.shape:
-    raise ValueError(f"weights {weights.shape} must have the shape of targets "
-                     f"{targets.shape}.")
-  if not 0.0 <= label_smoothing < 1.0:
-    raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}.")
+  weights, token_weights, denominator = _checked_weights(
+      targets, weights, label_smoothing, loss_normalizing_factor)
   vocab = logits.shape[-1]
   logits = logits.astype(jnp.float32)
-  weights = (jnp.ones(targets.shape, jnp.float32) if weights is None
-             else weights.astype(jnp.float32))
-
-  confidence = 1.0 - label_smoothing
-  low_confidence = label_smoothing / (vocab - 1) if vocab > 1 else 0.0
-  normalizing_constant = -confidence * np.log(confidence)
-  if low_confidence > 0:
-    normalizing_constant -= (vocab - 1) * low_confidence * np.log(low_confidence)
+  confidence, low_confidence, normalizing_constant = _smoothing(label_smoothing, vocab)
 
   log_z = jax.nn.logsumexp(logits, axis=-1)
   # The target's logit by a compare-and-select over the vocabulary rather than a gather: its
@@ -135,20 +161,13 @@ def cross_entropy_loss(
   xent = -expected - normalizing_constant
   z_term = z_loss * jnp.square(log_z)
 
-  token_weights, denominator = _token_weights(weights, loss_normalizing_factor)
-  denominator = jnp.where(denominator > 0, denominator, 1.0)
   xent_sum = jnp.sum(xent * token_weights)
   z_sum = jnp.sum(z_term * token_weights)
   total_loss = (xent_sum + z_sum) / denominator
   z_part = z_sum / denominator
 
-  # argmax (the first maximal id) as a max and a float min, two plain reductions that fuse:
-  # XLA:CPU runs the (value, index) reduction of jnp.argmax ~4x slower. Float ids are exact
-  # below 2**24.
   top = jax.lax.stop_gradient(logits)
-  best = jnp.max(top, axis=-1, keepdims=True)
-  float_ids = jax.lax.broadcasted_iota(jnp.float32, logits.shape, logits.ndim - 1)
-  argmax = jnp.min(jnp.where(top == best, float_ids, float(vocab)), axis=-1)
+  argmax = _first_argmax(top, jnp.max(top, axis=-1, keepdims=True))
   correct = (argmax == targets).astype(jnp.float32)
   stats = {
       "cross_ent_loss_sum": jnp.sum(xent * weights),
@@ -218,16 +237,9 @@ def projected_cross_entropy_loss(
   if targets.shape != (batch, length):
     raise ValueError(f"targets {targets.shape} must be hidden {hidden.shape} without its "
                      "embed axis.")
-  if weights is not None and weights.shape != targets.shape:
-    raise ValueError(f"weights {weights.shape} must have the shape of targets "
-                     f"{targets.shape}.")
-  if not 0.0 <= label_smoothing < 1.0:
-    raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}.")
+  weights, token_weights, denominator = _checked_weights(
+      targets, weights, label_smoothing, loss_normalizing_factor)
   vocab = kernel.shape[0] if vocab_major else kernel.shape[1]
-  weights = (jnp.ones(targets.shape, jnp.float32) if weights is None
-             else weights.astype(jnp.float32))
-  token_weights, denominator = _token_weights(weights, loss_normalizing_factor)
-  denominator = jnp.where(denominator > 0, denominator, 1.0)
   settings = _Projection(vocab_major=vocab_major, scale=float(scale),
                          dtype=jnp.dtype(dtype).name, vocab=vocab,
                          label_smoothing=float(label_smoothing), z_loss=float(z_loss),
@@ -279,11 +291,7 @@ def _projected_pass(s: _Projection, hidden, kernel, targets, scaled_weights, wei
   grad_dtype = jnp.float32 if dtype == jnp.float16 else dtype
   k = kernel.astype(dtype)
   kg = kernel.astype(grad_dtype)
-  conf = 1.0 - s.label_smoothing
-  low = s.label_smoothing / (s.vocab - 1) if s.vocab > 1 else 0.0
-  const = -conf * np.log(conf)
-  if low > 0:
-    const -= (s.vocab - 1) * low * np.log(low)
+  conf, low, const = _smoothing(s.label_smoothing, s.vocab)
   d = hidden.shape[-1]
   on_cpu = jax.default_backend() == "cpu"
 
@@ -304,8 +312,7 @@ def _projected_pass(s: _Projection, hidden, kernel, targets, scaled_weights, wei
     if low > 0:
       xent -= low * (jnp.sum(logits, axis=-1) - s.vocab * log_z)
     z_term = s.z_loss * jnp.square(log_z)
-    float_ids = jax.lax.broadcasted_iota(jnp.float32, logits.shape, 1)
-    argmax = jnp.min(jnp.where(logits == top, float_ids, float(s.vocab)), axis=-1)
+    argmax = _first_argmax(logits, top)
     sums = (jnp.sum(sw * (xent + z_term)), jnp.sum(sw * z_term), jnp.sum(w * xent),
             jnp.sum(w * z_term), jnp.sum(w * (argmax == t)))
     if not with_grad:

@@ -254,8 +254,10 @@ def _serve(address: str, preload: list[str]) -> None:
   from apache_beam.portability.api import beam_fn_api_pb2, beam_fn_api_pb2_grpc
   from apache_beam.runners.worker import sdk_worker
   from apache_beam.utils import thread_pool_executor
+  from pipelines.transforms.jobs import prompt_bundle_ends
   for name in preload:
     importlib.import_module(name)
+  prompt_bundle_ends()
 
   class ThreadWorkers(beam_fn_api_pb2_grpc.BeamFnExternalWorkerPoolServicer):
     """Starts an SDK harness for a job in a thread, and keeps no reference to it: it ends,

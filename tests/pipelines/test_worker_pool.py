@@ -55,6 +55,12 @@ def test_jobs_run_in_both_of_the_pools_processes(pool):
   assert sum(spread.values()) == 40 and set(spread) == set(pids)
 
 
+def test_pool_bundles_end_promptly(pool):
+  from test_jobs import sampling_periods
+  periods = sampling_periods("--direct_num_workers=2", *pool.beam_args())
+  assert periods == {str(jobs.LOCAL_SAMPLING_PERIOD_MS): 6}
+
+
 def _tcp_listening_inodes() -> set[str]:
   """The socket inodes of every TCP socket in the LISTEN state (from /proc/net)."""
   inodes = set()

@@ -10,7 +10,9 @@ It writes the blocks as sorted per-shard run files under `<output_dir>/runs.tmp/
 their names cross the shard shuffle; each shard's writer merges its runs (the folder is
 deleted when the job is done).
 Each range's tail, shorter than a block, is packed with all the other ranges' tails at the
-end, so the whole output has at most one partly padded block.
+end, so the whole output has at most one partly padded block: in a step of their own, or
+where ranges x shards is small (`TAILS_TO_WRITERS_MAX`), by each shard's writer, which gets
+every tail and keeps its own blocks of them (the same bytes, two steps fewer).
 
 Each block carries `targets`, `targets_segment_ids` (1, 2, ... per document inside the block,
 0 on padding) and `targets_positions` (restarting at 0 where each document starts; the rest of
@@ -40,12 +42,14 @@ import codecs
 import itertools
 import json
 import logging
+import uuid
 from typing import Iterator, Sequence
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.transforms.window import GlobalWindows
 
 from pipelines.transforms import jobs, shards
 from pipelines.transforms.progress import Reporter
@@ -238,30 +242,72 @@ _KEYED = beam.typehints.Tuple[int, beam.typehints.Any]
 decode_json = json.JSONDecoder().decode
 
 
+def tail_blocks(tails, block_length: int):
+  """[(range, tokens, docs)] of the ranges' tails -> (b, tokens, docs) for each block `b` of
+  them packed together in range order (only the last one short: `block_features` pads it).
+  A document cut at its range's last full block continues here as a new segment."""
+  tails = sorted(tails, key=lambda t: t[0])
+  tails = [t for t in tails if len(t[1])]
+  if not tails:
+    return
+  L = block_length
+  tokens = np.concatenate([t[1] for t in tails])
+  # documents numbered across ranges: (range, doc number) -> one increasing number
+  offsets = np.cumsum([0] + [int(t[2].max()) + 1 for t in tails[:-1]])
+  docs = np.concatenate([t[2] + off for t, off in zip(tails, offsets)])
+  for b, start in enumerate(range(0, len(tokens), L)):
+    yield b, tokens[start:start + L], docs[start:start + L]
+
+
 @beam.typehints.with_output_types(_KEYED)  # (not inferred from the bytecode)
 class BlockRemainders(_BlockCounters):
-  """(0, [(range, tokens, docs)]) -> blocks of all the ranges' tails, in range order.
-
-  Only the last block is padded. A document cut at its range's last full block continues
-  here as a new segment.
-  """
+  """(0, [(range, tokens, docs)]) -> blocks of all the ranges' tails, in range order
+  (`tail_blocks`)."""
 
   def process(self, item):
     _, tails = item
-    tails = sorted(tails, key=lambda t: t[0])
-    if not tails:
-      return
-    L = self._len
-    tokens = np.concatenate([t[1] for t in tails])
-    # documents numbered across ranges: (range, doc number) -> one increasing number
-    offsets = np.cumsum([0] + [int(t[2].max()) + 1 for t in tails[:-1]])
-    docs = np.concatenate([t[2] + off for t, off in zip(tails, offsets)])
     send = self._batches()
-    blocks = (self._emit(("remainder", b), *block_features(tokens[start:start + L],
-                                                            docs[start:start + L], L))
-              for b, start in enumerate(range(0, len(tokens), L)))
-    yield from send(blocks)
+    L = self._len
+    yield from send(self._emit(("remainder", b), *block_features(tok, doc, L))
+                    for b, tok, doc in tail_blocks(tails, L))
     yield from send(None)
+
+
+class Tail:
+  """A range's tail `(index, tokens, docs)`, sent to every shard's writer (`TailBlocks`)."""
+
+  def __init__(self, index: int, tokens: np.ndarray, docs: np.ndarray):
+    self.index, self.tokens, self.docs = index, tokens, docs
+
+
+class TailBlocks:
+  """`WriteShards`'s `resolve` for `Tail` parts: each shard's writer gets every range's tail,
+  packs them all as `BlockRemainders` does (the same blocks, keys and bytes) and keeps the
+  blocks of its own shard; each block is counted by the one writer that keeps it.
+
+  For small jobs (ranges x shards tails cross the shuffle): it saves the tails' own shuffle
+  and step, and the per-shard markers (every shard gets a tail from every range)."""
+
+  def __init__(self, block_length: int, seed: int):
+    self._len, self._seed = block_length, seed
+    self._blocks = beam.metrics.Metrics.counter(NS, "blocks")
+    self._real = beam.metrics.Metrics.counter(NS, "non_pad_tokens")
+    self._all = beam.metrics.Metrics.counter(NS, "block_tokens")
+
+  def __call__(self, shard: int, num_shards: int, parts: list) -> list[tuple[int, bytes]]:
+    bad = [p for p in parts if not isinstance(p, Tail)]
+    if bad:
+      raise TypeError(f"TailBlocks got a {type(bad[0]).__name__}, not a Tail")
+    out = []
+    for b, tok, doc in tail_blocks([(t.index, t.tokens, t.docs) for t in parts], self._len):
+      key = shards.stable_hash(self._seed, "shuffle", "remainder", b)
+      if key % num_shards == shard:
+        features = block_features(tok, doc, self._len)
+        self._blocks.inc()
+        self._real.inc(int(np.count_nonzero(features[1])))
+        self._all.inc(self._len)
+        out.append((key, serialize_block(*features)))
+    return out
 
 
 # ----------------------------------------------------------------------------- reading ranges
@@ -361,15 +407,19 @@ class TokenizeAndBlockRanges(_BlockCounters):
   Reads the range's JSONL documents, encodes them `batch_size` at a time (one sentencepiece
   call a batch, on one thread: runners give each core its own SDK process) and cuts full
   blocks as it goes (concat mode); the range's tail goes to the `remainder` output as
-  `(0, (index, tokens, docs))` for `BlockRemainders`. In pad mode each document is a block.
+  `(0, (index, tokens, docs))` for `BlockRemainders`, or with `tails_to_writers` to every
+  shard as `(shard, Tail)` on the main output (for `TailBlocks`), empty or not. In pad mode
+  each document is a block. With `num_shards`, blocks are collected for the whole bundle
+  (`shards.ShardBatches`) and sent on, or written as run files, when it ends or they are
+  large.
   """
 
   def __init__(self, vocab_path: str, block_length: int, seed: int, mode: str = "concat",
                batch_size: int = 256, num_shards: int | None = None,
-               run_dir: str | None = None):
+               run_dir: str | None = None, tails_to_writers: bool = False):
     super().__init__(block_length, seed, num_shards)
     self._vocab_path, self._mode, self._batch_size = vocab_path, mode, batch_size
-    self._run_dir = run_dir
+    self._run_dir, self._tails_to_writers = run_dir, tails_to_writers
     self._trimmed = beam.metrics.Metrics.counter(NS, "trimmed_tokens")
     self._trimmed_docs = beam.metrics.Metrics.counter(NS, "trimmed_documents")
     self._progress = Reporter("blocks", "documents tokenized")
@@ -383,11 +433,19 @@ class TokenizeAndBlockRanges(_BlockCounters):
   def teardown(self):
     self._progress.close()
 
+  def start_bundle(self):
+    # run files named by bundle (a retried bundle's are new files; the job deletes the folder)
+    self._send = self._batches(FileSystems.join(self._run_dir, f"run-{uuid.uuid4().hex}")
+                               if self._run_dir and self._num_shards else None)
+
+  def finish_bundle(self):
+    for out in self._send(None):
+      yield GlobalWindows.windowed_value(out)
+
   def process(self, element):
     index, path, start, end = element
     packer = ConcatPacker(self._len) if self._mode == "concat" else None
-    send = self._batches(FileSystems.join(self._run_dir, f"run-{index:06d}")
-                         if self._run_dir and self._num_shards else None)
+    send = self._send
     block_no = 0
     doc_ids: list[str] = []
     texts: list[str] = []
@@ -443,10 +501,13 @@ class TokenizeAndBlockRanges(_BlockCounters):
           doc_ids, texts = [], []
     if texts:
       yield from flush()
-    yield from send(None)
     if packer is not None:
       tok, doc = packer.tail()
-      if len(tok):
+      if self._tails_to_writers:
+        tail = Tail(index, tok, doc)
+        for shard in range(self._num_shards):
+          yield shard, tail
+      elif len(tok):
         yield beam.pvalue.TaggedOutput(REMAINDER, (0, (index, tok, doc)))
 
 
@@ -455,20 +516,27 @@ class TokenizeAndBlockFiles(beam.PTransform):
 
   def __init__(self, *, vocab_path: str, block_length: int, seed: int = 0,
                mode: str = "concat", num_shards: int | None = None,
-               run_dir: str | None = None):
+               run_dir: str | None = None, tails_to_writers: bool = False):
     """With `num_shards`, the output is `(shard_index, [(shuffle key, record), ...])`
     batches for `WriteShards(batched=True)` (few elements cross the shard shuffle); with
     `run_dir` too, the ranges' blocks are written there as sorted run files and only
-    `(shard_index, path)` crosses it (the caller deletes `run_dir` after the job)."""
+    `(shard_index, path)` crosses it (the caller deletes `run_dir` after the job). With
+    `tails_to_writers` (concat mode, `num_shards`) each range's tail goes to every shard as
+    `(shard_index, Tail)`: give `WriteShards` `resolve=TailBlocks(...)` and
+    `every_shard_fed=True`."""
     super().__init__()
     _check(block_length, mode)
+    if tails_to_writers and (mode != "concat" or not num_shards):
+      raise ValueError("tails_to_writers needs mode='concat' and num_shards")
     self._vocab, self._len, self._seed, self._mode = vocab_path, block_length, seed, mode
     self._num_shards, self._run_dir = num_shards, run_dir
+    self._tails_to_writers = tails_to_writers
 
   def expand(self, ranges):
     fn = TokenizeAndBlockRanges(self._vocab, self._len, self._seed, self._mode,
-                                num_shards=self._num_shards, run_dir=self._run_dir)
-    if self._mode == "pad":
+                                num_shards=self._num_shards, run_dir=self._run_dir,
+                                tails_to_writers=self._tails_to_writers)
+    if self._mode == "pad" or self._tails_to_writers:
       return ranges | "TokenizeAndBlockRanges" >> beam.ParDo(fn)
     blocked = ranges | "TokenizeAndBlockRanges" >> beam.ParDo(fn).with_outputs(
         REMAINDER, main="blocks")
@@ -682,18 +750,32 @@ def _delete_runs(args) -> None:
     FileSystems.delete([path])
 
 
+# the most tails (ranges x shards) sent to every shard's writer (`TailBlocks`); past it they
+# are packed in a step of their own (`PackTails`), and shards get markers
+TAILS_TO_WRITERS_MAX = 256
+
+
 def build(p: beam.Pipeline, args) -> None:
   """Adds the job's transforms to `p`."""
   prefix = FileSystems.join(args.output_dir, "blocks")
+  ranges = plan_ranges(args.documents, args.num_buckets, int(args.max_range_mb * 1e6))
+  # small jobs: the writers pack the tails (no tails' shuffle, no markers: each shard gets
+  # every range's tail); the output is the same bytes either way
+  to_writers = (args.mode == "concat"
+                and 0 < len(ranges) * args.num_shards <= TAILS_TO_WRITERS_MAX)
   _ = (p
-       | "ReadDocuments" >> jobs.CreateSpread(
-           plan_ranges(args.documents, args.num_buckets, int(args.max_range_mb * 1e6)),
-           spread=not jobs.one_local_worker(p.options))
+       | "ReadDocuments" >> jobs.CreateSpread(ranges,
+                                              spread=not jobs.one_local_worker(p.options))
        | "TokenizeAndBlock" >> TokenizeAndBlockFiles(
            vocab_path=args.vocab, block_length=args.block_length, seed=args.seed,
-           mode=args.mode, num_shards=args.num_shards, run_dir=run_dir(args))
-       | "WriteShards" >> shards.WriteShards(prefix, num_shards=args.num_shards,
-                                             fmt=args.format, batched=True))
+           mode=args.mode, num_shards=args.num_shards, run_dir=run_dir(args),
+           tails_to_writers=to_writers)
+       | "WriteShards" >> shards.WriteShards(
+           prefix, num_shards=args.num_shards, fmt=args.format, batched=True,
+           resolve=TailBlocks(args.block_length, args.seed) if to_writers else None,
+           every_shard_fed=to_writers))
+
+
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -40,14 +40,21 @@ def shard_pattern(prefix: str, count: int, fmt: str) -> str:
 
 @beam.typehints.with_output_types(beam.typehints.Tuple[int, int])
 class _WriteShard(beam.DoFn):
-  def __init__(self, prefix: str, num_shards: int, fmt: str):
-    self._prefix, self._n, self._fmt = prefix, num_shards, fmt
+  def __init__(self, prefix: str, num_shards: int, fmt: str, resolve=None):
+    self._prefix, self._n, self._fmt, self._resolve = prefix, num_shards, fmt, resolve
 
   def process(self, item):
     index, parts = item
-    # in-memory (key, record) pairs, and sorted run files (`write_run`) to merge with them
-    runs = [x for x in parts if isinstance(x, str)]
-    keyed = sorted(x for x in parts if not isinstance(x, str))
+    # in-memory (key, record) pairs, sorted run files (`write_run`) to merge with them, and
+    # parts for `resolve` to turn into more pairs
+    runs, keyed, other = [], [], []
+    for x in parts:
+      (runs if isinstance(x, str) else keyed if isinstance(x, tuple) else other).append(x)
+    if other:
+      if self._resolve is None:
+        raise TypeError(f"WriteShards got {type(other[0]).__name__} parts and no `resolve`")
+      keyed.extend(self._resolve(index, self._n, other))
+    keyed.sort()
     records = [r for _, r in heapq.merge(keyed, *(read_run(path) for path in sorted(runs)))]
     final = shard_name(self._prefix, index, self._n, self._fmt)
     tmp = final + ".tmp"
@@ -81,21 +88,27 @@ class WriteShards(beam.PTransform):
   (`sort_key % num_shards`), and a few elements cross the shuffle instead of one per record
   (with run files, only their names). A shard's writer merges its batches and runs in key
   order; run files are the producer's to delete once the job is done.
+
+  A batched part may also be any other object (not a str, list or tuple): a shard's writer
+  hands all of its such parts to `resolve(shard_index, num_shards, parts)`, which returns
+  more `(sort_key, bytes)` pairs for that shard (the blocks job sends each range's last,
+  partial block to every writer this way, and each writer packs them and keeps its own).
+  `every_shard_fed=True` says the producer sends each shard at least one part, so no
+  per-shard markers are needed (one step less).
   """
 
   def __init__(self, prefix: str, *, num_shards: int, fmt: str = "tfrecord",
-               batched: bool = False):
+               batched: bool = False, resolve=None, every_shard_fed: bool = False):
     super().__init__()
     if fmt not in FORMATS:
       raise ValueError(f"unknown shard format {fmt!r}; use one of {FORMATS}")
+    if (resolve is not None or every_shard_fed) and not batched:
+      raise ValueError("resolve and every_shard_fed need batched=True")
     self._prefix, self._n, self._fmt, self._batched = prefix, num_shards, fmt, batched
+    self._resolve, self._fed = resolve, every_shard_fed
 
   def expand(self, pcoll):
     n = self._n
-    # a marker per shard, so that every shard is written even when it gets no record
-    # (few elements: no reshuffle, which would add steps to the job for nothing)
-    empty = (pcoll.pipeline
-             | "AllShards" >> beam.Create([(i, None) for i in range(n)], reshuffle=False))
     # named functions with type hints: Beam need not infer types from the bytecode of lambdas
     if self._batched:
       keyed, join = pcoll, _join_batches
@@ -103,12 +116,17 @@ class WriteShards(beam.PTransform):
       keyed = pcoll | "ByShard" >> beam.Map(_by_shard, n).with_output_types(
           beam.typehints.Tuple[int, beam.typehints.Any])
       join = _drop_markers
-    return ((keyed, empty)
-            | "Merge" >> beam.Flatten()
+    if not self._fed:
+      # a marker per shard, so that every shard is written even when it gets no record
+      # (few elements: no reshuffle, which would add steps to the job for nothing)
+      empty = (pcoll.pipeline
+               | "AllShards" >> beam.Create([(i, None) for i in range(n)], reshuffle=False))
+      keyed = (keyed, empty) | "Merge" >> beam.Flatten()
+    return (keyed
             | "GroupShard" >> beam.GroupByKey()
             | "DropMarkers" >> beam.MapTuple(join).with_output_types(
                 beam.typehints.Tuple[int, beam.typehints.List[beam.typehints.Any]])
-            | "Write" >> beam.ParDo(_WriteShard(self._prefix, n, self._fmt)))
+            | "Write" >> beam.ParDo(_WriteShard(self._prefix, n, self._fmt, self._resolve)))
 
 
 _RUN_HEADER = struct.Struct("<QI")  # sort key, record length
@@ -138,25 +156,31 @@ def read_run(path: str):
 class ShardBatches:
   """Collects (sort_key, bytes) records into `(shard_index, [(sort_key, bytes), ...])`
   batches for `WriteShards(batched=True)`: `add` returns the batches that reached about
-  `max_bytes`, `finish` the rest (in shard order)."""
+  `max_bytes` (all of them once they hold `max_total_bytes` together), `finish` the rest (in
+  shard order)."""
 
-  def __init__(self, num_shards: int, max_bytes: int = 64 << 20):
-    self._n, self._max = num_shards, max_bytes
+  def __init__(self, num_shards: int, max_bytes: int = 64 << 20,
+               max_total_bytes: int = 256 << 20):
+    self._n, self._max, self._max_total = num_shards, max_bytes, max_total_bytes
     self._batches: dict[int, list] = {}
     self._sizes: dict[int, int] = {}
+    self._total = 0
 
   def add(self, key: int, record: bytes) -> list[tuple[int, list]]:
     shard = key % self._n
     self._batches.setdefault(shard, []).append((key, record))
     self._sizes[shard] = self._sizes.get(shard, 0) + len(record)
+    self._total += len(record)
+    if self._total >= self._max_total:
+      return self.finish()
     if self._sizes[shard] < self._max:
       return []
-    self._sizes[shard] = 0
+    self._total -= self._sizes.pop(shard)
     return [(shard, self._batches.pop(shard))]
 
   def finish(self) -> list[tuple[int, list]]:
     out = [(shard, self._batches[shard]) for shard in sorted(self._batches)]
-    self._batches, self._sizes = {}, {}
+    self._batches, self._sizes, self._total = {}, {}, 0
     return out
 
 
@@ -171,8 +195,8 @@ def _drop_markers(index: int, items):
 def _join_batches(index: int, parts):
   out = []
   for part in parts:
-    if isinstance(part, str):
-      out.append(part)       # a run file
-    elif part:
+    if isinstance(part, list):
       out.extend(part)       # a batch of (key, record)
+    elif part is not None:   # (None: a marker)
+      out.append(part)       # a run file, or a part for `resolve`
   return index, out

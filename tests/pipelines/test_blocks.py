@@ -354,6 +354,57 @@ def test_job_over_many_ranges_keeps_every_document(tmp_path, vocab):
   assert stats["tokens"] == stats["non_pad_tokens"] == sum(len(v) + 1 for v in ids)
 
 
+def job_steps(docs_path, vocab, out_dir, **flags) -> set[str]:
+  """The labels of the blocks job's steps and their parts, built (not run) as `run_job`
+  would."""
+  args = {"block_length": 32, "num_shards": 3, "num_buckets": 4, "seed": 0, **flags}
+  job_args, _ = blocks.parse_args(
+      [f"--documents={docs_path}", f"--vocab={vocab}", f"--output_dir={out_dir}"]
+      + [f"--{k}={v}" for k, v in args.items()])
+  p = beam.Pipeline(options=PipelineOptions(["--runner=DirectRunner"]))
+  blocks.build(p, job_args)
+  labels = set()
+
+  class Visit(beam.pipeline.PipelineVisitor):
+    def visit_transform(self, node):
+      labels.update(node.full_label.split("/"))
+  p.visit(Visit())
+  return labels
+
+
+def test_tails_packed_by_the_writers_or_in_a_step_of_their_own_give_the_same_bytes(
+    tmp_path, vocab, monkeypatch):
+  docs = synthetic_docs(200, seed=3)
+  write_docs(tmp_path / "docs-0.jsonl", docs[:70])
+  write_docs(tmp_path / "docs-1.jsonl", docs[70:])
+  pattern = str(tmp_path / "docs-*.jsonl")
+  # small: every shard's writer packs all the ranges' tails; no markers, no tails' step
+  small = job_steps(pattern, vocab, tmp_path / "w", num_buckets=6)
+  assert "Write" in small and not {"GroupRemainders", "BlockRemainders", "AllShards"} & small
+  writers = run_job(pattern, vocab, tmp_path / "w", num_buckets=6)
+  monkeypatch.setattr(blocks, "TAILS_TO_WRITERS_MAX", 6)  # fewer than ranges x shards
+  assert {"GroupRemainders", "BlockRemainders", "AllShards"} <= job_steps(
+      pattern, vocab, tmp_path / "s", num_buckets=6)
+  step = run_job(pattern, vocab, tmp_path / "s", num_buckets=6)
+  assert shard_bytes(writers["shard_pattern"]) == shard_bytes(step["shard_pattern"])
+  assert {k: v for k, v in writers.items() if k != "shard_pattern"} == \
+      {k: v for k, v in step.items() if k != "shard_pattern"}
+  # several ranges had tails, packed together: one padded block in all
+  assert 0 < writers["block_tokens"] - writers["non_pad_tokens"] < 32
+  assert writers["blocks"] == -(-writers["tokens"] // 32)
+
+
+def test_every_shard_written_without_markers(tmp_path, vocab):
+  # one short document: one range, one block (a tail), three shards; two shards get only
+  # the tail (which their writers drop) and are written empty
+  path = write_docs(tmp_path / "docs.jsonl", [{"id": "s:f:0", "text": "a few words"}])
+  assert "AllShards" not in job_steps(path, vocab, tmp_path / "out")
+  stats = run_job(path, vocab, tmp_path / "out")
+  files = shard_bytes(stats["shard_pattern"])
+  assert len(files) == 3 and sum(1 for v in files.values() if v) == 1
+  assert stats["blocks"] == 1
+
+
 def test_same_bytes_with_two_worker_processes(tmp_path, vocab, caplog):
   path = write_docs(tmp_path / "docs.jsonl", synthetic_docs(300, seed=9))
   one = run_job(path, vocab, tmp_path / "one", num_buckets=5)

@@ -159,19 +159,19 @@ class _BlockCounters(beam.DoFn):
     """Counts documents going into blocks (each with its EOS), in all and per source."""
     if not doc_ids:
       return
-    lengths = [len(t) + 1 for t in ids]
-    tokens = sum(lengths)
+    tokens = sum(map(len, ids)) + len(ids)
     # a document's source: its id's part before the first ":" (`<source>:<file>:<key>`,
     # see transforms/ingest.py)
-    sources = [d.partition(":")[0] for d in doc_ids]
+    first, colon, _ = doc_ids[0].partition(":")
     per: dict[str, list[int]] = {}
-    if sources.count(sources[0]) == len(sources):  # the common case: one source a batch
-      per[sources[0]] = [len(sources), tokens]
+    # the common case, one source a batch, checked without a Python loop
+    if colon and all(map(str.startswith, doc_ids, itertools.repeat(first + ":"))):
+      per[first] = [len(doc_ids), tokens]
     else:
-      for src, n in zip(sources, lengths):
-        c = per.setdefault(src, [0, 0])
+      for doc_id, t in zip(doc_ids, ids):
+        c = per.setdefault(doc_id.partition(":")[0], [0, 0])
         c[0] += 1
-        c[1] += n
+        c[1] += len(t) + 1
     self._docs_out.inc(len(doc_ids))
     self._tokens.inc(tokens)
     for src, (docs, toks) in per.items():
@@ -457,12 +457,11 @@ class TokenizeAndBlockRanges(_BlockCounters):
       self._docs_in.inc(len(texts))
       self._progress.add(len(texts), nbytes)
       nbytes = 0
-      kept = [j for j, t in enumerate(ids) if t]
-      if len(kept) < len(ids):
+      ids_of = doc_ids
+      if not all(ids):  # (the common case checked without a Python loop)
+        kept = [j for j, t in enumerate(ids) if t]
         self._empty.inc(len(ids) - len(kept))
         ids, ids_of = [ids[j] for j in kept], [doc_ids[j] for j in kept]
-      else:
-        ids_of = doc_ids
       self._count_docs(ids_of, ids)
       if packer is None:
         yield from send(self._pad_blocks(ids_of, ids))

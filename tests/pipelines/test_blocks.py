@@ -254,6 +254,26 @@ def test_job_is_byte_identical_shuffled_and_counts(tmp_path, vocab):
   assert stats["blocks"] == -(-stats["tokens"] // 32)
 
 
+def test_per_source_counts_with_sources_mixed_in_a_batch(tmp_path, vocab):
+  docs = synthetic_docs(90, seed=5)
+  # a source is the id's part before the first ":" (the whole id if it has none); "a" and
+  # "a:..." are one source, "ab:..." another
+  names = ["a:f:{}", "ab:f:{}", "a", "c:{}"]
+  for i, d in enumerate(docs):
+    d["id"] = names[i % 4].format(i)
+  docs.insert(0, {"id": "a", "text": ""})  # empty: counted as a rejection, not a source's
+  sp = spm.SentencePieceProcessor(model_file=vocab)
+  expected: dict = {}
+  for d in docs[1:]:
+    c = expected.setdefault(d["id"].partition(":")[0], {"documents": 0, "tokens": 0})
+    c["documents"] += 1
+    c["tokens"] += len(sp.encode(d["text"])) + 1
+  stats = run_job(write_docs(tmp_path / "docs.jsonl", docs), vocab, tmp_path / "out",
+                  num_buckets=1)
+  assert stats["per_source"] == expected and set(expected) == {"a", "ab", "c"}
+  assert stats["rejections"] == {"empty_after_tokenization": 1}
+
+
 def test_one_bucket_matches_reference_stream_and_is_shuffled_across_shards(tmp_path, vocab):
   docs = synthetic_docs(150)
   sp = spm.SentencePieceProcessor(model_file=vocab)

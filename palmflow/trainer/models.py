@@ -269,6 +269,36 @@ def _matmul_bwd(transpose_b, dtype, out_dtype, residuals, ct):
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+@jax.custom_vjp
+def swiglu(gate: Array, lin: Array) -> Array:
+  """``silu(gate) * lin``, computed in float32 and returned in ``gate``'s dtype.
+
+  XLA:CPU evaluates a bf16 expression one operation at a time, rounding every intermediate
+  to bf16 and converting it back, which made this product and its gradient the slowest
+  elementwise passes of a bf16 step (2x the float32 expression, measured on [4096, 2048]).
+  The gradient is written out: one float32 pass over the bf16 inputs (the residuals),
+  rather than autodiff of the float32 expression, which would keep float32 intermediates.
+  """
+  g = gate.astype(jnp.float32)
+  return (g * jax.nn.sigmoid(g) * lin.astype(jnp.float32)).astype(gate.dtype)
+
+
+def _swiglu_fwd(gate, lin):
+  return swiglu(gate, lin), (gate, lin)
+
+
+def _swiglu_bwd(residuals, ct):
+  gate, lin = residuals
+  g, x, c = gate.astype(jnp.float32), lin.astype(jnp.float32), ct.astype(jnp.float32)
+  s = jax.nn.sigmoid(g)
+  # d/dg [g s(g)] = s (1 + g (1 - s))
+  return ((c * x * s * (1 + g * (1 - s))).astype(gate.dtype),
+          (c * g * s).astype(lin.dtype))
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 def logits_scale(config: PaLMConfig) -> np.float32:
   """What the output projection's logits are multiplied by: ``1 / sqrt(d_model)`` with
   shared embeddings (PaLM), else 1."""
@@ -554,7 +584,7 @@ class SwiGLU(nn.Module):
     wi_shape, wi_names = (c.d_model, c.d_ff), ("embed", "mlp")
     gate = matmul(tokens, kernel("wi_gate", wi_shape, wi_names), False, dtype, dtype)
     lin = matmul(tokens, kernel("wi", wi_shape, wi_names), False, dtype, dtype)
-    hidden = nn.with_logical_constraint((nn.silu(gate) * lin).reshape(batch, length, c.d_ff),
+    hidden = nn.with_logical_constraint(swiglu(gate, lin).reshape(batch, length, c.d_ff),
                                         ("batch", "length", "mlp"))
     out = matmul(hidden.reshape(batch * length, c.d_ff),
                  kernel("wo", (c.d_ff, c.d_model), ("mlp", "embed")), False, dtype, dtype)

@@ -303,3 +303,24 @@ def test_bfloat16_gradients_follow_float32_in_every_variant(variant):
     assert cos > 0.99, f"{name}: cosine {cos:.4f} ({variant})"
     np.testing.assert_allclose(np.linalg.norm(b), np.linalg.norm(a), rtol=0.05,
                                err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_swiglu_value_and_gradients_follow_the_float32_expression(dtype):
+  kg, kl, kc = jax.random.split(jax.random.PRNGKey(3), 3)
+  gate = 3 * jax.random.normal(kg, (64, 48), jnp.float32)
+  lin = jax.random.normal(kl, (64, 48), jnp.float32)
+  ct = jax.random.normal(kc, (64, 48), jnp.float32)
+  cast = lambda x: x.astype(dtype)
+  out, vjp = jax.vjp(models.swiglu, cast(gate), cast(lin))
+  grads = vjp(cast(ct))
+  # the reference: autodiff of the expression in float32, from the same (rounded) inputs
+  ref_out, ref_vjp = jax.vjp(lambda g, x: nn.silu(g) * x, cast(gate).astype(jnp.float32),
+                             cast(lin).astype(jnp.float32))
+  ref_grads = ref_vjp(cast(ct).astype(jnp.float32))
+  assert out.dtype == jnp.dtype(dtype) and all(g.dtype == jnp.dtype(dtype) for g in grads)
+  # float32: equal to rounding; bf16: the float32 result rounded once (8 mantissa bits)
+  tol = 1e-6 if dtype == "float32" else 2 ** -8
+  for got, want in zip((out,) + tuple(grads), (ref_out,) + tuple(ref_grads)):
+    got, want = np.asarray(got, np.float32), np.asarray(want)
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())

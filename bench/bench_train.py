@@ -57,7 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--log_every", type=int, default=10, help="metrics fetch period of our loop")
   p.add_argument("--variants", default="ours,handwritten",
                  help="ours, handwritten, ours_logits (ours with the loss over the whole "
-                      "materialised logits, as before the chunked projected loss)")
+                      "materialised logits, as before the chunked projected loss), "
+                      "ours_chunkN (ours with the loss N tokens at a time)")
   p.add_argument("--compare_models_at", default=None, metavar="GIT_REF",
                  help="also run our loop with palmflow/trainer/models.py as of this git "
                       "revision (e.g. 66925b9, before the CPU speed work)")
@@ -278,6 +279,11 @@ def main(argv=None) -> int:
     if "ours_logits" in variants:  # the loss over materialised logits, for an A/B
       runners[(dtype, "ours_logits")], _ = make_ours(
           dataclasses.replace(model, loss_chunk_tokens=-1), schedule, batches)
+    for v in variants:  # ours_chunkN: the loss N tokens at a time
+      if v.startswith("ours_chunk"):
+        runners[(dtype, v)], _ = make_ours(
+            dataclasses.replace(model, loss_chunk_tokens=int(v[len("ours_chunk"):])),
+            schedule, batches)
     if old_model is not None:
       runners[(dtype, f"ours@{args.compare_models_at}")], _ = make_ours(
           old_model(model), schedule, batches)

@@ -239,7 +239,12 @@ class _BlockCounters(beam.DoFn):
 REMAINDER = "remainder"
 # what the DoFns below emit: (shuffle key or shard, record or batch of them or run file)
 _KEYED = beam.typehints.Tuple[int, beam.typehints.Any]
-decode_json = json.JSONDecoder().decode
+_JSON = json.JSONDecoder()
+
+
+def decode_json(text: str):
+  """A JSON document from a decoded line (as `json.loads`, without its type checks)."""
+  return _JSON.decode(text)
 
 
 def tail_blocks(tails, block_length: int):
@@ -842,4 +847,7 @@ def run(argv=None) -> dict:
 
 if __name__ == "__main__":
   logging.getLogger().setLevel(logging.INFO)
-  run()
+  # run through the importable module, not this `__main__` copy of it: the job's classes
+  # then pickle by reference (`pipelines.blocks.X`), which the workers can import
+  from pipelines import blocks as job
+  job.run()

@@ -155,4 +155,7 @@ def run(argv=None) -> dict:
 
 if __name__ == "__main__":
   logging.getLogger().setLevel(logging.INFO)
-  run()
+  # run through the importable module, not this `__main__` copy of it: the job's classes
+  # then pickle by reference (`pipelines.corpus.X`), which the workers can import
+  from pipelines import corpus as job
+  job.run()

@@ -271,7 +271,7 @@ matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 @jax.custom_vjp
 def swiglu(gate: Array, lin: Array) -> Array:
-  """``silu(gate) * lin``, computed in float32 and returned in ``gate``'s dtype.
+  """``silu(gate) * lin``, computed in float32 (at least) and returned in the inputs' dtype.
 
   XLA:CPU evaluates a bf16 expression one operation at a time, rounding every intermediate
   to bf16 and converting it back, which made this product and its gradient the slowest
@@ -279,8 +279,10 @@ def swiglu(gate: Array, lin: Array) -> Array:
   The gradient is written out: one float32 pass over the bf16 inputs (the residuals),
   rather than autodiff of the float32 expression, which would keep float32 intermediates.
   """
-  g = gate.astype(jnp.float32)
-  return (g * jax.nn.sigmoid(g) * lin.astype(jnp.float32)).astype(gate.dtype)
+  out = jnp.result_type(gate, lin)
+  wide = jnp.promote_types(out, jnp.float32)  # float32, or float64 for float64 inputs
+  g = gate.astype(wide)
+  return (g * jax.nn.sigmoid(g) * lin.astype(wide)).astype(out)
 
 
 def _swiglu_fwd(gate, lin):
@@ -289,7 +291,8 @@ def _swiglu_fwd(gate, lin):
 
 def _swiglu_bwd(residuals, ct):
   gate, lin = residuals
-  g, x, c = gate.astype(jnp.float32), lin.astype(jnp.float32), ct.astype(jnp.float32)
+  wide = jnp.promote_types(jnp.result_type(gate, lin), jnp.float32)
+  g, x, c = gate.astype(wide), lin.astype(wide), ct.astype(wide)
   s = jax.nn.sigmoid(g)
   # d/dg [g s(g)] = s (1 + g (1 - s))
   return ((c * x * s * (1 + g * (1 - s))).astype(gate.dtype),

@@ -49,12 +49,13 @@ class _WriteShard(beam.DoFn):
     # parts for `resolve` to turn into more pairs
     runs, keyed, other = [], [], []
     for x in parts:
-      (runs if isinstance(x, str) else keyed if isinstance(x, tuple) else other).append(x)
+      (runs if isinstance(x, str) else keyed if isinstance(x, (tuple, list)) else other
+       ).append(x)
     if other:
       if self._resolve is None:
         raise TypeError(f"WriteShards got {type(other[0]).__name__} parts and no `resolve`")
       keyed.extend(self._resolve(index, self._n, other))
-    keyed.sort()
+    keyed = sorted(map(tuple, keyed))
     records = [r for _, r in heapq.merge(keyed, *(read_run(path) for path in sorted(runs)))]
     final = shard_name(self._prefix, index, self._n, self._fmt)
     tmp = final + ".tmp"
@@ -160,7 +161,7 @@ class ShardBatches:
   shard order)."""
 
   def __init__(self, num_shards: int, max_bytes: int = 64 << 20,
-               max_total_bytes: int = 256 << 20):
+               max_total_bytes: int = 128 << 20):
     self._n, self._max, self._max_total = num_shards, max_bytes, max_total_bytes
     self._batches: dict[int, list] = {}
     self._sizes: dict[int, int] = {}

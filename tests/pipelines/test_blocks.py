@@ -425,6 +425,26 @@ def test_every_shard_written_without_markers(tmp_path, vocab):
   assert stats["blocks"] == 1
 
 
+def test_documented_command_runs_the_job_in_worker_processes(tmp_path, vocab):
+  # `python -m pipelines.blocks ...` (the module docstring's command): the job's classes
+  # must reach separate worker processes by an importable name, not as `__main__.X`
+  import subprocess
+  import sys
+  path = write_docs(tmp_path / "docs.jsonl", synthetic_docs(120, seed=11))
+  out = tmp_path / "cli"
+  proc = subprocess.run(
+      [sys.executable, "-m", "pipelines.blocks", f"--documents={path}", f"--vocab={vocab}",
+       f"--output_dir={out}", "--block_length=32", "--num_shards=3", "--num_buckets=4",
+       "--runner=DirectRunner", "--direct_num_workers=2",
+       "--direct_running_mode=multi_processing"],
+      cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  stats = json.loads((out / "stats.json").read_text())
+  here = run_job(path, vocab, tmp_path / "here")
+  assert shard_bytes(str(out / "blocks.tfrecord-*")) == shard_bytes(here["shard_pattern"])
+  assert stats["blocks"] == here["blocks"] and stats["tokens"] == here["tokens"]
+
+
 def test_same_bytes_with_two_worker_processes(tmp_path, vocab, caplog):
   path = write_docs(tmp_path / "docs.jsonl", synthetic_docs(300, seed=9))
   one = run_job(path, vocab, tmp_path / "one", num_buckets=5)

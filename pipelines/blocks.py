@@ -285,34 +285,24 @@ class Tail:
     self.index, self.tokens, self.docs = index, tokens, docs
 
 
-class TailBlocks:
+class TailBlocks(_BlockCounters):
   """`WriteShards`'s `resolve` for `Tail` parts: each shard's writer gets every range's tail,
-  packs them all as `BlockRemainders` does (the same blocks, keys and bytes) and keeps the
-  blocks of its own shard; each block is counted by the one writer that keeps it.
+  packs them all as `BlockRemainders` does (`tail_blocks`, the same keys and bytes through
+  `_emit`) and keeps the blocks of its own shard; each block is counted by the one writer
+  that keeps it. (A `_BlockCounters` for its counters and records, called by the writer's
+  DoFn, not a step of its own.)
 
   For small jobs (ranges x shards tails cross the shuffle): it saves the tails' own shuffle
   and step, and the per-shard markers (every shard gets a tail from every range)."""
-
-  def __init__(self, block_length: int, seed: int):
-    self._len, self._seed = block_length, seed
-    self._blocks = beam.metrics.Metrics.counter(NS, "blocks")
-    self._real = beam.metrics.Metrics.counter(NS, "non_pad_tokens")
-    self._all = beam.metrics.Metrics.counter(NS, "block_tokens")
 
   def __call__(self, shard: int, num_shards: int, parts: list) -> list[tuple[int, bytes]]:
     bad = [p for p in parts if not isinstance(p, Tail)]
     if bad:
       raise TypeError(f"TailBlocks got a {type(bad[0]).__name__}, not a Tail")
-    out = []
-    for b, tok, doc in tail_blocks([(t.index, t.tokens, t.docs) for t in parts], self._len):
-      key = shards.stable_hash(self._seed, "shuffle", "remainder", b)
-      if key % num_shards == shard:
-        features = block_features(tok, doc, self._len)
-        self._blocks.inc()
-        self._real.inc(int(np.count_nonzero(features[1])))
-        self._all.inc(self._len)
-        out.append((key, serialize_block(*features)))
-    return out
+    return [self._emit(("remainder", b), *block_features(tok, doc, self._len))
+            for b, tok, doc in tail_blocks([(t.index, t.tokens, t.docs) for t in parts],
+                                           self._len)
+            if shards.stable_hash(self._seed, "shuffle", "remainder", b) % num_shards == shard]
 
 
 # ----------------------------------------------------------------------------- reading ranges

@@ -722,8 +722,7 @@ class PaLMDecoder(nn.Module):
       return x
     tokens_out = x.reshape(batch * length, c.d_model)
     if c.shared_embedding:
-      logits = matmul(tokens_out, embedding, True, dtype, jnp.float32)
-      logits = logits / np.sqrt(c.d_model).astype(np.float32)
+      logits = matmul(tokens_out, embedding, True, dtype, jnp.float32) * logits_scale(c)
     else:
       logits = matmul(tokens_out, kernel, False, dtype, jnp.float32)
     logits = logits.reshape(batch, length, c.vocab_size)

@@ -324,3 +324,44 @@ def test_swiglu_value_and_gradients_follow_the_float32_expression(dtype):
   for got, want in zip((out,) + tuple(grads), (ref_out,) + tuple(ref_grads)):
     got, want = np.asarray(got, np.float32), np.asarray(want)
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+def _compiled_products(fn, *args) -> list[tuple[list[str], str]]:
+  """(operand dtypes, lhs contracting dims) of every dot in `fn`'s optimized CPU HLO."""
+  import re
+  text = jax.jit(fn).lower(*args).compile().as_text()
+  types = dict(re.findall(r"%(\S+) = (\w+)\[", text))
+  products = []
+  for line in text.splitlines():
+    m = re.search(r"= \w+\[[\d,]*\]\S* dot\(%(\S+), %(\S+)\), lhs_contracting_dims=\{(\d*)\}",
+                  line)
+    if m:
+      products.append(([types[m.group(1)], types[m.group(2)]], m.group(3)))
+  return products
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu",
+                    reason="checks the products XLA:CPU compiles (JAX's default backend here is "
+                           "not the CPU)")
+@pytest.mark.parametrize("transpose_b", [False, True])
+@pytest.mark.parametrize("m", [96, 8])  # which operand of the weight gradient is transposed
+def test_matmul_products_stay_bf16_with_the_left_operand_contracted_minor(transpose_b, m):
+  """On a CPU, all three products of `models.matmul` (forward, both gradients) multiply
+  bf16 operands with the left one contracted along its minor axis: the only form XLA:CPU
+  runs on its bf16 kernels. A transposed operand folded back into a product (or a
+  column-major copy) shows up here as float32 operands or another contracting axis."""
+  a = jax.random.normal(jax.random.key(0), (m, 32), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (48, 32) if transpose_b else (32, 48), jnp.float32)
+
+  def loss(a, b):
+    return jnp.sum(models.matmul(a, b, transpose_b, jnp.bfloat16, jnp.float32) ** 2)
+  products = _compiled_products(jax.grad(loss, argnums=(0, 1)), a, b)
+  assert len(products) == 3, products
+  for dtypes, lhs_contracting in products:
+    assert dtypes == ["bf16", "bf16"] and lhs_contracting == "1", products
+  ga, gb = jax.grad(loss, argnums=(0, 1))(a, b)
+  with jax.default_matmul_precision("highest"):
+    ra, rb = jax.grad(lambda a, b: jnp.sum((a @ (b.T if transpose_b else b)) ** 2),
+                      argnums=(0, 1))(a, b)
+  for got, want in ((ga, ra), (gb, rb)):
+    np.testing.assert_allclose(got, want, rtol=0.05, atol=0.05 * float(jnp.abs(want).max()))

@@ -62,11 +62,34 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--compare_models_at", default=None, metavar="GIT_REF",
                  help="also run our loop with palmflow/trainer/models.py as of this git "
                       "revision (e.g. 66925b9, before the CPU speed work)")
+  p.add_argument("--xla_options", default=None, metavar="NAME=VALUE;...",
+                 help="also run our loop compiled with these XLA options (variant 'ours_xla'; "
+                      "DebugOptions names, enum values spelled out, e.g. "
+                      "xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT): "
+                      "an A/B of compiler settings in one process, unlike --xla_flags")
   p.add_argument("--peak_size", type=int, default=2048, help="n of the n x n x n peak matmul")
   p.add_argument("--malloc", choices=("tuned", "default"), default="tuned")
   p.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS before jax starts")
   p.add_argument("--json", default=None, help="write the results here")
   return p.parse_args(argv)
+
+
+def parse_xla_options(text: str) -> dict:
+  """`--xla_options` as a compiler_options dict (numbers and true/false converted)."""
+  options = {}
+  for item in filter(None, (x.strip() for x in text.split(";"))):
+    name, sep, value = item.partition("=")
+    if not sep:
+      raise SystemExit(f"--xla_options: {item!r} is not NAME=VALUE")
+    value = value.strip()
+    for kind in (int, float):
+      try:
+        value = kind(value)
+        break
+      except ValueError:
+        pass
+    options[name.strip()] = {"true": True, "false": False}.get(str(value).lower(), value)
+  return options
 
 
 def maybe_reexec(args: argparse.Namespace) -> None:
@@ -102,6 +125,7 @@ def cpu_features() -> dict:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  xla_options = parse_xla_options(args.xla_options) if args.xla_options else None
   maybe_reexec(args)
 
   import functools
@@ -183,7 +207,7 @@ def main(argv=None) -> int:
 
   old_model = models_at(args.compare_models_at) if args.compare_models_at else None
 
-  def make_ours(model, schedule, batches):
+  def make_ours(model, schedule, batches, compiler_options=None):
     """`train_lib.train`'s step function and feeding, without data loading and checkpoints."""
     init_fn = functools.partial(model.init, batch_size=1, length=L)
     variables, abstract = partitioner.sharded_init(init_fn, jax.random.PRNGKey(0))
@@ -193,7 +217,7 @@ def main(argv=None) -> int:
     step_fn = train_lib.partition_train_step(
         partitioner, train_lib.make_train_step(model, tx, num_microbatches=1, dropout_seed=0,
                                                learning_rate_fn=schedule),
-        abstract["params"], opt_state)
+        abstract["params"], opt_state, compiler_options=compiler_options)
     state = {"params": params, "opt": opt_state, "step": 0}
 
     def run(n: int) -> float:
@@ -284,6 +308,8 @@ def main(argv=None) -> int:
         runners[(dtype, v)], _ = make_ours(
             dataclasses.replace(model, loss_chunk_tokens=int(v[len("ours_chunk"):])),
             schedule, batches)
+    if xla_options:
+      runners[(dtype, "ours_xla")], _ = make_ours(model, schedule, batches, xla_options)
     if old_model is not None:
       runners[(dtype, f"ours@{args.compare_models_at}")], _ = make_ours(
           old_model(model), schedule, batches)
@@ -299,7 +325,8 @@ def main(argv=None) -> int:
 
   times = {k: [] for k in runners}
   for r in range(args.rounds):
-    for key, run in runners.items():
+    # every other round in reverse order, so that no variant always runs first or last
+    for key, run in (list(runners.items()) if r % 2 == 0 else list(runners.items())[::-1]):
       peaks[key[0]]["best"] = max(peaks[key[0]]["best"], peaks[key[0]]["run"]())
       t = time.perf_counter()
       run(args.steps)
@@ -331,6 +358,14 @@ def main(argv=None) -> int:
     ratio = f"{hand / t:.3f}x" if hand else "-"
     print(f"{dtype} | {variant} | {t:.3f} | {1 / t:.2f} | {ratio} | {flops / 1e12:.3f} | "
           f"{peak / 1e12:.3f} | {100 * flops / peak:.1f}%")
+  for (dtype, variant), ts in times.items():  # A/Bs: round by round against our loop
+    base = times.get((dtype, "ours"))
+    if variant != "ours" and base and len(ts) == len(base):
+      ratios = np.asarray(ts) / np.asarray(base)
+      results.setdefault("paired_ratio_to_ours", {})[f"{dtype}/{variant}"] = float(
+          np.median(ratios))
+      print(f"{dtype} {variant} / ours, round by round: median {np.median(ratios):.3f}, "
+            f"faster in {int((ratios < 1).sum())} of {len(ratios)} rounds")
   if "float32" in dtypes and "bfloat16" in dtypes:
     for variant in variants:
       if ("float32", variant) in best and ("bfloat16", variant) in best:

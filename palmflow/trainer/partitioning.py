@@ -315,7 +315,8 @@ class Partitioner:
 
   def partition(self, fn: Callable[..., Any], *, in_shardings: Any = None,
                 out_shardings: Any = None, static_argnums: int | Sequence[int] = (),
-                donate_argnums: int | Sequence[int] = ()) -> Callable[..., Any]:
+                donate_argnums: int | Sequence[int] = (),
+                compiler_options: dict[str, Any] | None = None) -> Callable[..., Any]:
     """jit ``fn`` with shardings, tracing and running it inside `activate`.
 
     Args:
@@ -324,6 +325,8 @@ class Partitioner:
         out_shardings: as for ``jax.jit`` (None: chosen by the compiler).
         static_argnums: as for ``jax.jit``.
         donate_argnums: as for ``jax.jit``.
+        compiler_options: as for ``jax.jit``: XLA options for this function only (the
+            ``DebugOptions`` field names of ``XLA_FLAGS``; enum values spelled out).
 
     Returns:
         A callable with ``fn``'s signature.
@@ -334,6 +337,8 @@ class Partitioner:
       jit_kwargs["in_shardings"] = in_shardings
     if out_shardings is not None:
       jit_kwargs["out_shardings"] = out_shardings
+    if compiler_options:
+      jit_kwargs["compiler_options"] = dict(compiler_options)
     jitted = jax.jit(fn, **jit_kwargs)
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:

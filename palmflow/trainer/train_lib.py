@@ -246,7 +246,7 @@ def place_on_mesh(tree, mesh):
 
 
 def partition_train_step(partitioner: Partitioner, step: Callable, abstract_params,
-                         opt_state) -> Callable:
+                         opt_state, compiler_options: dict | None = None) -> Callable:
   """`step` (from `make_train_step`) jitted over the mesh, its state donated and its outputs
   pinned to the inputs' shardings: parameters stay sharded as the rules say.
 
@@ -255,11 +255,12 @@ def partition_train_step(partitioner: Partitioner, step: Callable, abstract_para
     step: (params, opt_state, batch, step) -> (params, opt_state, metrics).
     abstract_params: the boxed abstract parameters (`Partitioner.sharded_init`).
     opt_state: the optimizer state as it will be passed (on the mesh: `place_on_mesh`).
+    compiler_options: XLA options for this step only (`Partitioner.partition`).
   """
   state_shardings = (partitioner.get_param_shardings(abstract_params),
                      jax.tree.map(lambda x: x.sharding, opt_state))
   return partitioner.partition(step, out_shardings=state_shardings + (None,),
-                               donate_argnums=(0, 1))
+                               donate_argnums=(0, 1), compiler_options=compiler_options)
 
 
 def restore_train_state(checkpointer: ckpt_lib.Checkpointer, params, opt_state, *, mesh,

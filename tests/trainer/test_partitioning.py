@@ -146,6 +146,22 @@ def test_num_partitions_and_mesh_errors():
     partitioning.Partitioner(logical_axis_rules=(("batch", "replica"),), devices=CPUS[:8])
 
 
+def test_partition_passes_compiler_options_to_xla():
+  """`Partitioner.partition(compiler_options=...)` compiles with them (bench_train's A/Bs of
+  XLA settings rely on it): an invalid value is rejected by XLA, naming the option."""
+  partitioner = partitioning.Partitioner(devices=CPUS[:1])
+  fn = lambda x: jnp.max(x * 2, axis=-1)
+  x = jnp.ones((4, 8))
+  plain = partitioner.partition(fn)(x)
+  tuned = partitioner.partition(fn, compiler_options={
+      "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"})(x)
+  np.testing.assert_array_equal(np.asarray(tuned), np.asarray(plain))
+  bad = partitioner.partition(fn, compiler_options={
+      "xla_cpu_experimental_ynn_fusion_type": "NOT_A_FUSION_TYPE"})
+  with pytest.raises(Exception, match="xla_cpu_experimental_ynn_fusion_type"):
+    bad(x)
+
+
 def test_rule_sets():
   standard = dict(partitioning.STANDARD_RULES)
   assert standard["batch"] == "data"

@@ -17,6 +17,11 @@ of steps in bfloat16 (float32 parameters and Adafactor state), and prints
     python bench/gpu_train_mfu.py --batch 16 --remat    # more tokens per step
     python bench/gpu_train_mfu.py --tiny                # CPU smoke test (well under a minute)
 
+It needs jax (with the accelerator's plugin), flax, optax and orbax-checkpoint, not
+TensorFlow, seqio, gin or Beam (the train step's modules import without them), and runs
+from an uninstalled checkout, as on a lent H200 whose image has those packages:
+    PYTHONUNBUFFERED=1 python3 bench/gpu_train_mfu.py --json $OUT/gpu.json
+
 Exit status 0 whatever the MFU; `--json PATH` writes the numbers.
 """
 from __future__ import annotations
@@ -70,6 +75,10 @@ def main(argv=None) -> int:
   import jax.numpy as jnp
   import numpy as np
 
+  try:
+    import palmflow  # noqa: F401
+  except ImportError:  # run from a checkout that is not installed (a lent accelerator)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
   from palmflow.trainer import lm, models, optimizers, train_lib
   from palmflow.trainer.partitioning import Partitioner
 

@@ -1,17 +1,24 @@
-"""Datasets for training and evaluation: t5x's DatasetConfig over seqio, seeded by default."""
+"""Datasets for training and evaluation: t5x's DatasetConfig over seqio, seeded by default.
+
+seqio and TensorFlow are imported where a dataset is built, not with this module: the train
+step (`train_lib`) then imports with jax, flax, optax and orbax alone, as on an accelerator
+machine that has no TensorFlow (`bench/gpu_train_mfu.py`).
+"""
 from __future__ import annotations
 
 import dataclasses
 import importlib
 import json
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
-import seqio
-import tensorflow as tf
 
 from palmflow.errors import ConfigError
+
+if TYPE_CHECKING:
+  import seqio
+  import tensorflow as tf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +59,7 @@ FEATURE_CONVERTERS = ("lm", "blocked_lm", "prefix_lm")
 
 def make_feature_converter(name: str, *, pack: bool) -> seqio.FeatureConverter:
   """The seqio feature converter called `name` (decoder-only models)."""
+  import seqio
   from palmflow.trainer.feature_converters import BlockedLMFeatureConverter
   if name == "blocked_lm":
     return BlockedLMFeatureConverter()
@@ -78,6 +86,7 @@ def register_task_specs(paths: Sequence[str]) -> list[str]:
 
 def get_task_or_mixture(name: str, module=None):
   """Looks a task or mixture up; a miss says which modules were imported and close names."""
+  import seqio
   import_modules(module)
   try:
     return seqio.get_mixture_or_task(name)
@@ -106,6 +115,8 @@ def get_dataset(cfg: DatasetConfig, *, shard_index: int = 0, num_shards: int = 1
   Returns:
     A tf.data.Dataset of dicts of [per_host_batch, length] int32 arrays.
   """
+  import seqio
+  import tensorflow as tf
   get_task_or_mixture(cfg.mixture_or_task_name, cfg.module)
   if cfg.batch_size % num_shards:
     raise ConfigError(f"batch size {cfg.batch_size} is not divisible by the {num_shards} "

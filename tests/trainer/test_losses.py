@@ -246,3 +246,40 @@ def test_model_loss_is_the_same_chunked_or_over_whole_logits(shared_embedding):
     np.testing.assert_allclose(got_stats[name], want_stats[name], rtol=1e-5, err_msg=name)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                got_grads, want_grads)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_accelerator_code_paths_give_the_cpu_paths_loss_and_gradients(monkeypatch, dtype):
+  """models and losses take other routes off the CPU (products on transposed operands in
+  place, rotary tables without a conditional, the kernel gradient contracted in place).
+  Nothing here has an accelerator, so the CPU is told it is one: the accelerator routes
+  must give the CPU routes' loss, stats and gradients."""
+  config = models.PaLMConfig(vocab_size=48, num_layers=2, d_model=16, num_heads=2,
+                             head_dim=8, d_ff=32, dtype=dtype)
+  model = lm.DecoderOnlyModel(config=config, z_loss=1e-4, loss_chunk_tokens=6)
+  rng = np.random.default_rng(5)
+  targets = jnp.asarray(rng.integers(1, 48, (2, 12)), jnp.int32)
+  batch = {"decoder_input_tokens": jnp.pad(targets[:, :-1], ((0, 0), (1, 0))),
+           "decoder_target_tokens": targets,
+           "decoder_loss_weights": jnp.asarray([[1] * 12, [1] * 9 + [0] * 3], jnp.float32),
+           "decoder_segment_ids": jnp.asarray([[1] * 7 + [2] * 5, [1] * 12], jnp.int32),
+           "decoder_positions": jnp.asarray([list(range(7)) + list(range(5)),
+                                             list(range(12))], jnp.int32)}
+  params = nn.unbox(model.init(jax.random.key(0), batch_size=2, length=12)["params"])
+
+  def run():
+    jax.clear_caches()  # trace again: the routes are chosen while tracing
+    with jax.default_matmul_precision("float32"):
+      return jax.jit(jax.value_and_grad(model.loss_fn, has_aux=True))(params, batch)
+  (want, want_stats), want_grads = run()
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  (got, got_stats), got_grads = run()
+  tol = 1e-5 if dtype == "float32" else 2e-2
+  np.testing.assert_allclose(got, want, rtol=tol)
+  for name in want_stats:
+    np.testing.assert_allclose(got_stats[name], want_stats[name], rtol=tol, err_msg=name)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want_grads),
+                          jax.tree.leaves(got_grads), strict=True):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(b, a, rtol=tol, atol=tol * np.abs(a).max(),
+                               err_msg=jax.tree_util.keystr(path))

@@ -15,6 +15,12 @@ bf16 x bf16 accumulating in float32). It prints steps/s, ours / handwritten, mod
 (`train_lib.model_flops_per_token`), MFU against that measured peak, and the bf16 / float32
 speed-up, plus the CPU features that decide the bf16 rate (AMX, AVX512-BF16).
 
+For A/Bs, other variants of our loop run in the same rounds: `--compare_models_at REF`
+(models.py at a git revision), `ours_logits` / `ours_chunkN` (the loss's chunking) and
+`--xla_options` (`ours_xla`: the step compiled with XLA options). Rounds alternate their
+order, and each variant's round-by-round median time ratio to `ours` is printed: on a
+noisy machine that is a better measure than the best rounds.
+
 On a CPU, glibc returns large freed blocks to the kernel, so every step faults in its
 activations again (~600k page faults, >1 s of system time per palm_small step). By default
 this script re-executes itself with MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0
@@ -33,6 +39,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -66,7 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="also run our loop compiled with these XLA options (variant 'ours_xla'; "
                       "DebugOptions names, enum values spelled out, e.g. "
                       "xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT): "
-                      "an A/B of compiler settings in one process, unlike --xla_flags")
+                      "an A/B of compiler settings in one process, unlike --xla_flags; keep "
+                      "'ours' in --variants for the round-by-round ratio, and use an even "
+                      "--rounds (the order alternates)")
   p.add_argument("--peak_size", type=int, default=2048, help="n of the n x n x n peak matmul")
   p.add_argument("--malloc", choices=("tuned", "default"), default="tuned")
   p.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS before jax starts")
@@ -75,20 +84,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def parse_xla_options(text: str) -> dict:
-  """`--xla_options` as a compiler_options dict (numbers and true/false converted)."""
+  """`--xla_options` as a compiler_options dict (integers, decimals and true/false
+  converted; anything else stays a string)."""
   options = {}
   for item in filter(None, (x.strip() for x in text.split(";"))):
     name, sep, value = item.partition("=")
     if not sep:
       raise SystemExit(f"--xla_options: {item!r} is not NAME=VALUE")
     value = value.strip()
-    for kind in (int, float):
-      try:
-        value = kind(value)
-        break
-      except ValueError:
-        pass
-    options[name.strip()] = {"true": True, "false": False}.get(str(value).lower(), value)
+    if re.fullmatch(r"-?\d+", value):
+      value = int(value)
+    elif re.fullmatch(r"-?\d*\.\d+(e-?\d+)?", value):
+      value = float(value)
+    else:
+      value = {"true": True, "false": False}.get(value.lower(), value)
+    options[name.strip()] = value
   return options
 
 

@@ -18,15 +18,24 @@ def test_gpu_script_runs_without_tensorflow_seqio_gin_or_beam(tmp_path):
   # A child interpreter in which importing any of ABSENT fails, as it would there; the
   # script runs its CPU smoke test (--tiny) from the checkout, by path.
   runner = tmp_path / "run.py"
+  # palmflow is not installed there either: the editable install's finder and any path
+  # entry into the checkout are dropped, so the script must find the checkout itself.
   runner.write_text(textwrap.dedent(f"""
       import importlib.abc, runpy, sys
       class Absent(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
           if name.split(".")[0] in {ABSENT!r}:
-            raise ImportError(f"{{name}} is not installed here")
-      sys.meta_path.insert(0, Absent())
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+      sys.meta_path[:] = [Absent()] + [f for f in sys.meta_path
+                                       if "__editable__" not in getattr(f, "__module__", "")]
+      sys.path[:] = [p for p in sys.path if "__editable__" not in p and (
+          "site-packages" in p or not (p + "/").startswith({str(REPO) + "/"!r}))]
+      sys.path_importer_cache.clear()
       sys.argv = sys.argv[1:]
-      runpy.run_path(sys.argv[0], run_name="__main__")
+      try:
+        runpy.run_path(sys.argv[0], run_name="__main__")  # ends in sys.exit
+      finally:
+        print("palmflow from", getattr(sys.modules.get("palmflow"), "__file__", None))
       """))
   out = tmp_path / "gpu.json"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -37,5 +46,6 @@ def test_gpu_script_runs_without_tensorflow_seqio_gin_or_beam(tmp_path):
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   result = json.loads(out.read_text())
   assert "MFU vs measured bf16 matmul peak" in proc.stdout
+  assert f"palmflow from {REPO / 'palmflow' / '__init__.py'}" in proc.stdout, proc.stdout
   assert result["seconds_per_step"] > 0 and 0 < result["mfu_measured_peak"] < 1, result
   assert all(map(math.isfinite, result["losses"])) and len(result["losses"]) >= 2, result

@@ -268,12 +268,18 @@ def test_accelerator_code_paths_give_the_cpu_paths_loss_and_gradients(monkeypatc
   params = nn.unbox(model.init(jax.random.key(0), batch_size=2, length=12)["params"])
 
   def run():
-    jax.clear_caches()  # trace again: the routes are chosen while tracing
+    # a fresh jit traces again: the routes are chosen while tracing
+    fn = jax.jit(jax.value_and_grad(model.loss_fn, has_aux=True))
     with jax.default_matmul_precision("float32"):
-      return jax.jit(jax.value_and_grad(model.loss_fn, has_aux=True))(params, batch)
-  (want, want_stats), want_grads = run()
+      return fn(params, batch), fn.lower(params, batch).as_text()
+  ((want, want_stats), want_grads), cpu_text = run()
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  (got, got_stats), got_grads = run()
+  ((got, got_stats), got_grads), accelerator_text = run()
+  # the routes differ: the CPU's rotary tables behind a conditional, the accelerator's
+  # products contracting the token axis in place
+  assert "stablehlo.case" in cpu_text and "stablehlo.case" not in accelerator_text
+  assert "contracting_dims = [0] x [0]" in accelerator_text
+  assert "contracting_dims = [0] x [0]" not in cpu_text
   tol = 1e-5 if dtype == "float32" else 2e-2
   np.testing.assert_allclose(got, want, rtol=tol)
   for name in want_stats:

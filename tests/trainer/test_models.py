@@ -344,14 +344,16 @@ def _compiled_products(fn, *args) -> list[tuple[list[str], str]]:
                     reason="checks the products XLA:CPU compiles (JAX's default backend here is "
                            "not the CPU)")
 @pytest.mark.parametrize("transpose_b", [False, True])
-@pytest.mark.parametrize("m", [96, 8])  # which operand of the weight gradient is transposed
-def test_matmul_products_stay_bf16_with_the_left_operand_contracted_minor(transpose_b, m):
+# (m, n) with k = 32: the weight gradient transposes `a` for (96, 48), the cotangent for
+# (96, 8) either way and for (8, 48) with transpose_b (the smaller operand; models.py)
+@pytest.mark.parametrize("m,n", [(96, 48), (8, 48), (96, 8)])
+def test_matmul_products_stay_bf16_with_the_left_operand_contracted_minor(transpose_b, m, n):
   """On a CPU, all three products of `models.matmul` (forward, both gradients) multiply
   bf16 operands with the left one contracted along its minor axis: the only form XLA:CPU
   runs on its bf16 kernels. A transposed operand folded back into a product (or a
   column-major copy) shows up here as float32 operands or another contracting axis."""
   a = jax.random.normal(jax.random.key(0), (m, 32), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (48, 32) if transpose_b else (32, 48), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, 32) if transpose_b else (32, n), jnp.float32)
 
   def loss(a, b):
     return jnp.sum(models.matmul(a, b, transpose_b, jnp.bfloat16, jnp.float32) ** 2)

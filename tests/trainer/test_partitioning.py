@@ -158,7 +158,7 @@ def test_partition_passes_compiler_options_to_xla():
   np.testing.assert_array_equal(np.asarray(tuned), np.asarray(plain))
   bad = partitioner.partition(fn, compiler_options={
       "xla_cpu_experimental_ynn_fusion_type": "NOT_A_FUSION_TYPE"})
-  with pytest.raises(Exception, match="xla_cpu_experimental_ynn_fusion_type"):
+  with pytest.raises(jax.errors.JaxRuntimeError, match="xla_cpu_experimental_ynn_fusion_type"):
     bad(x)
 
 

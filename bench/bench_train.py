@@ -310,14 +310,11 @@ def main(argv=None) -> int:
         model.config, num_params=model.config.num_params(), length=L) * B * L
     if "ours" in variants:
       runners[(dtype, "ours")], _ = make_ours(model, schedule, batches)
-    if "ours_logits" in variants:  # the loss over materialised logits, for an A/B
-      runners[(dtype, "ours_logits")], _ = make_ours(
-          dataclasses.replace(model, loss_chunk_tokens=-1), schedule, batches)
-    for v in variants:  # ours_chunkN: the loss N tokens at a time
-      if v.startswith("ours_chunk"):
+    for v in variants:  # ours_chunkN: the loss N tokens at a time; ours_logits: all at once
+      if v == "ours_logits" or v.startswith("ours_chunk"):
+        chunk = -1 if v == "ours_logits" else int(v[len("ours_chunk"):])
         runners[(dtype, v)], _ = make_ours(
-            dataclasses.replace(model, loss_chunk_tokens=int(v[len("ours_chunk"):])),
-            schedule, batches)
+            dataclasses.replace(model, loss_chunk_tokens=chunk), schedule, batches)
     if xla_options:
       runners[(dtype, "ours_xla")], _ = make_ours(model, schedule, batches, xla_options)
     if old_model is not None:

@@ -1,6 +1,7 @@
 """Tests of the PaLM decoder: shapes and parameter counts, masking, positions, numerics, gin."""
 
 import pathlib
+import re
 
 import flax.linen as nn
 import gin
@@ -328,7 +329,6 @@ def test_swiglu_value_and_gradients_follow_the_float32_expression(dtype):
 
 def _compiled_products(fn, *args) -> list[tuple[list[str], str]]:
   """(operand dtypes, lhs contracting dims) of every dot in `fn`'s optimized CPU HLO."""
-  import re
   text = jax.jit(fn).lower(*args).compile().as_text()
   types = dict(re.findall(r"%(\S+) = (\w+)\[", text))
   products = []

@@ -12,7 +12,9 @@ accept a misspelt macro silently).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
+import logging
 import os
 import re
 from pathlib import Path
@@ -105,6 +107,32 @@ def check_macro_overrides(bindings: Sequence[str], texts: dict[str, str]) -> Non
                               f"macros in these files: {', '.join(sorted(referenced))}"))
 
 
+class _IncludeProbeFilter(logging.Filter):
+  """Drops gin's "Path not found: <include>" records.
+
+  For every `include`, gin first asks whether the name is a file inside a Python package and
+  logs an ERROR when it is not, before it finds the file on the search paths as intended.
+  Every train/eval log then began with false errors. `gin_texts` has already resolved every
+  include (a missing one is a `ConfigError`), so the probe's record says nothing.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno == logging.ERROR
+                and str(record.msg).startswith("Path not found:")
+                and Path(record.pathname).parts[-2:] == ("gin", "resource_reader.py"))
+
+
+@contextlib.contextmanager
+def _quiet_include_probes():
+  root = logging.getLogger()
+  probe_filter = _IncludeProbeFilter()
+  root.addFilter(probe_filter)
+  try:
+    yield
+  finally:
+    root.removeFilter(probe_filter)
+
+
 def parse(files: Sequence[str], bindings: Sequence[str], search: str = "") -> None:
   """Parses gin files then bindings (after checking macro overrides), with clear errors."""
   paths = search_paths(search)
@@ -113,9 +141,10 @@ def parse(files: Sequence[str], bindings: Sequence[str], search: str = "") -> No
   for p in paths:
     gin.add_config_file_search_path(str(p))
   try:
-    gin.parse_config_files_and_bindings([str(resolve(f, paths)) for f in files],
-                                        list(bindings), finalize_config=False,
-                                        skip_unknown=False)
+    with _quiet_include_probes():
+      gin.parse_config_files_and_bindings([str(resolve(f, paths)) for f in files],
+                                          list(bindings), finalize_config=False,
+                                          skip_unknown=False)
   except (ValueError, KeyError, ImportError, SyntaxError, NameError) as e:
     raise ConfigError(f"gin configuration error: {e}", field="--gin_file/--gin_bindings",
                       hint="check the binding's name against the gin files' configurables"

@@ -5,6 +5,7 @@ files whose "Required" headers tell the truth."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -131,6 +132,26 @@ def test_misspelt_macro_exits_2_naming_the_closest(tmp_path):
   assert "macro TRAIN_STEP is not used by any gin file" in proc.stderr
   assert "did you mean TRAIN_STEPS" in proc.stderr
   assert not list(tmp_path.iterdir())                # nothing ran
+
+
+def test_includes_found_on_the_search_paths_log_no_errors(caplog):
+  """gin first probes every include as a file inside a Python package and logs "Path not
+  found" at ERROR before finding it on the search paths: every train and eval log began
+  with such false errors. Parsing files with includes logs no error now, and leaves no
+  filter behind; a missing include is still an error."""
+  import gin
+  gin.clear_config()
+  try:
+    with caplog.at_level(logging.INFO):
+      gin_utils.parse(["models/palm_small.gin", "partitioning/data_parallel.gin"], [])
+  finally:
+    gin.clear_config()
+  assert "models/palm_base.gin" in caplog.text                # gin did open the include
+  assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+  assert not [f for f in logging.getLogger().filters
+              if isinstance(f, gin_utils._IncludeProbeFilter)]
+  logging.getLogger().error("Path not found: something else")  # others' errors still pass
+  assert caplog.records[-1].getMessage() == "Path not found: something else"
 
 
 _NAME = re.compile(r"\b[A-Z][A-Z0-9_]*[A-Z0-9]\b")

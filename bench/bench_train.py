@@ -374,6 +374,11 @@ def main(argv=None) -> int:
       print(f"{dtype} {variant} / ours, round by round: median {np.median(ratios):.3f}, "
             f"faster in {int((ratios < 1).sum())} of {len(ratios)} rounds")
   if "float32" in dtypes and "bfloat16" in dtypes:
+    # What the two matmul units allow: a step whose bf16 and float32 MFU were equal would be
+    # this much faster in bf16.
+    peak_ratio = peaks["bfloat16"]["best"] / peaks["float32"]["best"]
+    results["bf16_peak_over_float32_peak"] = peak_ratio
+    print(f"peak matmul rate, bfloat16 / float32: {peak_ratio:.2f}x")
     for variant in variants:
       if ("float32", variant) in best and ("bfloat16", variant) in best:
         speedup = best[("float32", variant)] / best[("bfloat16", variant)]

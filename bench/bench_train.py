@@ -16,8 +16,9 @@ bf16 x bf16 accumulating in float32). It prints steps/s, ours / handwritten, mod
 speed-up, plus the CPU features that decide the bf16 rate (AMX, AVX512-BF16).
 
 For A/Bs, other variants of our loop run in the same rounds: `--compare_models_at REF`
-(models.py at a git revision), `ours_logits` / `ours_chunkN` (the loss's chunking) and
-`--xla_options` (`ours_xla`: the step compiled with XLA options). Rounds alternate their
+(models.py at a git revision), `ours_logits` / `ours_chunkN` (the loss's chunking),
+`--xla_options` (`ours_xla`: the step compiled with XLA options) and `--gin_variant`
+(`ours_NAME`: the model with extra gin bindings). Rounds alternate their
 order, and each variant's round-by-round median time ratio to `ours` is printed: on a
 noisy machine that is a better measure than the best rounds.
 
@@ -37,7 +38,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import re
 import sys
@@ -76,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "an A/B of compiler settings in one process, unlike --xla_flags; keep "
                       "'ours' in --variants for the round-by-round ratio, and use an even "
                       "--rounds (the order alternates)")
+  p.add_argument("--gin_variant", action="append", default=[], metavar="NAME=BINDING;...",
+                 help="also run our loop with these extra gin bindings (variant 'ours_NAME'; "
+                      "repeatable), e.g. 'scan1=models.PaLMConfig.scan_unroll = 1'")
   p.add_argument("--peak_size", type=int, default=2048, help="n of the n x n x n peak matmul")
   p.add_argument("--malloc", choices=("tuned", "default"), default="tuned")
   p.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS before jax starts")
@@ -163,14 +166,12 @@ def main(argv=None) -> int:
   B, L = args.batch, args.length
   rng = np.random.default_rng(0)
 
-  def load_model(dtype: str):
+  def load_model(dtype: str, extra_bindings: tuple[str, ...] = ()):
     bindings = ["DROPOUT_RATE = 0.0", f"ACTIVATION_DTYPE = '{dtype}'"]
     if args.vocab_size:
       bindings.append(f"VOCAB_SIZE = {args.vocab_size}")
     gin.clear_config()
-    logging.getLogger().setLevel(logging.CRITICAL)  # gin logs each include it resolves
-    gin_utils.parse([f"models/palm_{args.model}.gin"], bindings)
-    logging.getLogger().setLevel(logging.WARNING)
+    gin_utils.parse([f"models/palm_{args.model}.gin"], bindings + list(extra_bindings))
     model = gin.query_parameter("%MODEL").scoped_configurable_fn()
     schedule = gin.query_parameter("%LEARNING_RATE").scoped_configurable_fn()
     gin.clear_config()
@@ -299,6 +300,12 @@ def main(argv=None) -> int:
       return 2 * n ** 3 / best
     return run
 
+  gin_variants = {}
+  for item in args.gin_variant:
+    name, sep, text = item.partition("=")
+    if not sep or not name.strip():
+      raise SystemExit(f"--gin_variant: {item!r} is not NAME=BINDING;...")
+    gin_variants[name.strip()] = tuple(b.strip() for b in text.split(";") if b.strip())
   dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
   variants = [v.strip() for v in args.variants.split(",") if v.strip()]
   runners, flops_per_step, peaks = {}, {}, {}
@@ -317,6 +324,8 @@ def main(argv=None) -> int:
             dataclasses.replace(model, loss_chunk_tokens=chunk), schedule, batches)
     if xla_options:
       runners[(dtype, "ours_xla")], _ = make_ours(model, schedule, batches, xla_options)
+    for name, extra in gin_variants.items():
+      runners[(dtype, f"ours_{name}")], _ = make_ours(*load_model(dtype, extra), batches)
     if old_model is not None:
       runners[(dtype, f"ours@{args.compare_models_at}")], _ = make_ours(
           old_model(model), schedule, batches)

@@ -134,12 +134,14 @@ def test_misspelt_macro_exits_2_naming_the_closest(tmp_path):
   assert not list(tmp_path.iterdir())                # nothing ran
 
 
-def test_includes_found_on_the_search_paths_log_no_errors(caplog):
+def test_includes_found_on_the_search_paths_log_no_errors(caplog, tmp_path):
   """gin first probes every include as a file inside a Python package and logs "Path not
   found" at ERROR before finding it on the search paths: every train and eval log began
   with such false errors. Parsing files with includes logs no error now, and leaves no
-  filter behind; a missing include is still an error."""
+  filter behind; other modules' errors pass the filter, and a missing include is still an
+  error."""
   import gin
+  from palmflow.errors import ConfigError
   gin.clear_config()
   try:
     with caplog.at_level(logging.INFO):
@@ -150,8 +152,12 @@ def test_includes_found_on_the_search_paths_log_no_errors(caplog):
   assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
   assert not [f for f in logging.getLogger().filters
               if isinstance(f, gin_utils._IncludeProbeFilter)]
-  logging.getLogger().error("Path not found: something else")  # others' errors still pass
-  assert caplog.records[-1].getMessage() == "Path not found: something else"
+  other = logging.LogRecord("root", logging.ERROR, __file__, 1, "Path not found: x", None, None)
+  assert gin_utils._IncludeProbeFilter().filter(other)
+  bad = tmp_path / "bad.gin"
+  bad.write_text("include 'nope/missing.gin'\n")
+  with pytest.raises(ConfigError, match="nope/missing.gin"):
+    gin_utils.parse([str(bad)], [])
 
 
 _NAME = re.compile(r"\b[A-Z][A-Z0-9_]*[A-Z0-9]\b")

@@ -111,6 +111,22 @@ CPU_MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
                   "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
 
 
+# What absl prints once per native library before its logging is set up (TensorFlow's two
+# libraries: twice a binary); it says nothing about the run.
+_ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called"
+
+
+def echoed(line: str) -> bool:
+  """Whether a binary's output line is echoed to the pipeline's console (all of it goes to
+  the stage's log file): progress ("step"), evaluation results, errors and warnings, but
+  not TensorFlow's / XLA's native log lines (``I0000 00:00:...``) or absl's preamble."""
+  low = line.lower()
+  native_log = line[:1] in "IWEF" and line[1:5].isdigit()
+  if native_log or line.startswith(_ABSL_PREAMBLE):
+    return False
+  return " step " in line or "error" in low or "eval" in low or "warning" in low
+
+
 def run_binary(ctx, argv: list[str], *, log_name: str) -> None:
   """Runs a palmflow binary (train/eval) as a subprocess, as a user would run it.
 
@@ -144,10 +160,7 @@ def run_binary(ctx, argv: list[str], *, log_name: str) -> None:
     for line in proc.stdout:
       logf.write(line)
       logf.flush()
-      low = line.lower()
-      native_log = line[:1] in "IWEF" and line[1:5].isdigit()  # TF/XLA C++ log noise
-      if not native_log and (" step " in line or "error" in low or "eval" in low
-                             or "warning" in low):
+      if echoed(line):
         ctx.log(line.rstrip())
     rc = proc.wait()
   if rc != 0:

@@ -430,7 +430,7 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
                                num_shards=jax.process_count(), num_epochs=1)
     m = evaluate_loss(eval_fn, params, eds, partitioner, max_batches=eval_steps)
     eval_writer.write(step, m)
-    log.info("eval step %d: %s", step, m)
+    log.info("eval step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in m.items()))
     return m
 
   def save(step):

@@ -78,7 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "--rounds (the order alternates)")
   p.add_argument("--gin_variant", action="append", default=[], metavar="NAME=BINDING;...",
                  help="also run our loop with these extra gin bindings (variant 'ours_NAME'; "
-                      "repeatable), e.g. 'scan1=models.PaLMConfig.scan_unroll = 1'")
+                      "repeatable), e.g. 'scan1=models.PaLMConfig.scan_unroll = 1'; the "
+                      "bindings may not change the model's size, vocabulary or dtype")
   p.add_argument("--peak_size", type=int, default=2048, help="n of the n x n x n peak matmul")
   p.add_argument("--malloc", choices=("tuned", "default"), default="tuned")
   p.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS before jax starts")
@@ -303,9 +304,13 @@ def main(argv=None) -> int:
   gin_variants = {}
   for item in args.gin_variant:
     name, sep, text = item.partition("=")
-    if not sep or not name.strip():
-      raise SystemExit(f"--gin_variant: {item!r} is not NAME=BINDING;...")
-    gin_variants[name.strip()] = tuple(b.strip() for b in text.split(";") if b.strip())
+    name = name.strip()
+    if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
+      raise SystemExit(f"--gin_variant: {item!r} is not NAME=BINDING;... (NAME: letters, "
+                       "digits, _)")
+    if name in gin_variants or name in ("xla", "logits") or name.startswith("chunk"):
+      raise SystemExit(f"--gin_variant: the name {name!r} is taken; choose another")
+    gin_variants[name] = tuple(b.strip() for b in text.split(";") if b.strip())
   dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
   variants = [v.strip() for v in args.variants.split(",") if v.strip()]
   runners, flops_per_step, peaks = {}, {}, {}
@@ -325,7 +330,14 @@ def main(argv=None) -> int:
     if xla_options:
       runners[(dtype, "ours_xla")], _ = make_ours(model, schedule, batches, xla_options)
     for name, extra in gin_variants.items():
-      runners[(dtype, f"ours_{name}")], _ = make_ours(*load_model(dtype, extra), batches)
+      v_model, v_schedule = load_model(dtype, extra)
+      # The rows' FLOPs, batches and dtype are the base model's: a variant must keep them.
+      if (v_model.config.num_params() != model.config.num_params()
+              or v_model.config.vocab_size != model.config.vocab_size
+              or v_model.config.dtype != model.config.dtype):
+        raise SystemExit(f"--gin_variant {name}: changes the model's size, vocabulary or "
+                         "dtype; compare those in separate runs")
+      runners[(dtype, f"ours_{name}")], _ = make_ours(v_model, v_schedule, batches)
     if old_model is not None:
       runners[(dtype, f"ours@{args.compare_models_at}")], _ = make_ours(
           old_model(model), schedule, batches)
@@ -388,12 +400,13 @@ def main(argv=None) -> int:
     peak_ratio = peaks["bfloat16"]["best"] / peaks["float32"]["best"]
     results["bf16_peak_over_float32_peak"] = peak_ratio
     print(f"peak matmul rate, bfloat16 / float32: {peak_ratio:.2f}x")
-    for variant in variants:
+    for variant in dict.fromkeys(v for _, v in runners):
       if ("float32", variant) in best and ("bfloat16", variant) in best:
         speedup = best[("float32", variant)] / best[("bfloat16", variant)]
         results[f"bf16_speedup_{variant}"] = speedup
-        # The same round's float32 and bfloat16 steps ran back to back: their ratio is
-        # less exposed to the machine's drift than the ratio of the two best rounds.
+        # One round's float32 and bfloat16 steps ran within a minute or so of each other;
+        # the two best rounds may be the whole run apart, each from a fast minute of this
+        # machine. Both ratios are printed.
         paired = (np.asarray(times[("float32", variant)])
                   / np.asarray(times[("bfloat16", variant)]))
         results[f"bf16_speedup_paired_{variant}"] = float(np.median(paired))

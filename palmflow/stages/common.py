@@ -117,9 +117,11 @@ _ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is call
 
 
 def echoed(line: str) -> bool:
-  """Whether a binary's output line is echoed to the pipeline's console (all of it goes to
-  the stage's log file): progress ("step"), evaluation results, errors and warnings, but
-  not TensorFlow's / XLA's native log lines (``I0000 00:00:...``) or absl's preamble."""
+  """Whether a line the binary printed is echoed to the pipeline's console: progress
+  ("step"), evaluation results, errors and warnings, but not TensorFlow's / XLA's native log
+  lines (``I0000 00:00:...``) or absl's preamble. Every line read goes to the stage's log
+  file; in a terminal the binary's stderr (its logging, progress bar and native logs) goes
+  straight to the console instead and is not read here."""
   low = line.lower()
   native_log = line[:1] in "IWEF" and line[1:5].isdigit()
   if native_log or line.startswith(_ABSL_PREAMBLE):

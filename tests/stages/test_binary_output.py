@@ -1,5 +1,6 @@
 """Which of a train/eval binary's output lines the pipeline's console shows
-(`palmflow.stages.common.echoed`); every line goes to the stage's log file either way."""
+(`palmflow.stages.common.echoed`) when the pipeline does not run in a terminal (in one, the
+binary's stderr goes straight to it); every such line goes to the stage's log file."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +11,7 @@ from palmflow.stages import common
 SHOWN = [
     "train step 20/300 loss=5.406 accuracy=0.1636",
     "05:06:07 palmflow.eval: eval at step 500: {'stdlib_demo_packages': {'accuracy': 67.97}}",
-    "eval step 500: accuracy=67.97",
+    "05:05:26 palmflow.train: eval step 350: loss=0.5574 accuracy=0.8282",
     "05:05:59 absl: WARNING: the task's sequence lengths are longer than necessary",
     "palmflow.errors.ConfigError: models/x.gin, field '--gin_file': gin file not found",
 ]

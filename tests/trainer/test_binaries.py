@@ -138,8 +138,8 @@ def test_includes_found_on_the_search_paths_log_no_errors(caplog, tmp_path):
   """gin first probes every include as a file inside a Python package and logs "Path not
   found" at ERROR before finding it on the search paths: every train and eval log began
   with such false errors. Parsing files with includes logs no error now, and leaves no
-  filter behind; other modules' errors pass the filter, and a missing include is still an
-  error."""
+  filter behind, even when parsing fails; other modules' errors pass the filter; a missing
+  include is still an error (found before gin parses)."""
   import gin
   from palmflow.errors import ConfigError
   gin.clear_config()
@@ -150,6 +150,14 @@ def test_includes_found_on_the_search_paths_log_no_errors(caplog, tmp_path):
     gin.clear_config()
   assert "models/palm_base.gin" in caplog.text                # gin did open the include
   assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+  assert not [f for f in logging.getLogger().filters
+              if isinstance(f, gin_utils._IncludeProbeFilter)]
+  gin.clear_config()
+  try:                                   # a failing parse leaves no filter behind either
+    with pytest.raises(ConfigError):
+      gin_utils.parse(["models/palm_small.gin"], ["models.PaLMConfig.no_such_field = 1"])
+  finally:
+    gin.clear_config()
   assert not [f for f in logging.getLogger().filters
               if isinstance(f, gin_utils._IncludeProbeFilter)]
   other = logging.LogRecord("root", logging.ERROR, __file__, 1, "Path not found: x", None, None)

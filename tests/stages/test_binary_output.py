@@ -7,13 +7,15 @@ import pytest
 
 from palmflow.stages import common
 
-# Lines as the binaries print them (from a stdlib_demo run's train.log and eval.log).
+# Lines as the binaries print them (a stdlib_demo run's train.log and eval.log; a bad
+# --gin_file).
 SHOWN = [
     "train step 20/300 loss=5.406 accuracy=0.1636",
     "05:06:07 palmflow.eval: eval at step 500: {'stdlib_demo_packages': {'accuracy': 67.97}}",
     "05:05:26 palmflow.train: eval step 350: loss=0.5574 accuracy=0.8282",
-    "05:05:59 absl: WARNING: the task's sequence lengths are longer than necessary",
-    "palmflow.errors.ConfigError: models/x.gin, field '--gin_file': gin file not found",
+    "05:05:59 absl: Given sequence lengths are longer than necessary for some evaluation "
+    "inputs or targets, resulting in wasted computation.",
+    "palmflow train: error: nope.gin, field '--gin_file': gin file not found",
 ]
 HIDDEN = [
     "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",

@@ -30,7 +30,7 @@ MALLOC_TRIM_THRESHOLD_=<large> (unless already set); `--malloc default` measures
 Local (CPU; tiny takes ~1 minute, small ~5 minutes on 2 cores):
     .venv/bin/python bench/bench_train.py --model tiny --batch 16 --length 128
     .venv/bin/python bench/bench_train.py --model small --batch 8 --length 512 --steps 2 \\
-        --rounds 3 --json /tmp/bench_small.json
+        --rounds 6 --json /tmp/bench_small.json
 Accelerator: see bench/gpu_train_mfu.py (a ~1B model in bf16).
 """
 from __future__ import annotations

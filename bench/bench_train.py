@@ -27,7 +27,7 @@ activations again (~600k page faults, >1 s of system time per palm_small step). 
 this script re-executes itself with MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0
 MALLOC_TRIM_THRESHOLD_=<large> (unless already set); `--malloc default` measures without.
 
-Local (CPU; tiny takes ~1 minute, small ~5 minutes on 2 cores):
+Local (CPU; tiny takes ~1 minute, small ~8 minutes on 2 cores):
     .venv/bin/python bench/bench_train.py --model tiny --batch 16 --length 128
     .venv/bin/python bench/bench_train.py --model small --batch 8 --length 512 --steps 2 \\
         --rounds 6 --json /tmp/bench_small.json

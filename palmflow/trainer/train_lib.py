@@ -67,6 +67,11 @@ def _truncate_metrics(path: Path, max_step: int) -> None:
   path.write_text("".join(l + "\n" for l in keep))
 
 
+def format_metrics(metrics: dict[str, float]) -> str:
+  """``loss=3.283 accuracy=0.3687``: how step and eval lines show metrics."""
+  return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+
+
 class Progress:
   """A tqdm bar in a terminal, a plain log line every `every` steps otherwise."""
 
@@ -79,7 +84,7 @@ class Progress:
       self._bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
 
   def update(self, step: int, metrics: dict[str, float]) -> None:
-    text = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+    text = format_metrics(metrics)
     if self._bar is not None:
       self._bar.update(1)
       if step % self._every == 0:
@@ -430,7 +435,7 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
                                num_shards=jax.process_count(), num_epochs=1)
     m = evaluate_loss(eval_fn, params, eds, partitioner, max_batches=eval_steps)
     eval_writer.write(step, m)
-    log.info("eval step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in m.items()))
+    log.info("eval step %d: %s", step, format_metrics(m))
     return m
 
   def save(step):

@@ -8,6 +8,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 Schedule = Callable[[jax.Array], jax.Array]
@@ -106,9 +107,40 @@ def adafactor(*, learning_rate: Schedule | float, factored: bool = True,
     min_dim_size_to_factor: smaller matrices keep a full second moment.
     epsilon: added to G² (PaLM/t5x: 1e-30).
   Returns:
-    The optax transformation (a chain: clip, adafactor, weight decay).
+    The optax transformation. Its state is that of `adafactor_chain` (optax's global-norm
+    clip, optax's adafactor, the lr² decay); its update computes the same step in fewer
+    passes over memory (`_adafactor_update`).
   """
-  sched = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
+  settings = dict(learning_rate=learning_rate, factored=factored,
+                  decay_exponent=decay_exponent, clipping_threshold=clipping_threshold,
+                  multiply_by_parameter_scale=multiply_by_parameter_scale, momentum=momentum,
+                  weight_decay_exponent=weight_decay_exponent,
+                  global_norm_clip=global_norm_clip,
+                  min_dim_size_to_factor=min_dim_size_to_factor, epsilon=epsilon)
+  chain = adafactor_chain(**settings)
+  settings["schedule"] = _as_schedule(settings.pop("learning_rate"))
+
+  def update(grads, state, params=None):
+    if params is None:
+      raise ValueError("adafactor needs the parameters (parameter scaling, weight decay).")
+    return _adafactor_update(grads, state, params, **settings)
+  return optax.GradientTransformation(chain.init, update)
+
+
+def _as_schedule(learning_rate: Schedule | float) -> Schedule:
+  return learning_rate if callable(learning_rate) else (lambda _: learning_rate)
+
+
+def adafactor_chain(*, learning_rate: Schedule | float, factored: bool = True,
+                    decay_exponent: float = 0.8, clipping_threshold: float | None = 1.0,
+                    multiply_by_parameter_scale: bool = True, momentum: float | None = None,
+                    weight_decay_exponent: float | None = 2.0,
+                    global_norm_clip: float | None = 1.0, min_dim_size_to_factor: int = 128,
+                    epsilon: float = 1e-30) -> optax.GradientTransformation:
+  """`adafactor` as a chain of optax transformations (the reference its update is tested
+  against, and whose state it keeps): `optax.clip_by_global_norm`, `optax.adafactor`,
+  `decoupled_lr_squared_weight_decay`. Same arguments as `adafactor`."""
+  sched = _as_schedule(learning_rate)
   parts = []
   if global_norm_clip:
     parts.append(optax.clip_by_global_norm(global_norm_clip))
@@ -120,6 +152,138 @@ def adafactor(*, learning_rate: Schedule | float, factored: bool = True,
   if weight_decay_exponent:
     parts.append(decoupled_lr_squared_weight_decay(sched, exponent=weight_decay_exponent))
   return optax.chain(*parts)
+
+
+def _factored_axes(shape: tuple[int, ...], factored: bool,
+                   min_dim_size_to_factor: int) -> tuple[int, int] | None:
+  """(d1, d0) of a factored second moment, as optax chooses them: the second largest and the
+  largest axis (``v_row`` averages G² over d0, ``v_col`` over d1), or None when the second
+  largest is under the minimum."""
+  if not factored or len(shape) < 2:
+    return None
+  order = np.argsort(shape)
+  if shape[order[-2]] < min_dim_size_to_factor:
+    return None
+  return int(order[-2]), int(order[-1])
+
+
+def _adafactor_update(grads, state, params, *, schedule, global_norm_clip, decay_exponent,
+                      clipping_threshold, multiply_by_parameter_scale, momentum,
+                      weight_decay_exponent, factored, min_dim_size_to_factor, epsilon):
+  """One step of `adafactor`'s chain, on its state, in as few passes over memory as it needs.
+
+  The chain of optax transformations materialises or re-reads the update between its links
+  (a global-norm select, the second moments, the update's RMS, the parameters' RMS, the
+  learning rate, the decay). On palm_small's 38M parameters (2-core CPU) its update took
+  119-146 ms, where one pass ``p - lr * g`` takes 14 ms; this one takes 60-65 ms. Here the
+  clipping factor is folded into the moments as ``s² mean(G²) + ε`` instead of scaling G
+  first, the update is formed anew inside each reduction and in the final expression, and
+  the result (new parameters minus old) is one elementwise expression of G, W and small
+  vectors that XLA fuses with `optax.apply_updates`. What XLA then writes out in full is
+  only the new parameters (and a new unfactored second moment): the tests check it.
+  """
+  clip_state = ()
+  rest = list(state)
+  if global_norm_clip:
+    clip_state = (rest.pop(0),)
+  inner = list(rest.pop(0))
+  decay_state = tuple(rest)
+  fstate = inner[0]
+  lr_index = 1 + (clipping_threshold is not None)
+  lr_state = inner[lr_index]
+  ema_index = lr_index + 1 + bool(multiply_by_parameter_scale) if momentum is not None else None
+
+  scale = None  # global-norm clipping factor, None when not clipped
+  if global_norm_clip:
+    norm = optax.tree.norm(grads)
+    scale = jnp.where(norm < global_norm_clip, 1.0, global_norm_clip / norm)
+  beta = 1.0 - jnp.asarray(fstate.count + 1, jnp.float32) ** (-decay_exponent)
+  lr = schedule(lr_state.count)
+  decay_rate = None
+  if weight_decay_exponent:
+    decay_rate = jnp.asarray(schedule(decay_state[0].count)) ** weight_decay_exponent
+
+  leaves, treedef = jax.tree.flatten(grads)
+  p_leaves = treedef.flatten_up_to(params)
+  vr_leaves = treedef.flatten_up_to(fstate.v_row)
+  vc_leaves = treedef.flatten_up_to(fstate.v_col)
+  v_leaves = treedef.flatten_up_to(fstate.v)
+  m_leaves = (treedef.flatten_up_to(inner[ema_index].ema) if ema_index is not None
+              else [None] * len(leaves))
+  out_u, out_vr, out_vc, out_v, out_m = [], [], [], [], []
+  # On a CPU, each reduction reads its own alias of G (one barrier over a tuple: no copy,
+  # and XLA cannot merge the aliases back), and the update is formed separately in each
+  # reduction and in the final expression. Otherwise XLA shares one G², one outer product of
+  # the factors or one 1/sqrt(V) between them and writes it out in full first (each such
+  # array of palm_small's MLP kernels costs ~3 ms more per step). Accelerators fuse sibling
+  # reductions themselves.
+  on_cpu = jax.default_backend() == "cpu"
+  for g, p, vr, vc, v, m in zip(leaves, p_leaves, vr_leaves, vc_leaves, v_leaves, m_leaves):
+    dtype = p.dtype
+    s = None if scale is None else scale.astype(g.dtype)
+    s2 = 1.0 if s is None else jnp.square(s)
+    axes = _factored_axes(p.shape, factored, min_dim_size_to_factor)
+    n_alias = 3 if axes is not None else 1
+    aliases = list(jax.lax.optimization_barrier((g,) * n_alias) if on_cpu else (g,) * n_alias)
+    if axes is not None:
+      col_axis, row_axis = axes
+      # mean(s² G² + ε) over an axis = s² mean(G²) + ε: one reduction of G² per axis.
+      new_vr = beta * vr + (1 - beta) * (
+          s2 * jnp.mean(jnp.square(aliases.pop()), axis=row_axis) + epsilon)
+      new_vc = beta * vc + (1 - beta) * (
+          s2 * jnp.mean(jnp.square(aliases.pop()), axis=col_axis) + epsilon)
+      new_vr, new_vc = new_vr.astype(dtype), new_vc.astype(dtype)
+      reduced = col_axis - 1 if col_axis > row_axis else col_axis
+      row = jnp.expand_dims(
+          jax.lax.rsqrt(new_vr / jnp.mean(new_vr, axis=reduced, keepdims=True)), row_axis)
+      col = jnp.expand_dims(jax.lax.rsqrt(new_vc), col_axis)
+      u = g * row * col
+      # Squares of the small factors, not of their products with G: a YNNPACK reduction
+      # takes the broadcast of a computed vector inline, but writes a bare broadcast out in
+      # full first.
+      sum_u_squared = lambda x: jnp.sum(jnp.square(x) * jnp.square(row) * jnp.square(col))
+      new_v = v
+    else:
+      g_clipped = g if s is None else g * s
+      new_v = (beta * v + (1 - beta) * (jnp.square(g_clipped) + epsilon)).astype(dtype)
+      u = g * jax.lax.rsqrt(new_v)
+      sum_u_squared = lambda x: jnp.sum(jnp.square(x) / new_v)
+      new_vr, new_vc = vr, vc
+    if s is not None:
+      u = u * s
+    if clipping_threshold is not None:
+      rms = jnp.sqrt(sum_u_squared(aliases.pop()) * (s2 / g.size))
+      u = u / jnp.maximum(1.0, rms / clipping_threshold)
+    u = u * jnp.asarray(lr, u.dtype)
+    if multiply_by_parameter_scale:
+      u = u * _rms_at_least(p, 1e-3).astype(u.dtype)
+    if momentum is not None:
+      u = momentum * m + (1 - momentum) * u
+      out_m.append(u)
+    u = -u
+    if decay_rate is not None:
+      u = u - decay_rate.astype(u.dtype) * p.astype(u.dtype)
+    out_u.append(u)
+    out_vr.append(new_vr)
+    out_vc.append(new_vc)
+    out_v.append(new_v)
+
+  unflat = lambda xs: jax.tree.unflatten(treedef, xs)
+  inc = optax.safe_increment
+  inner[0] = fstate._replace(count=inc(fstate.count), v_row=unflat(out_vr),
+                             v_col=unflat(out_vc), v=unflat(out_v))
+  inner[lr_index] = lr_state._replace(count=inc(lr_state.count))
+  if ema_index is not None:
+    ema = inner[ema_index]
+    inner[ema_index] = ema._replace(count=inc(ema.count), ema=unflat(out_m))
+  if decay_state:
+    decay_state = (decay_state[0]._replace(count=inc(decay_state[0].count)),)
+  return unflat(out_u), clip_state + (tuple(inner),) + decay_state
+
+
+def _rms_at_least(x: jax.Array, floor: float) -> jax.Array:
+  """max(RMS(x), floor)."""
+  return jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(x))), floor)
 
 
 def adamw(*, learning_rate: Schedule | float, b1: float = 0.9, b2: float = 0.99,

@@ -138,8 +138,11 @@ def test_fine_tuning_with_other_shapes_names_the_parameter(tmp_path, mesh):
   path = str(tmp_path / "checkpoint_3")
   cfg = ckpt_lib.RestoreCheckpointConfig(path=path)
   # orbax's item metadata gives the saved shapes without reading the arrays.
-  saved = ckpt_lib._metadata_tree(
-      ckpt_lib._manager(tmp_path, read_only=True).item_metadata(3)["params"])
+  manager = ckpt_lib._manager(tmp_path, read_only=True)
+  try:
+    saved = ckpt_lib._metadata_tree(manager.item_metadata(3)["params"])
+  finally:
+    manager.close()  # an open manager's event loop, collected later, warns
   assert tuple(saved["embedding"].shape) == (16, 8)
 
   params, _ = _state(mesh, vocab=32)

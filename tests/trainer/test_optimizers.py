@@ -7,6 +7,7 @@ precision.
 
 import functools
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -159,6 +160,74 @@ def test_adafactor_factors_only_large_matrices_and_optional_settings():
   p = {"x": jnp.asarray([1.0, 2.0])}
   out = _run(bare, p, [{"x": jnp.asarray([-3.0, 0.1])}])
   np.testing.assert_allclose(out["x"], [1.5, 1.5], rtol=1e-6)
+
+
+_ADAFACTOR_SETTINGS = {
+    "palm": {},
+    "unfactored": {"factored": False},
+    "momentum": {"momentum": 0.9},
+    "no_clips_no_scaling_no_decay": {"clipping_threshold": None, "global_norm_clip": None,
+                                     "multiply_by_parameter_scale": False,
+                                     "weight_decay_exponent": None},
+    "small_global_clip": {"global_norm_clip": 0.01, "clipping_threshold": 0.5},
+}
+
+
+@pytest.mark.parametrize("name", sorted(_ADAFACTOR_SETTINGS))
+def test_adafactor_update_equals_the_optax_chain(name):
+  # The fused update against the chain of optax transformations it replaces, over four
+  # steps, on the shapes the model has: stacked matrices factored over their last two axes
+  # (the larger first or last), an embedding-like matrix whose larger axis is the major one,
+  # a stacked 4-D kernel with a short axis (unfactored), vectors and a scalar.
+  shapes = {"mlp": (3, 130, 260), "wo": (3, 260, 130), "emb": (300, 130), "q": (3, 130, 2, 16),
+            "norm": (3, 130), "final": (130,), "s": ()}
+  settings = dict(_ADAFACTOR_SETTINGS[name], learning_rate=lambda step: 0.05 / (1.0 + step))
+  rng = np.random.default_rng(7)
+  params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+  grads_seq = _grads(shapes, 4, seed=3, scale=0.2)
+  grads_seq[2] = jax.tree.map(lambda g: g * 50.0, grads_seq[2])  # clipped step among them
+
+  def run(tx):
+    @jax.jit
+    def go(params, grads_seq):
+      state = tx.init(params)
+      for g in grads_seq:
+        updates, state = tx.update(g, state, params)
+        params = optax.apply_updates(params, updates)
+      return params, state
+    return go(params, grads_seq)
+
+  got = run(optimizers.adafactor(**settings))
+  want = run(optimizers.adafactor_chain(**settings))
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for path, a, b in zip(jax.tree_util.tree_flatten_with_path(got)[0],
+                        jax.tree.leaves(want), jax.tree.leaves(got)):
+    del b
+    np.testing.assert_allclose(path[1], a, rtol=2e-5, atol=1e-7,
+                               err_msg=jax.tree_util.keystr(path[0]))
+  moved = max(float(jnp.max(jnp.abs(got[0][k] - params[k]))) for k in params)
+  assert moved > 1e-3  # the steps did change the parameters
+
+
+def test_adafactor_update_writes_out_only_the_new_parameters_and_moments():
+  # Memory passes, checked in the compiled update of one factored and one unfactored
+  # parameter (as ``train`` compiles it): the only arrays of the parameters' size that the
+  # step writes are the new parameters and, unfactored, the new second moment. A G², an
+  # outer product of the factors or a 1/sqrt(V) written out in full would be another.
+  params = {"w": jnp.ones((4, 256, 512)), "q": jnp.ones((4, 256, 8, 16))}
+  grads = jax.tree.map(lambda p: p * 0.5, params)
+  tx = optimizers.adafactor(learning_rate=0.1, momentum=None)
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  hlo = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile().as_text()
+  for name, want in (("f32[4,256,512]", 1), ("f32[4,256,8,16]", 2)):
+    written = [line for line in hlo.splitlines()
+               if re.match(rf"\s*(ROOT )?%\S+ = {re.escape(name)}\{{[^}}]*\}} fusion\(", line)]
+    assert len(written) == want, (name, written)
 
 
 # ---------------------------------------------------------------- AdamW and clipping

@@ -431,6 +431,12 @@ def masked_softmax(logits: Array, mask: Array, dtype: Any) -> Array:
   where masked): no float32 copy of the probabilities and no select are kept per layer,
   which is most of the memory traffic of attention on a CPU.
 
+  The mask is applied as an additive bias of 0 or -1e10, computed at the mask's own shape and
+  broadcast over the heads (a masked score becomes -1e10 in float32 for any score under
+  512 in size, as with a select). XLA:CPU's softmax (YNNPACK) then reads the scores once,
+  where a select of the full [..., heads, keys] scores was written out first (palm_small's
+  largest block: 2.7 ms instead of 3.8 ms).
+
   Args:
       logits: [..., keys] float32 scores.
       mask: bool, broadcastable to ``logits``; False drops a key.
@@ -439,7 +445,8 @@ def masked_softmax(logits: Array, mask: Array, dtype: Any) -> Array:
   Returns:
       Probabilities shaped like ``logits``, in ``dtype``.
   """
-  return jax.nn.softmax(jnp.where(mask, logits, _MASK_VALUE), axis=-1).astype(dtype)
+  bias = jnp.where(mask, np.float32(0.0), np.float32(_MASK_VALUE))
+  return jax.nn.softmax(logits + bias, axis=-1).astype(dtype)
 
 
 def _masked_softmax_fwd(logits, mask, dtype):

@@ -46,7 +46,9 @@ def main(argv=None) -> int:
   from palmflow.trainer import gin_utils, optimizers
 
   gin.clear_config()
-  gin_utils.parse([f"models/palm_{args.model}.gin"], ["DROPOUT_RATE = 0.0"])
+  # Parameters and optimizer state are float32 whatever the compute dtype.
+  gin_utils.parse([f"models/palm_{args.model}.gin"],
+                  ["DROPOUT_RATE = 0.0", "ACTIVATION_DTYPE = 'float32'"])
   model = gin.query_parameter("%MODEL").scoped_configurable_fn()
   schedule = gin.query_parameter("%LEARNING_RATE").scoped_configurable_fn()
   gin.clear_config()

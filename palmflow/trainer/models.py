@@ -425,17 +425,19 @@ def make_attention_mask(*, batch: int, length: int, segment_ids: Array | None = 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def masked_softmax(logits: Array, mask: Array, dtype: Any) -> Array:
-  """``softmax(where(mask, logits, -1e10))`` over the last axis in float32, as ``dtype``.
+  """``softmax(logits + where(mask, 0, -1e10))`` over the last axis in float32, as ``dtype``.
 
   The backward pass reads only the returned probabilities (``p * (g - sum(p * g))``, zero
   where masked): no float32 copy of the probabilities and no select are kept per layer,
   which is most of the memory traffic of attention on a CPU.
 
   The mask is applied as an additive bias of 0 or -1e10, computed at the mask's own shape and
-  broadcast over the heads (a masked score becomes -1e10 in float32 for any score under
-  512 in size, as with a select). XLA:CPU's softmax (YNNPACK) then reads the scores once,
-  where a select of the full [..., heads, keys] scores was written out first (palm_small's
-  largest block: 2.7 ms instead of 3.8 ms).
+  broadcast over the heads. A masked score becomes -1e10 in float32 for any score under 512
+  in size, as with a select; unlike a select, a masked inf or NaN score still spoils its
+  row, and a row with every key masked (which `make_attention_mask` never makes: the
+  diagonal is always allowed) follows its scores. XLA:CPU's softmax (YNNPACK) then reads
+  the scores once, where a select of the full [..., heads, keys] scores was written out
+  first (palm_small's largest block: 2.7 ms instead of 3.8 ms).
 
   Args:
       logits: [..., keys] float32 scores.

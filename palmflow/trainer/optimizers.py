@@ -120,7 +120,8 @@ def adafactor(*, learning_rate: Schedule | float, factored: bool = True,
   chain = adafactor_chain(**settings)
   settings["schedule"] = _as_schedule(settings.pop("learning_rate"))
 
-  def update(grads, state, params=None):
+  def update(grads, state, params=None, **extra_args):
+    del extra_args  # accepted as optax's chains accept them; Adafactor uses none
     if params is None:
       raise ValueError("adafactor needs the parameters (parameter scaling, weight decay).")
     return _adafactor_update(grads, state, params, **settings)
@@ -176,11 +177,12 @@ def _adafactor_update(grads, state, params, *, schedule, global_norm_clip, decay
   (a global-norm select, the second moments, the update's RMS, the parameters' RMS, the
   learning rate, the decay). On palm_small's 38M parameters (2-core CPU) its update took
   119-146 ms, where one pass ``p - lr * g`` takes 14 ms; this one takes 60-65 ms. Here the
-  clipping factor is folded into the moments as ``s² mean(G²) + ε`` instead of scaling G
-  first, the update is formed anew inside each reduction and in the final expression, and
-  the result (new parameters minus old) is one elementwise expression of G, W and small
-  vectors that XLA fuses with `optax.apply_updates`. What XLA then writes out in full is
-  only the new parameters (and a new unfactored second moment): the tests check it.
+  clipping factor s is applied to the moments' reductions of G² after them (``s (s
+  mean(G²))``) instead of to G before, a factored matrix's update is formed anew inside
+  each reduction and in the final expression, and the result (new parameters minus old)
+  is one elementwise expression of G, W and small vectors that XLA fuses with
+  `optax.apply_updates`. For a factored matrix XLA then writes out nothing of its size but
+  the new parameters (and a momentum, with one); the tests check it.
   """
   clip_state = ()
   rest = list(state)
@@ -211,49 +213,59 @@ def _adafactor_update(grads, state, params, *, schedule, global_norm_clip, decay
   m_leaves = (treedef.flatten_up_to(inner[ema_index].ema) if ema_index is not None
               else [None] * len(leaves))
   out_u, out_vr, out_vc, out_v, out_m = [], [], [], [], []
-  # On a CPU, each reduction reads its own alias of G (one barrier over a tuple: no copy,
-  # and XLA cannot merge the aliases back), and the update is formed separately in each
-  # reduction and in the final expression. Otherwise XLA shares one G², one outer product of
-  # the factors or one 1/sqrt(V) between them and writes it out in full first (each such
-  # array of palm_small's MLP kernels costs ~3 ms more per step). Accelerators fuse sibling
-  # reductions themselves.
+  # On a CPU, each reduction over a factored matrix reads its own alias of G (one barrier
+  # over a tuple: no copy, and XLA cannot merge the aliases back), and the update is formed
+  # separately in each reduction and in the final expression. Otherwise XLA shares one G²
+  # or one outer product of the factors between them and writes it out in full first (each
+  # such array of palm_small's MLP kernels costs ~3 ms more per step). Accelerators fuse
+  # sibling reductions themselves.
   on_cpu = jax.default_backend() == "cpu"
   for g, p, vr, vc, v, m in zip(leaves, p_leaves, vr_leaves, vc_leaves, v_leaves, m_leaves):
     dtype = p.dtype
     s = None if scale is None else scale.astype(g.dtype)
-    s2 = 1.0 if s is None else jnp.square(s)
+    clipped = (lambda x: x) if s is None else (lambda x: x * s)
+
+    def clipped_mean_square(x, axis):
+      """mean((s G)²) over `axis`, as s (s mean(G²)): s stays outside the reduction (XLA
+      would write a broadcast s out in full first), and in that order s² cannot underflow.
+      G² can overflow only where |G| overflows the global norm, which makes s 0."""
+      m = jnp.mean(jnp.square(x), axis=axis)
+      return m if s is None else jnp.where(s > 0, (s * m) * s, 0.0).astype(m.dtype)
+
     axes = _factored_axes(p.shape, factored, min_dim_size_to_factor)
-    n_alias = 3 if axes is not None else 1
-    aliases = list(jax.lax.optimization_barrier((g,) * n_alias) if on_cpu else (g,) * n_alias)
     if axes is not None:
       col_axis, row_axis = axes
-      # mean(s² G² + ε) over an axis = s² mean(G²) + ε: one reduction of G² per axis.
+      aliases = list(jax.lax.optimization_barrier((g,) * 3) if on_cpu else (g,) * 3)
+      # mean((s G)² + ε) over an axis = mean((s G)²) + ε: one reduction per axis.
       new_vr = beta * vr + (1 - beta) * (
-          s2 * jnp.mean(jnp.square(aliases.pop()), axis=row_axis) + epsilon)
+          clipped_mean_square(aliases.pop(), row_axis) + epsilon)
       new_vc = beta * vc + (1 - beta) * (
-          s2 * jnp.mean(jnp.square(aliases.pop()), axis=col_axis) + epsilon)
+          clipped_mean_square(aliases.pop(), col_axis) + epsilon)
       new_vr, new_vc = new_vr.astype(dtype), new_vc.astype(dtype)
       reduced = col_axis - 1 if col_axis > row_axis else col_axis
       row = jnp.expand_dims(
           jax.lax.rsqrt(new_vr / jnp.mean(new_vr, axis=reduced, keepdims=True)), row_axis)
       col = jnp.expand_dims(jax.lax.rsqrt(new_vc), col_axis)
-      u = g * row * col
+      u = clipped(g) * row * col
+      row_s = row if s is None else row * s  # s with a small factor, inside the reduction
       # Squares of the small factors, not of their products with G: a YNNPACK reduction
       # takes the broadcast of a computed vector inline, but writes a bare broadcast out in
       # full first.
-      sum_u_squared = lambda x: jnp.sum(jnp.square(x) * jnp.square(row) * jnp.square(col))
+      g_for_rms = aliases.pop()
+      sum_u_squared = lambda: jnp.sum(
+          jnp.square(g_for_rms * row_s) * jnp.square(col), dtype=jnp.float32)
       new_v = v
     else:
-      g_clipped = g if s is None else g * s
-      new_v = (beta * v + (1 - beta) * (jnp.square(g_clipped) + epsilon)).astype(dtype)
-      u = g * jax.lax.rsqrt(new_v)
-      sum_u_squared = lambda x: jnp.sum(jnp.square(x) / new_v)
+      new_v = (beta * v + (1 - beta) * (jnp.square(clipped(g)) + epsilon)).astype(dtype)
+      u = clipped(g) * jax.lax.rsqrt(new_v)
+      # The RMS of this u itself, which XLA then writes out once. (From an alias, s would
+      # have to be broadcast inside the reduction, which XLA writes out in full too, or
+      # factored out as 1/s², which overflows for tiny s.) Unfactored parameters are small.
+      sum_u_squared = lambda: jnp.sum(jnp.square(u), dtype=jnp.float32)
       new_vr, new_vc = vr, vc
-    if s is not None:
-      u = u * s
-    if clipping_threshold is not None:
-      rms = jnp.sqrt(sum_u_squared(aliases.pop()) * (s2 / g.size))
-      u = u / jnp.maximum(1.0, rms / clipping_threshold)
+    if clipping_threshold is not None:  # the RMS in float32 whatever the parameters' dtype
+      rms = jnp.sqrt(sum_u_squared() / g.size)
+      u = u / jnp.maximum(1.0, rms / clipping_threshold).astype(u.dtype)
     u = u * jnp.asarray(lr, u.dtype)
     if multiply_by_parameter_scale:
       u = u * _rms_at_least(p, 1e-3).astype(u.dtype)
@@ -262,7 +274,7 @@ def _adafactor_update(grads, state, params, *, schedule, global_norm_clip, decay
       out_m.append(u)
     u = -u
     if decay_rate is not None:
-      u = u - decay_rate.astype(u.dtype) * p.astype(u.dtype)
+      u = u - decay_rate * p.astype(u.dtype)  # as the chain: float32 rate, promoted
     out_u.append(u)
     out_vr.append(new_vr)
     out_vc.append(new_vc)

@@ -166,10 +166,14 @@ _ADAFACTOR_SETTINGS = {
     "palm": {},
     "unfactored": {"factored": False},
     "momentum": {"momentum": 0.9},
+    "momentum_no_update_clip_no_scaling": {"momentum": 0.9, "clipping_threshold": None,
+                                           "multiply_by_parameter_scale": False},
     "no_clips_no_scaling_no_decay": {"clipping_threshold": None, "global_norm_clip": None,
                                      "multiply_by_parameter_scale": False,
                                      "weight_decay_exponent": None},
     "small_global_clip": {"global_norm_clip": 0.01, "clipping_threshold": 0.5},
+    "constant_lr": {"learning_rate": 0.03},
+    "under_the_global_clip": {"global_norm_clip": 1e6},
 }
 
 
@@ -181,11 +185,11 @@ def test_adafactor_update_equals_the_optax_chain(name):
   # a stacked 4-D kernel with a short axis (unfactored), vectors and a scalar.
   shapes = {"mlp": (3, 130, 260), "wo": (3, 260, 130), "emb": (300, 130), "q": (3, 130, 2, 16),
             "norm": (3, 130), "final": (130,), "s": ()}
-  settings = dict(_ADAFACTOR_SETTINGS[name], learning_rate=lambda step: 0.05 / (1.0 + step))
+  settings = {"learning_rate": lambda step: 0.05 / (1.0 + step), **_ADAFACTOR_SETTINGS[name]}
   rng = np.random.default_rng(7)
   params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
   grads_seq = _grads(shapes, 4, seed=3, scale=0.2)
-  grads_seq[2] = jax.tree.map(lambda g: g * 50.0, grads_seq[2])  # clipped step among them
+  grads_seq[2] = jax.tree.map(lambda g: g * 50.0, grads_seq[2])  # some updates RMS-clipped
 
   def run(tx):
     @jax.jit
@@ -200,20 +204,53 @@ def test_adafactor_update_equals_the_optax_chain(name):
   got = run(optimizers.adafactor(**settings))
   want = run(optimizers.adafactor_chain(**settings))
   assert jax.tree.structure(got) == jax.tree.structure(want)
-  for path, a, b in zip(jax.tree_util.tree_flatten_with_path(got)[0],
-                        jax.tree.leaves(want), jax.tree.leaves(got)):
-    del b
-    np.testing.assert_allclose(path[1], a, rtol=2e-5, atol=1e-7,
-                               err_msg=jax.tree_util.keystr(path[0]))
+  got_leaves = jax.tree_util.tree_flatten_with_path(got)[0]
+  for (path, got_leaf), want_leaf in zip(got_leaves, jax.tree.leaves(want)):
+    assert got_leaf.dtype == want_leaf.dtype, jax.tree_util.keystr(path)
+    np.testing.assert_allclose(got_leaf, want_leaf, rtol=2e-5, atol=1e-7,
+                               err_msg=jax.tree_util.keystr(path))
   moved = max(float(jnp.max(jnp.abs(got[0][k] - params[k]))) for k in params)
   assert moved > 1e-3  # the steps did change the parameters
 
 
+@pytest.mark.parametrize("magnitude", [1e17, 1e30])
+def test_adafactor_huge_finite_gradients_give_a_clipped_step_not_nan(magnitude):
+  # The global-norm clip scales G by s ~ 1/|G|: s² underflows float32 where s G does not.
+  params = {"w": jnp.ones((128, 128)), "b": jnp.ones((128,))}
+  grads = {"w": jnp.full((128, 128), magnitude), "b": jnp.full((128,), -magnitude)}
+  for tx in (optimizers.adafactor(learning_rate=0.01),
+             optimizers.adafactor_chain(learning_rate=0.01)):
+    updates, _ = tx.update(grads, tx.init(params), params)
+    for k, u in updates.items():
+      assert np.all(np.isfinite(np.asarray(u))), (tx, k)
+  fused = optimizers.adafactor(learning_rate=0.01).update(
+      grads, optimizers.adafactor(learning_rate=0.01).init(params), params)[0]
+  chain = optimizers.adafactor_chain(learning_rate=0.01).update(
+      grads, optimizers.adafactor_chain(learning_rate=0.01).init(params), params)[0]
+  for k in params:
+    np.testing.assert_allclose(fused[k], chain[k], rtol=1e-5, atol=1e-9, err_msg=k)
+
+
+def test_adafactor_bfloat16_parameters_update_like_the_chain():
+  params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(130, 140)), jnp.bfloat16)}
+  grads = {"w": params["w"] * 0.5}
+  schedule = optimizers.create_learning_rate_scheduler(base_learning_rate=0.05,
+                                                       warmup_steps=1)
+  fused_tx = optimizers.adafactor(learning_rate=schedule)
+  chain_tx = optimizers.adafactor_chain(learning_rate=schedule)
+  fused = fused_tx.update(grads, fused_tx.init(params), params)[0]["w"]
+  chain = chain_tx.update(grads, chain_tx.init(params), params)[0]["w"]
+  assert fused.dtype == chain.dtype
+  np.testing.assert_allclose(np.asarray(fused, np.float32), np.asarray(chain, np.float32),
+                             rtol=2e-2, atol=1e-4)
+
+
 def test_adafactor_update_writes_out_only_the_new_parameters_and_moments():
   # Memory passes, checked in the compiled update of one factored and one unfactored
-  # parameter (as ``train`` compiles it): the only arrays of the parameters' size that the
-  # step writes are the new parameters and, unfactored, the new second moment. A G², an
-  # outer product of the factors or a 1/sqrt(V) written out in full would be another.
+  # parameter (as ``train`` compiles it): the only arrays of a factored parameter's size
+  # that the step writes are the new parameters (a G², an outer product of the factors, a
+  # broadcast or the update written out in full would be another); an unfactored one's
+  # step writes its new second moment and its update too.
   params = {"w": jnp.ones((4, 256, 512)), "q": jnp.ones((4, 256, 8, 16))}
   grads = jax.tree.map(lambda p: p * 0.5, params)
   tx = optimizers.adafactor(learning_rate=0.1, momentum=None)
@@ -224,7 +261,7 @@ def test_adafactor_update_writes_out_only_the_new_parameters_and_moments():
 
   state = tx.init(params)
   hlo = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile().as_text()
-  for name, want in (("f32[4,256,512]", 1), ("f32[4,256,8,16]", 2)):
+  for name, want in (("f32[4,256,512]", 1), ("f32[4,256,8,16]", 3)):
     written = [line for line in hlo.splitlines()
                if re.match(rf"\s*(ROOT )?%\S+ = {re.escape(name)}\{{[^}}]*\}} fusion\(", line)]
     assert len(written) == want, (name, written)

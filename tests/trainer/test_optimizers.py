@@ -253,18 +253,19 @@ def test_adafactor_update_writes_out_only_the_new_parameters_and_moments():
   # step writes its new second moment and its update too.
   params = {"w": jnp.ones((4, 256, 512)), "q": jnp.ones((4, 256, 8, 16))}
   grads = jax.tree.map(lambda p: p * 0.5, params)
-  tx = optimizers.adafactor(learning_rate=0.1, momentum=None)
+  for global_norm_clip in (1.0, None):  # with and without a clipping factor s
+    tx = optimizers.adafactor(learning_rate=0.1, global_norm_clip=global_norm_clip)
 
-  def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
+    def step(params, state, grads, tx=tx):
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
 
-  state = tx.init(params)
-  hlo = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile().as_text()
-  for name, want in (("f32[4,256,512]", 1), ("f32[4,256,8,16]", 3)):
-    written = [line for line in hlo.splitlines()
-               if re.match(rf"\s*(ROOT )?%\S+ = {re.escape(name)}\{{[^}}]*\}} fusion\(", line)]
-    assert len(written) == want, (name, written)
+    state = tx.init(params)
+    hlo = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile().as_text()
+    for name, want in (("f32[4,256,512]", 1), ("f32[4,256,8,16]", 3)):
+      written = [line for line in hlo.splitlines() if re.match(
+          rf"\s*(ROOT )?%\S+ = {re.escape(name)}\{{[^}}]*\}} fusion\(", line)]
+      assert len(written) == want, (global_norm_clip, name, written)
 
 
 # ---------------------------------------------------------------- AdamW and clipping

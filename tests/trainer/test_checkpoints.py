@@ -142,7 +142,7 @@ def test_fine_tuning_with_other_shapes_names_the_parameter(tmp_path, mesh):
   try:
     saved = ckpt_lib._metadata_tree(manager.item_metadata(3)["params"])
   finally:
-    manager.close()  # an open manager's event loop, collected later, warns
+    manager.close()  # close what the test opens, as the library does
   assert tuple(saved["embedding"].shape) == (16, 8)
 
   params, _ = _state(mesh, vocab=32)

@@ -22,8 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
-              "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
+from palmflow.stages.common import CPU_MALLOC_ENV  # noqa: E402  (light: no jax)
 
 
 def main(argv=None) -> int:
@@ -32,9 +31,9 @@ def main(argv=None) -> int:
   p.add_argument("--rounds", type=int, default=20)
   p.add_argument("--json", default=None, help="write the results here")
   args = p.parse_args(argv)
-  if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-    # As bench_train.py: without these, every update faults its outputs in afresh.
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+  if any(os.environ.get(k) != v for k, v in CPU_MALLOC_ENV.items()):
+    # As train does: without these, every update faults its outputs in afresh.
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **CPU_MALLOC_ENV})
 
   import flax.linen as nn
   import gin

@@ -298,7 +298,8 @@ def _adafactor_update(grads, state, params, *, schedule, global_norm_clip, decay
 
 
 def _rms_at_least(x: jax.Array, floor: float) -> jax.Array:
-  """max(RMS(x), floor)."""
+  """max(RMS(x), floor): `optax.safe_root_mean_squares`'s value without its gradient-safe
+  select over x, which XLA:CPU writes out in full (a pass per parameter per step)."""
   return jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(x))), floor)
 
 

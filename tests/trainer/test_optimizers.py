@@ -97,16 +97,22 @@ def _adafactor_reference(params, grads_seq, lrs, *, factored_keys=(), clip_norm=
   return p, clipped
 
 
-def _run(tx, params, grads_seq):
-  """Parameters after applying `tx` to each gradient in turn (jitted: one compilation)."""
+def _run_with_state(tx, params, grads_seq):
+  """(parameters, optimizer state) after applying `tx` to each gradient in turn (jitted:
+  one compilation)."""
   @jax.jit
   def run(params, grads_seq):
     state = tx.init(params)
     for g in grads_seq:
       updates, state = tx.update(g, state, params)
       params = optax.apply_updates(params, updates)
-    return params
+    return params, state
   return run(params, grads_seq)
+
+
+def _run(tx, params, grads_seq):
+  """Parameters after applying `tx` to each gradient in turn."""
+  return _run_with_state(tx, params, grads_seq)[0]
 
 
 def _grads(shapes, n, seed=0, scale=3.0):
@@ -191,18 +197,8 @@ def test_adafactor_update_equals_the_optax_chain(name):
   grads_seq = _grads(shapes, 4, seed=3, scale=0.2)
   grads_seq[2] = jax.tree.map(lambda g: g * 50.0, grads_seq[2])  # some updates RMS-clipped
 
-  def run(tx):
-    @jax.jit
-    def go(params, grads_seq):
-      state = tx.init(params)
-      for g in grads_seq:
-        updates, state = tx.update(g, state, params)
-        params = optax.apply_updates(params, updates)
-      return params, state
-    return go(params, grads_seq)
-
-  got = run(optimizers.adafactor(**settings))
-  want = run(optimizers.adafactor_chain(**settings))
+  got = _run_with_state(optimizers.adafactor(**settings), params, grads_seq)
+  want = _run_with_state(optimizers.adafactor_chain(**settings), params, grads_seq)
   assert jax.tree.structure(got) == jax.tree.structure(want)
   got_leaves = jax.tree_util.tree_flatten_with_path(got)[0]
   for (path, got_leaf), want_leaf in zip(got_leaves, jax.tree.leaves(want)):

@@ -300,17 +300,23 @@ def _projected_pass(s: _Projection, hidden, kernel, targets, scaled_weights, wei
     rows = h.shape[0] * h.shape[1]
     h = h.reshape(rows, d).astype(dtype)
     t, sw, w = t.reshape(rows), sw.reshape(rows), w.reshape(rows)
-    logits = _mm(h, k, s.vocab_major) * np.float32(s.scale)          # [rows, vocab]
-    top = jnp.max(logits, axis=-1, keepdims=True)
+    # The scale is applied after the reductions that commute with it (max, sum, the target's
+    # logit), so they read the product's output itself: on a CPU, a reduction over a scaled
+    # copy (or a select of the target) writes that copy out first, a full [rows, vocab]
+    # float32 pass each. The max is the same: rounding is monotonic.
+    scale = np.float32(s.scale)
+    raw = _mm(h, k, s.vocab_major)                                     # [rows, vocab]
+    logits = raw * scale
+    top = jnp.max(raw, axis=-1, keepdims=True) * scale
     e = jnp.exp(logits - top)
     total = jnp.sum(e, axis=-1, keepdims=True)
     log_z = (top + jnp.log(total))[:, 0]
     ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
     is_target = ids == t[:, None]
-    target_logit = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
+    target_logit = jnp.take_along_axis(raw, t[:, None], axis=-1, mode="clip")[:, 0] * scale
     xent = -(conf - low) * (target_logit - log_z) - const
     if low > 0:
-      xent -= low * (jnp.sum(logits, axis=-1) - s.vocab * log_z)
+      xent -= low * (jnp.sum(raw, axis=-1) * scale - s.vocab * log_z)
     z_term = s.z_loss * jnp.square(log_z)
     argmax = _first_argmax(logits, top)
     sums = (jnp.sum(sw * (xent + z_term)), jnp.sum(sw * z_term), jnp.sum(w * xent),

@@ -16,7 +16,7 @@ bf16 x bf16 accumulating in float32). It prints steps/s, ours / handwritten, mod
 speed-up, plus the CPU features that decide the bf16 rate (AMX, AVX512-BF16).
 
 For A/Bs, other variants of our loop run in the same rounds: `--compare_models_at REF`
-(models.py at a git revision), `ours_logits` / `ours_chunkN` (the loss's chunking),
+(models.py and losses.py at a git revision), `ours_logits` / `ours_chunkN` (the loss's chunking),
 `--xla_options` (`ours_xla`: the step compiled with XLA options) and `--gin_variant`
 (`ours_NAME`: the model with extra gin bindings). Rounds alternate their
 order, and each variant's round-by-round median time ratio to `ours` is printed: on a
@@ -67,8 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "materialised logits, as before the chunked projected loss), "
                       "ours_chunkN (ours with the loss N tokens at a time)")
   p.add_argument("--compare_models_at", default=None, metavar="GIT_REF",
-                 help="also run our loop with palmflow/trainer/models.py as of this git "
-                      "revision (e.g. 66925b9, before the CPU speed work)")
+                 help="also run our loop with palmflow/trainer/models.py and losses.py as "
+                      "of this git revision (e.g. 66925b9, before the CPU speed work)")
   p.add_argument("--xla_options", default=None, metavar="NAME=VALUE;...",
                  help="also run our loop compiled with these XLA options (variant 'ours_xla'; "
                       "DebugOptions names, enum values spelled out, e.g. "
@@ -193,20 +193,26 @@ def main(argv=None) -> int:
   partitioner = Partitioner(num_partitions=1)
 
   def models_at(ref: str):
-    """`DecoderOnlyModel` whose module is `PaLMDecoder` from models.py at git revision `ref`."""
+    """`DecoderOnlyModel` whose module is `PaLMDecoder` from models.py at git revision `ref`,
+    and whose loss is losses.py's at `ref`."""
     import importlib.util
     import subprocess
     import tempfile
     from palmflow.trainer import lm
     repo = Path(__file__).resolve().parents[1]
-    source = subprocess.run(["git", "show", f"{ref}:palmflow/trainer/models.py"], cwd=repo,
-                            check=True, capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / f"models_at_{ref}.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(f"models_at_{ref}", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
+    tmp = Path(tempfile.mkdtemp())
+
+    def load(name: str):
+      source = subprocess.run(["git", "show", f"{ref}:palmflow/trainer/{name}.py"], cwd=repo,
+                              check=True, capture_output=True, text=True).stdout
+      path = tmp / f"{name}_at_{ref}.py"
+      path.write_text(source)
+      spec = importlib.util.spec_from_file_location(f"{name}_at_{ref}", path)
+      mod = importlib.util.module_from_spec(spec)
+      sys.modules[spec.name] = mod
+      spec.loader.exec_module(mod)
+      return mod
+    mod, old_losses = load("models"), load("losses")
     fields = set(mod.PaLMConfig.__dataclass_fields__)
 
     class OldModel(lm.DecoderOnlyModel):
@@ -214,6 +220,13 @@ def main(argv=None) -> int:
       def module(self):
         return mod.PaLMDecoder(mod.PaLMConfig(**{
             k: v for k, v in dataclasses.asdict(self.config).items() if k in fields}))
+
+      def loss_fn(self, params, batch, dropout_rng=None):
+        current, lm.losses = lm.losses, old_losses  # only while tracing
+        try:
+          return super().loss_fn(params, batch, dropout_rng)
+        finally:
+          lm.losses = current
     return lambda m: OldModel(**{f.name: getattr(m, f.name)
                                  for f in dataclasses.fields(lm.DecoderOnlyModel)})
 

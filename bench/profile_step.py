@@ -5,7 +5,8 @@ This traces our train step (`train_lib.make_train_step` on one device) with
 a reduction, a copy). XLA runs independent thunks at the same time, so a thunk's wall time
 overstates its cost: each moment's wall time is split evenly among the thunks running then.
 Each thunk is attributed to a part of the model by the Python call stack XLA keeps in its
-HLO metadata (backward ops keep their forward op's stack):
+HLO metadata (backward ops keep their forward op's stack; a fusion of ops from two parts
+goes to the part its own metadata names):
 
   mlp          `models.SwiGLU` (its products, the SwiGLU and its gradient)
   attention    `models.Attention` (projections, rotary, softmax, the attention products)
@@ -142,7 +143,7 @@ def attribute(events: list[dict], index: HloIndex, steps: int) -> dict:
   last = None
   for t, kind, i in points:
     if last is not None and active and t > last:
-      at_once[min(len(active), 2)] += t - last
+      at_once[min(len(active), 2)] += t - last  # 1, or 2 for two or more
       for j in active:
         share[j] += (t - last) / len(active)
     last = t
@@ -159,7 +160,7 @@ def attribute(events: list[dict], index: HloIndex, steps: int) -> dict:
     thunks[name] += seconds / 1e3 / steps
   per_step = 1e3 * steps
   return {"busy_ms": sum(at_once.values()) / per_step,
-          "two_at_once_ms": at_once[2] / per_step,
+          "two_or_more_at_once_ms": at_once[2] / per_step,
           "parts": dict(parts),
           "top_thunks": [(n, ms, index.part(n)) for n, ms in thunks.most_common(15)]}
 
@@ -250,7 +251,8 @@ def main(argv=None) -> int:
 
   print(f"palm_{args.model}, batch {B} x {L}, {args.dtype}: {args.steps} traced steps, "
         f"{result['traced_wall_ms_per_step']:.0f} ms per step (with tracing); thunks busy "
-        f"{result['busy_ms']:.0f} ms, two at once for {result['two_at_once_ms']:.0f} ms")
+        f"{result['busy_ms']:.0f} ms, two or more at once for "
+        f"{result['two_or_more_at_once_ms']:.0f} ms")
   print(f"peak ({args.dtype} 2048^3 product, same process): {peak_before / 1e9:.0f} GFLOP/s "
         f"before, {peak_after / 1e9:.0f} after")
   print("part | products (ms/step) | products GFLOP/s | other work (ms/step)")

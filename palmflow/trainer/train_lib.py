@@ -405,86 +405,88 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
   opt_state = jax.jit(tx.init)(params)
 
   checkpointer = ckpt_lib.Checkpointer(model_dir, checkpoint_cfg)
-  vocab_digest = _vocab_digest(cfg)
-  start_step, params, opt_state, consumed = restore_train_state(
-      checkpointer, params, opt_state, mesh=partitioner.mesh, restore_cfg=restore_cfg,
-      total_steps=total_steps, vocab_digest=vocab_digest)
-  first_step = start_step - consumed  # the step this run's data started at
+  try:  # closed on errors too: an open orbax manager's threads outlive the call
+    vocab_digest = _vocab_digest(cfg)
+    start_step, params, opt_state, consumed = restore_train_state(
+        checkpointer, params, opt_state, mesh=partitioner.mesh, restore_cfg=restore_cfg,
+        total_steps=total_steps, vocab_digest=vocab_digest)
+    first_step = start_step - consumed  # the step this run's data started at
 
-  train_writer = MetricsWriter(model_dir / "train")
-  _truncate_metrics(model_dir / "train" / "metrics.jsonl", start_step)
-  eval_writer = None
-  if train_eval_dataset_cfg is not None:
-    eval_writer = MetricsWriter(model_dir / "training_eval" /
-                                train_eval_dataset_cfg.mixture_or_task_name)
-    _truncate_metrics(eval_writer.dir / "metrics.jsonl", start_step)
+    train_writer = MetricsWriter(model_dir / "train")
+    _truncate_metrics(model_dir / "train" / "metrics.jsonl", start_step)
+    eval_writer = None
+    if train_eval_dataset_cfg is not None:
+      eval_writer = MetricsWriter(model_dir / "training_eval" /
+                                  train_eval_dataset_cfg.mixture_or_task_name)
+      _truncate_metrics(eval_writer.dir / "metrics.jsonl", start_step)
 
-  step_fn = partition_train_step(
-      partitioner, make_train_step(model, tx, num_microbatches=num_microbatches,
-                                   dropout_seed=random_seed, learning_rate_fn=learning_rate_fn),
-      abstract["params"], opt_state)
-  eval_fn = partitioner.partition(make_eval_step(model))
-  ds = data_lib.get_dataset(cfg, shard_index=jax.process_index(),
-                            num_shards=jax.process_count(), skip_batches=consumed)
-  it = ds.as_numpy_iterator()
+    step_fn = partition_train_step(
+        partitioner, make_train_step(model, tx, num_microbatches=num_microbatches,
+                                     dropout_seed=random_seed, learning_rate_fn=learning_rate_fn),
+        abstract["params"], opt_state)
+    eval_fn = partitioner.partition(make_eval_step(model))
+    ds = data_lib.get_dataset(cfg, shard_index=jax.process_index(),
+                              num_shards=jax.process_count(), skip_batches=consumed)
+    it = ds.as_numpy_iterator()
 
-  def run_eval(step, params):
-    if train_eval_dataset_cfg is None:
-      return {}
-    eds = data_lib.get_dataset(train_eval_dataset_cfg, shard_index=jax.process_index(),
-                               num_shards=jax.process_count(), num_epochs=1)
-    m = evaluate_loss(eval_fn, params, eds, partitioner, max_batches=eval_steps)
-    eval_writer.write(step, m)
-    log.info("eval step %d: %s", step, format_metrics(m))
-    return m
+    def run_eval(step, params):
+      if train_eval_dataset_cfg is None:
+        return {}
+      eds = data_lib.get_dataset(train_eval_dataset_cfg, shard_index=jax.process_index(),
+                                 num_shards=jax.process_count(), num_epochs=1)
+      m = evaluate_loss(eval_fn, params, eds, partitioner, max_batches=eval_steps)
+      eval_writer.write(step, m)
+      log.info("eval step %d: %s", step, format_metrics(m))
+      return m
 
-  def save(step):
-    checkpointer.save(step, params, opt_state,
-                      {"step": step, "data_batches_consumed": step - first_step,
-                       "mixture_or_task_name": cfg.mixture_or_task_name,
-                       "vocab_sha256": vocab_digest})
+    def save(step):
+      checkpointer.save(step, params, opt_state,
+                        {"step": step, "data_batches_consumed": step - first_step,
+                         "mixture_or_task_name": cfg.mixture_or_task_name,
+                         "vocab_sha256": vocab_digest})
 
-  step = start_step
-  last_train, last_eval = {}, {}
-  progress = Progress(start=start_step, total=total_steps, every=log_every, desc="train")
-  tokens_per_batch = cfg.batch_size * length
-  t_last, ran = time.time(), 0
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  flops_per_token = model_flops_per_token(model.config, num_params=n_params, length=length)
-  if start_step == 0 and total_steps > 0 and train_eval_dataset_cfg is not None:
-    last_eval = run_eval(0, params)
-  while step < total_steps:
-    batch = partitioner.shard_batch(next(it))
-    params, opt_state, metrics = step_fn(params, opt_state, batch, jnp.asarray(step))
-    step += 1
-    ran += 1
-    if step % log_every == 0 or step == total_steps:
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      now = time.time()
-      steps_done = log_every if step % log_every == 0 else (step - start_step) % log_every
-      dt = max(now - t_last, 1e-9)
-      metrics["steps_per_second"] = steps_done / dt
-      metrics["tokens_per_second"] = steps_done * tokens_per_batch / dt
-      metrics["model_flops_per_second"] = flops_per_token * metrics["tokens_per_second"]
-      if peak_flops_per_second:
-        metrics["mfu"] = metrics["model_flops_per_second"] / (
-            peak_flops_per_second * partitioner.mesh.devices.size)
-      t_last = now
-      train_writer.write(step, metrics)
-      last_train = metrics
-      progress.update(step, {k: metrics[k] for k in ("loss", "accuracy")})
-    else:
-      progress.update(step, {})
-    if step % eval_period == 0 or step == total_steps:
-      last_eval = run_eval(step, params) or last_eval
-    periodic = step % checkpoint_cfg.period == 0 or step == total_steps
-    if periodic:
-      save(step)
-    if stop_after_steps is not None and ran >= stop_after_steps:
-      if not periodic:
+    step = start_step
+    last_train, last_eval = {}, {}
+    progress = Progress(start=start_step, total=total_steps, every=log_every, desc="train")
+    tokens_per_batch = cfg.batch_size * length
+    t_last, ran = time.time(), 0
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    flops_per_token = model_flops_per_token(model.config, num_params=n_params, length=length)
+    if start_step == 0 and total_steps > 0 and train_eval_dataset_cfg is not None:
+      last_eval = run_eval(0, params)
+    while step < total_steps:
+      batch = partitioner.shard_batch(next(it))
+      params, opt_state, metrics = step_fn(params, opt_state, batch, jnp.asarray(step))
+      step += 1
+      ran += 1
+      if step % log_every == 0 or step == total_steps:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.time()
+        steps_done = log_every if step % log_every == 0 else (step - start_step) % log_every
+        dt = max(now - t_last, 1e-9)
+        metrics["steps_per_second"] = steps_done / dt
+        metrics["tokens_per_second"] = steps_done * tokens_per_batch / dt
+        metrics["model_flops_per_second"] = flops_per_token * metrics["tokens_per_second"]
+        if peak_flops_per_second:
+          metrics["mfu"] = metrics["model_flops_per_second"] / (
+              peak_flops_per_second * partitioner.mesh.devices.size)
+        t_last = now
+        train_writer.write(step, metrics)
+        last_train = metrics
+        progress.update(step, {k: metrics[k] for k in ("loss", "accuracy")})
+      else:
+        progress.update(step, {})
+      if step % eval_period == 0 or step == total_steps:
+        last_eval = run_eval(step, params) or last_eval
+      periodic = step % checkpoint_cfg.period == 0 or step == total_steps
+      if periodic:
         save(step)
-      break
-  progress.close()
-  checkpointer.close()
-  return {"step": step, "train": last_train, "eval": last_eval,
-          "num_params": n_params, "param_partition_specs": _partition_specs(params)}
+      if stop_after_steps is not None and ran >= stop_after_steps:
+        if not periodic:
+          save(step)
+        break
+    progress.close()
+    return {"step": step, "train": last_train, "eval": last_eval,
+            "num_params": n_params, "param_partition_specs": _partition_specs(params)}
+  finally:
+    checkpointer.close()

@@ -168,7 +168,8 @@ def test_fine_tuning_with_other_shapes_names_the_parameter(tmp_path, mesh):
                                            wi_gate=params["layers"]["mlp"]["wi"])})
   with pytest.raises(ConfigError, match="parameter layers/mlp/wi_gate of the model is not"):
     ckpt_lib.restore_initial(cfg, _abstract(extra), None)
-  fewer = {"embedding": params["embedding"], "layers": {"mlp": {"wi": params["layers"]["mlp"]["wi"]}}}
+  fewer = {"embedding": params["embedding"],
+           "layers": {"mlp": {"wi": params["layers"]["mlp"]["wi"]}}}
   with pytest.raises(ConfigError, match="checkpoint parameter layers/mlp/wo is not in the model"):
     ckpt_lib.restore_initial(cfg, _abstract(fewer), None)
 

@@ -46,9 +46,6 @@ def _flat(tree, prefix=""):
   return {prefix.rstrip("/"): tree}
 
 
-# The rerun restores a truncated checkpoint first: see test_checkpoints.ORBAX_FAILED_RESTORE.
-@pytest.mark.filterwarnings(r"ignore:(?s)Exception ignored in.*Event loop is closed"
-                            r":pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.slow  # two training processes and a resumed run: ~40 s of CPU on 2 cores
 def test_killed_run_resumes_to_the_uninterrupted_parameters(tmp_path, caplog):
   task_json = make_task(tmp_path / "data", TASK)

@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from palmflow.stages.common import CPU_MALLOC_ENV  # noqa: E402  (light: no jax)
+import benchlib
 
 
 def main(argv=None) -> int:
@@ -31,26 +29,19 @@ def main(argv=None) -> int:
   p.add_argument("--rounds", type=int, default=20)
   p.add_argument("--json", default=None, help="write the results here")
   args = p.parse_args(argv)
-  if any(os.environ.get(k) != v for k, v in CPU_MALLOC_ENV.items()):
-    # As train does: without these, every update faults its outputs in afresh.
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **CPU_MALLOC_ENV})
+  benchlib.reexec_with_cpu_malloc()
 
   import flax.linen as nn
-  import gin
   import jax
   import jax.numpy as jnp
   import numpy as np
   import optax
 
-  from palmflow.trainer import gin_utils, optimizers
+  from palmflow.trainer import optimizers
 
-  gin.clear_config()
   # Parameters and optimizer state are float32 whatever the compute dtype.
-  gin_utils.parse([f"models/palm_{args.model}.gin"],
-                  ["DROPOUT_RATE = 0.0", "ACTIVATION_DTYPE = 'float32'"])
-  model = gin.query_parameter("%MODEL").scoped_configurable_fn()
-  schedule = gin.query_parameter("%LEARNING_RATE").scoped_configurable_fn()
-  gin.clear_config()
+  model, schedule = benchlib.gin_model(
+      args.model, ["DROPOUT_RATE = 0.0", "ACTIVATION_DTYPE = 'float32'"])
   params = jax.jit(lambda k: nn.unbox(model.module.init(
       k, jnp.zeros((1, 16), jnp.int32)))["params"])(jax.random.PRNGKey(0))
   n_params = sum(x.size for x in jax.tree.leaves(params))

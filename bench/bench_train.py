@@ -44,8 +44,9 @@ import sys
 import time
 from pathlib import Path
 
-MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
-              "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
+import benchlib
+
+MALLOC_ENV = benchlib.CPU_MALLOC_ENV  # what `train` runs with on a CPU
 CPU_FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512f", "avx512_vnni",
              "avx2", "fma")
 
@@ -145,13 +146,12 @@ def main(argv=None) -> int:
   import functools
 
   import flax.linen as nn
-  import gin
   import jax
   import jax.numpy as jnp
   import numpy as np
   import optax
 
-  from palmflow.trainer import gin_utils, train_lib
+  from palmflow.trainer import train_lib
   from palmflow.trainer.partitioning import Partitioner
 
   feats = cpu_features()
@@ -171,24 +171,10 @@ def main(argv=None) -> int:
     bindings = ["DROPOUT_RATE = 0.0", f"ACTIVATION_DTYPE = '{dtype}'"]
     if args.vocab_size:
       bindings.append(f"VOCAB_SIZE = {args.vocab_size}")
-    gin.clear_config()
-    gin_utils.parse([f"models/palm_{args.model}.gin"], bindings + list(extra_bindings))
-    model = gin.query_parameter("%MODEL").scoped_configurable_fn()
-    schedule = gin.query_parameter("%LEARNING_RATE").scoped_configurable_fn()
-    gin.clear_config()
-    return model, schedule
+    return benchlib.gin_model(args.model, bindings + list(extra_bindings))
 
   def host_batches(vocab: int, n: int = 4):
-    out = []
-    for _ in range(n):
-      out.append({
-          "decoder_input_tokens": rng.integers(1, vocab, (B, L), dtype=np.int32),
-          "decoder_target_tokens": rng.integers(1, vocab, (B, L), dtype=np.int32),
-          "decoder_loss_weights": np.ones((B, L), np.int32),
-          "decoder_segment_ids": np.ones((B, L), np.int32),
-          "decoder_positions": np.tile(np.arange(L, dtype=np.int32), (B, 1)),
-      })
-    return out
+    return [benchlib.random_batch(rng, vocab, B, L) for _ in range(n)]
 
   partitioner = Partitioner(num_partitions=1)
 

@@ -39,8 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from palmflow.stages.common import CPU_MALLOC_ENV  # noqa: E402  (light: no jax)
+import benchlib
 
 # (part, a function name in the call stack, or a file path fragment), innermost frame first.
 PARTS = (("mlp", "SwiGLU.__call__"), ("attention", "Attention.__call__"),
@@ -174,32 +173,19 @@ def main(argv=None) -> int:
   p.add_argument("--steps", type=int, default=2, help="traced steps (after 2 warm-up steps)")
   p.add_argument("--json", default=None, help="write the results here")
   args = p.parse_args(argv)
-  if any(os.environ.get(k) != v for k, v in CPU_MALLOC_ENV.items()):
-    # As train does: without these, every step faults its activations in afresh.
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **CPU_MALLOC_ENV})
+  benchlib.reexec_with_cpu_malloc()
 
-  import gin
   import jax
   import jax.numpy as jnp
   import numpy as np
 
-  from palmflow.trainer import gin_utils, train_lib
+  from palmflow.trainer import train_lib
   from palmflow.trainer.partitioning import Partitioner
 
-  gin.clear_config()
-  gin_utils.parse([f"models/palm_{args.model}.gin"],
-                  ["DROPOUT_RATE = 0.0", f"ACTIVATION_DTYPE = '{args.dtype}'"])
-  model = gin.query_parameter("%MODEL").scoped_configurable_fn()
-  schedule = gin.query_parameter("%LEARNING_RATE").scoped_configurable_fn()
-  gin.clear_config()
+  model, schedule = benchlib.gin_model(
+      args.model, ["DROPOUT_RATE = 0.0", f"ACTIVATION_DTYPE = '{args.dtype}'"])
   B, L = args.batch, args.length
-  vocab = model.config.vocab_size
-  rng = np.random.default_rng(0)
-  batch = {"decoder_input_tokens": rng.integers(1, vocab, (B, L), dtype=np.int32),
-           "decoder_target_tokens": rng.integers(1, vocab, (B, L), dtype=np.int32),
-           "decoder_loss_weights": np.ones((B, L), np.int32),
-           "decoder_segment_ids": np.ones((B, L), np.int32),
-           "decoder_positions": np.tile(np.arange(L, dtype=np.int32), (B, 1))}
+  batch = benchlib.random_batch(np.random.default_rng(0), model.config.vocab_size, B, L)
   partitioner = Partitioner(num_partitions=1, devices=jax.devices()[:1])  # one device
   variables, _ = partitioner.sharded_init(
       functools.partial(model.init, batch_size=1, length=L), jax.random.PRNGKey(0))

@@ -17,6 +17,7 @@ speed-up, plus the CPU features that decide the bf16 rate (AMX, AVX512-BF16).
 
 For A/Bs, other variants of our loop run in the same rounds: `--compare_models_at REF`
 (models.py and losses.py at a git revision), `ours_logits` / `ours_chunkN` (the loss's chunking),
+`ours_mbN` (gradient accumulation over N microbatches, as `train(num_microbatches=N)`),
 `--xla_options` (`ours_xla`: the step compiled with XLA options) and `--gin_variant`
 (`ours_NAME`: the model with extra gin bindings). Rounds alternate their
 order, and each variant's round-by-round median time ratio to `ours` is printed: on a
@@ -66,7 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--variants", default="ours,handwritten",
                  help="ours, handwritten, ours_logits (ours with the loss over the whole "
                       "materialised logits, as before the chunked projected loss), "
-                      "ours_chunkN (ours with the loss N tokens at a time)")
+                      "ours_chunkN (ours with the loss N tokens at a time), ours_mbN (ours "
+                      "with gradient accumulation over N microbatches: num_microbatches)")
   p.add_argument("--compare_models_at", default=None, metavar="GIT_REF",
                  help="also run our loop with palmflow/trainer/models.py and losses.py as "
                       "of this git revision (e.g. 66925b9, before the CPU speed work)")
@@ -218,7 +220,7 @@ def main(argv=None) -> int:
 
   old_model = models_at(args.compare_models_at) if args.compare_models_at else None
 
-  def make_ours(model, schedule, batches, compiler_options=None):
+  def make_ours(model, schedule, batches, compiler_options=None, microbatches=1):
     """`train_lib.train`'s step function and feeding, without data loading and checkpoints."""
     init_fn = functools.partial(model.init, batch_size=1, length=L)
     variables, abstract = partitioner.sharded_init(init_fn, jax.random.PRNGKey(0))
@@ -226,7 +228,7 @@ def main(argv=None) -> int:
     tx = model.optimizer
     opt_state = train_lib.place_on_mesh(jax.jit(tx.init)(params), partitioner.mesh)
     step_fn = train_lib.partition_train_step(
-        partitioner, train_lib.make_train_step(model, tx, num_microbatches=1, dropout_seed=0,
+        partitioner, train_lib.make_train_step(model, tx, num_microbatches=microbatches, dropout_seed=0,
                                                learning_rate_fn=schedule),
         abstract["params"], opt_state, compiler_options=compiler_options)
     state = {"params": params, "opt": opt_state, "step": 0}
@@ -312,6 +314,13 @@ def main(argv=None) -> int:
     gin_variants[name] = tuple(b.strip() for b in text.split(";") if b.strip())
   dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
   variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+  for v in variants:
+    n = re.fullmatch(r"ours_(?:chunk|mb)(\d+)", v)
+    if v not in ("ours", "handwritten", "ours_logits") and not (n and int(n.group(1)) > 0):
+      raise SystemExit(f"--variants: unknown variant {v!r} (see --help)")
+    if v.startswith("ours_mb") and B % int(n.group(1)):
+      raise SystemExit(f"--variants {v}: --batch {B} is not divisible into {n.group(1)} "
+                       "microbatches")
   runners, flops_per_step, peaks = {}, {}, {}
   for dtype in dtypes:
     model, schedule = load_model(dtype)
@@ -326,6 +335,9 @@ def main(argv=None) -> int:
         chunk = -1 if v == "ours_logits" else int(v[len("ours_chunk"):])
         runners[(dtype, v)], _ = make_ours(
             dataclasses.replace(model, loss_chunk_tokens=chunk), schedule, batches)
+      elif v.startswith("ours_mb"):  # gradient accumulation over N microbatches
+        runners[(dtype, v)], _ = make_ours(model, schedule, batches,
+                                           microbatches=int(v[len("ours_mb"):]))
     if xla_options:
       runners[(dtype, "ours_xla")], _ = make_ours(model, schedule, batches, xla_options)
     for name, extra in gin_variants.items():

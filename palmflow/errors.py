@@ -8,8 +8,13 @@ class PalmflowError(Exception):
   exit_code = 1
 
 
-class ConfigError(PalmflowError):
-  """A pipeline file, gin file or flag is invalid; nothing has run yet."""
+class ConfigError(PalmflowError, ValueError):
+  """A pipeline file, gin file or flag is invalid; nothing has run yet.
+
+  Also a `ValueError`, so that library callers that catch invalid arguments as such keep
+  working where a setting is checked deep inside a gin-configured call (a mesh that does not
+  fit the devices, a batch that does not split into microbatches).
+  """
 
   exit_code = 2
 

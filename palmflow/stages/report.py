@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
+import logging
 from pathlib import Path
 
 from palmflow.dag.kinds import Slot, StageKind, register, setting
@@ -19,9 +20,24 @@ class ReportSettings:
 
 
 def _read_jsonl(p: Path) -> list[dict]:
+  """The records of a metrics.jsonl; a line that is not a JSON object is skipped with a
+  warning (a run killed while appending leaves a partial last line)."""
   if not p.exists():
     return []
-  return [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
+  out = []
+  for number, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except ValueError:
+      record = None
+    if not isinstance(record, dict):
+      logging.getLogger("palmflow.report").warning(
+          "%s:%d: skipping a line that is not a JSON object", p, number)
+      continue
+    out.append(record)
+  return out
 
 
 def draw_dag(stages: dict, edges: list[tuple[str, str]], path: Path) -> None:

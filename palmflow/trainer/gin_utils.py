@@ -133,8 +133,51 @@ def _quiet_include_probes():
     root.removeFilter(probe_filter)
 
 
-def parse(files: Sequence[str], bindings: Sequence[str], search: str = "") -> None:
-  """Parses gin files then bindings (after checking macro overrides), with clear errors."""
+def _is_required(value, depth: int = 0) -> bool:
+  """Whether a macro's value is `%gin.REQUIRED`, directly or through other macros."""
+  if not isinstance(value, gin.config.ConfigurableReference) or depth > 50:
+    return False
+  if value.scoped_selector == "gin.REQUIRED/gin.constant":
+    return True
+  if value.selector == "gin.macro":
+    return _is_required(gin.query_parameter(f"%{value.scopes[-1]}"), depth + 1)
+  return False
+
+
+def check_required_macros(texts: dict[str, str]) -> None:
+  """Raises ConfigError naming every macro still bound to `%gin.REQUIRED` after parsing.
+
+  Gin reports an unset `%gin.REQUIRED` only when the configuration is finalized; these
+  binaries parse without finalizing (so that tests and stages can add bindings), so it is
+  checked here, before anything runs: a missing MODEL_DIR or TRAIN_STEPS would otherwise
+  surface as a type error deep inside the run.
+  """
+  missing = []
+  for name in sorted(set(_MACRO_DEF.findall("\n".join(texts.values())))):
+    try:
+      value = gin.query_parameter(f"%{name}")
+    except ValueError:
+      continue
+    if _is_required(value):
+      missing.append(name)
+  if missing:
+    where = [Path(p).name for p, t in texts.items()
+             if re.search(rf"^{re.escape(missing[0])}\s*=\s*%gin\.REQUIRED", t, re.M)]
+    raise ConfigError(
+        f"required setting{'s' if len(missing) > 1 else ''} not given: {', '.join(missing)}",
+        field=f"--gin.{missing[0]}",
+        hint=(" ".join(f"--gin.{m}=..." for m in missing)
+              + (f" (see the 'Required' header of {where[0]})" if where else "")))
+
+
+def parse(files: Sequence[str], bindings: Sequence[str], search: str = "", *,
+          check_required: bool = False) -> None:
+  """Parses gin files then bindings (after checking macro overrides), with clear errors.
+
+  Raises ConfigError for a missing file, a macro override that no file uses, a binding gin
+  rejects, or (with `check_required`, as the binaries do) a `%gin.REQUIRED` macro left
+  unset; code that takes only parts of a run's configuration (a model, a partitioner)
+  parses without that check."""
   paths = search_paths(search)
   texts = gin_texts(files, paths)
   check_macro_overrides(bindings, texts)
@@ -149,6 +192,8 @@ def parse(files: Sequence[str], bindings: Sequence[str], search: str = "") -> No
     raise ConfigError(f"gin configuration error: {e}", field="--gin_file/--gin_bindings",
                       hint="check the binding's name against the gin files' configurables"
                       ) from None
+  if check_required:
+    check_required_macros(texts)
 
 
 def parse_flags(argv: Sequence[str], description: str) -> argparse.Namespace:
@@ -192,7 +237,9 @@ def run_main(argv: list[str], *, name: str, doc: str, fn_path: str, output_macro
   parses gin, writes `config.gin` to the output directory (the `output_macro` value), calls
   the gin-configured library function `fn_path` ("module:function") and writes its JSON
   result to `result_file` there (process 0 only). Errors a person can act on print one line
-  and return their exit code.
+  and return their exit code: palmflow's own errors, and a `ValueError` (how the library and
+  its dependencies reject a setting, e.g. a model dimension or a schedule name), which
+  prints where it was raised and exits 2; PALMFLOW_TRACEBACK=1 re-raises it instead.
   """
   import importlib
   import json
@@ -205,7 +252,7 @@ def run_main(argv: list[str], *, name: str, doc: str, fn_path: str, output_macro
   try:
     args = parse_flags(argv[1:], doc)
     setup_runtime(args)
-    parse(args.gin_file, args.gin_bindings, args.gin_search_paths)
+    parse(args.gin_file, args.gin_bindings, args.gin_search_paths, check_required=True)
     module, func = fn_path.split(":")
     configured = gin.get_configurable(getattr(importlib.import_module(module), func))
     out = Path(gin.query_parameter(f"%{output_macro}"))
@@ -220,4 +267,12 @@ def run_main(argv: list[str], *, name: str, doc: str, fn_path: str, output_macro
   except PalmflowError as e:
     print(f"palmflow {name}: error: {e}", file=sys.stderr)
     return e.exit_code
+  except ValueError as e:
+    if os.environ.get("PALMFLOW_TRACEBACK"):
+      raise
+    import traceback
+    frame = traceback.extract_tb(e.__traceback__)[-1]
+    print(f"palmflow {name}: error: {e}\n  raised at {frame.filename}:{frame.lineno} "
+          f"(PALMFLOW_TRACEBACK=1 shows the whole traceback)", file=sys.stderr)
+    return 2
   return 0

@@ -27,6 +27,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from palmflow.errors import ConfigError
+
 LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 MESH_AXES = ("data", "model")
@@ -125,27 +127,32 @@ class Partitioner:
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
     if num_partitions is not None and mesh_shape is not None:
-      raise ValueError("Give num_partitions or mesh_shape, not both.")
+      raise ConfigError("give num_partitions or mesh_shape, not both",
+                        field="Partitioner.num_partitions / mesh_shape",
+                        hint="set NUM_PARTITIONS or MESH_SHAPE, and the other to None")
     if mesh_shape is None:
       num_partitions = 1 if num_partitions is None else num_partitions
       if num_partitions == -1:
         num_partitions = n
       if num_partitions < 1 or n % num_partitions:
-        raise ValueError(
-            f"num_partitions={num_partitions} must divide the number of devices ({n}).")
+        raise ConfigError(
+            f"num_partitions={num_partitions} must divide the number of devices ({n})",
+            field="Partitioner.num_partitions (NUM_PARTITIONS)")
       mesh_shape = (n // num_partitions, num_partitions)
     mesh_shape = tuple(int(s) for s in mesh_shape)
     if len(mesh_shape) != 2 or math.prod(mesh_shape) != n or min(mesh_shape) < 1:
-      raise ValueError(
+      raise ConfigError(
           f"mesh_shape={mesh_shape} must be (data, model) with data * model == {n} "
-          f"devices; e.g. ({n}, 1) for data parallelism or (1, {n}) for model parallelism.")
+          f"devices", field="Partitioner.mesh_shape (MESH_SHAPE)",
+          hint=f"e.g. ({n}, 1) for data parallelism or (1, {n}) for model parallelism")
     for logical, mesh_axes in logical_axis_rules:
       named = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
       for axis in named:
         if axis not in MESH_AXES:
-          raise ValueError(
-              f"Logical axis rule ({logical!r}, {mesh_axes!r}) names mesh axis "
-              f"{axis!r}; the mesh axes are {MESH_AXES}.")
+          raise ConfigError(
+              f"logical axis rule ({logical!r}, {mesh_axes!r}) names mesh axis "
+              f"{axis!r}; the mesh axes are {MESH_AXES}",
+              field="Partitioner.logical_axis_rules")
     self._rules: LogicalRules = tuple((k, v) for k, v in logical_axis_rules)
     self._mesh = Mesh(self._device_grid(devices, mesh_shape), MESH_AXES)
 
@@ -231,12 +238,13 @@ class Partitioner:
       for dim, (size, name, axes) in enumerate(zip(shape, names, mesh_axes)):
         shards = _axis_size(self._mesh, axes)
         if size % shards:
-          raise ValueError(
-              f"Parameter {_format_path(path)} {tuple(shape)}: dimension {dim} "
+          raise ConfigError(
+              f"parameter {_format_path(path)} {tuple(shape)}: dimension {dim} "
               f"(logical {name!r}, size {size}) cannot be split over mesh axis "
-              f"{axes!r} of size {shards} (mesh {_format_mesh(self._mesh)}). Choose a "
-              f"mesh whose {axes!r} size divides {size}, or map {name!r} to None in "
-              f"the logical axis rules.")
+              f"{axes!r} of size {shards} (mesh {_format_mesh(self._mesh)})",
+              field="Partitioner.mesh_shape / logical_axis_rules",
+              hint=f"choose a mesh whose {axes!r} size divides {size}, or map {name!r} to "
+              "None in the logical axis rules")
     return self.logical_to_mesh_sharding(nn.get_partition_spec(abstract_boxed_params))
 
   def data_sharding(self, ndim: int = 1) -> NamedSharding:
@@ -272,10 +280,10 @@ class Partitioner:
       shards = _axis_size(self._mesh, sharding.spec[0] if x.ndim else None)
       local = max(1, shards // jax.process_count())
       if x.ndim == 0 or x.shape[0] % local:
-        raise ValueError(
-            f"A batch array of shape {x.shape} cannot be split over {local} local "
-            f"shards of the mesh {dict(self._mesh.shape)}; make the per-process batch "
-            f"size a multiple of {local}.")
+        raise ConfigError(
+            f"a batch array of shape {x.shape} cannot be split over {local} local "
+            f"shards of the mesh {dict(self._mesh.shape)}", field="BATCH_SIZE",
+            hint=f"make the per-process batch size a multiple of {local}")
       return jax.make_array_from_process_local_data(sharding, x)
     return jax.tree.map(place, batch)
 
@@ -446,5 +454,6 @@ def logical_axis_rules(name: str = "standard") -> LogicalRules:
       ValueError: for an unknown name.
   """
   if name not in RULE_SETS:
-    raise ValueError(f"Unknown logical axis rule set {name!r}; known: {sorted(RULE_SETS)}.")
+    raise ConfigError(f"unknown logical axis rule set {name!r}; known: {sorted(RULE_SETS)}",
+                      field="partitioning.logical_axis_rules.name")
   return RULE_SETS[name]

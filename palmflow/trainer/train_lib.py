@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from palmflow.errors import ConfigError
 from palmflow.trainer import checkpoints as ckpt_lib
 from palmflow.trainer import data as data_lib
 from palmflow.trainer import precision as precision_lib
@@ -59,12 +60,28 @@ class MetricsWriter:
 
 
 def _truncate_metrics(path: Path, max_step: int) -> None:
-  """Drops logged lines after `max_step` (a resumed run re-logs those steps)."""
+  """Drops logged lines after `max_step` (a resumed run re-logs those steps).
+
+  A line that is not a whole JSON record (the run was killed while appending it) is dropped
+  with a warning. The file is replaced atomically.
+  """
   if not path.exists():
     return
-  keep = [l for l in path.read_text().splitlines()
-          if l.strip() and json.loads(l)["step"] <= max_step]
-  path.write_text("".join(l + "\n" for l in keep))
+  keep = []
+  for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+      log.warning("%s:%d: dropping a partly written metrics line (the run was interrupted "
+                  "while writing it)", path, number)
+      continue
+    if step <= max_step:
+      keep.append(line)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text("".join(l + "\n" for l in keep), encoding="utf-8")
+  tmp.replace(path)
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -383,7 +400,13 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
      "param_partition_specs": {parameter path: mesh axes of the trained array}}.
   """
   if model.optimizer is None:
-    raise ValueError("the model has no optimizer; bind OPTIMIZER in the model gin file")
+    raise ConfigError("the model has no optimizer", field="OPTIMIZER",
+                      hint="bind OPTIMIZER in the model gin file (see gin/models/palm_base.gin)")
+  for name, value, macro in (("num_microbatches", num_microbatches, "NUM_MICROBATCHES"),
+                             ("eval_period", eval_period, "EVAL_PERIOD"),
+                             ("log_every", log_every, "LOG_EVERY")):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+      raise ConfigError(f"train.{name} must be an int >= 1, got {value!r}", field=macro)
   model_dir = Path(model_dir)
   model_dir.mkdir(parents=True, exist_ok=True)
   policy = precision or precision_lib.PrecisionPolicy(compute_dtype=model.config.dtype)
@@ -395,8 +418,9 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
   cfg = train_dataset_cfg
   length = sum(cfg.task_feature_lengths.values())
   if num_microbatches > 1 and cfg.batch_size % num_microbatches:
-    raise ValueError(f"BATCH_SIZE {cfg.batch_size} is not divisible by num_microbatches "
-                     f"{num_microbatches}")
+    raise ConfigError(f"BATCH_SIZE {cfg.batch_size} is not divisible by NUM_MICROBATCHES "
+                      f"{num_microbatches}", field="NUM_MICROBATCHES",
+                      hint="choose a number of microbatches that divides BATCH_SIZE")
 
   init_fn = functools.partial(model.init, batch_size=1, length=length)
   variables, abstract = partitioner.sharded_init(init_fn, jax.random.PRNGKey(random_seed))

@@ -134,6 +134,42 @@ def test_misspelt_macro_exits_2_naming_the_closest(tmp_path):
   assert not list(tmp_path.iterdir())                # nothing ran
 
 
+def test_missing_required_settings_exit_2_naming_them(tmp_path, capsys):
+  """A `%gin.REQUIRED` macro left unset is named before anything runs (gin itself would
+  report it only on finalizing, which the binaries do not do)."""
+  rc = run_binary("train", ["--gin_file=runs/pretrain.gin", "--gin_file=models/palm_tiny.gin",
+                            f"--gin.MODEL_DIR='{tmp_path / 'run'}'", "--gin.TRAIN_STEPS=5"])
+  err = capsys.readouterr().err
+  assert rc == 2, err
+  assert ("required settings not given: MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS"
+          in err), err
+  assert "'Required' header of pretrain.gin" in err
+  assert not (tmp_path / "run").exists()              # nothing ran, nothing was written
+
+
+def test_a_setting_the_library_rejects_exits_2_in_one_line(pretrained, tmp_path, capsys):
+  """Settings checked inside the run (here NUM_MICROBATCHES against BATCH_SIZE, and an
+  odd head_dim that PaLMConfig rejects with a ValueError) end with one line naming them and
+  exit 2, not a traceback."""
+  _, task_json, _ = pretrained
+  common = ["--gin_file=runs/pretrain.gin", "--gin_file=models/palm_tiny.gin",
+            f"--task_spec={task_json}", f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'",
+            f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}", "--gin.TRAIN_STEPS=2",
+            "--gin.VOCAB_SIZE=64", "--gin.BATCH_SIZE=8", "--gin.FEATURE_CONVERTER='prefix_lm'"]
+  rc = run_binary("train", common + [f"--gin.MODEL_DIR='{tmp_path / 'a'}'",
+                                     "--gin.NUM_MICROBATCHES=3"])
+  err = capsys.readouterr().err
+  assert rc == 2, err
+  assert "field 'NUM_MICROBATCHES': BATCH_SIZE 8 is not divisible by NUM_MICROBATCHES 3" in err
+  assert "Traceback" not in err
+  rc = run_binary("train", common + [f"--gin.MODEL_DIR='{tmp_path / 'b'}'",
+                                     "--gin_bindings=models.PaLMConfig.head_dim = 7"])
+  err = capsys.readouterr().err
+  assert rc == 2, err
+  assert "PaLMConfig.head_dim must be even" in err and "raised at " in err, err
+  assert "Traceback" not in err
+
+
 def test_includes_found_on_the_search_paths_log_no_errors(caplog, tmp_path):
   """gin first probes every include as a file inside a Python package and logs "Path not
   found" at ERROR before finding it on the search paths: every train and eval log began

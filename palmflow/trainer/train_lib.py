@@ -473,11 +473,14 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
     last_train, last_eval = {}, {}
     progress = Progress(start=start_step, total=total_steps, every=log_every, desc="train")
     tokens_per_batch = cfg.batch_size * length
-    t_last, ran = time.time(), 0
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     flops_per_token = model_flops_per_token(model.config, num_params=n_params, length=length)
     if start_step == 0 and total_steps > 0 and train_eval_dataset_cfg is not None:
       last_eval = run_eval(0, params)
+    # Rates count the steps since the last log line (a resumed run need not start on the
+    # LOG_EVERY grid) over the time spent training them: evaluations and checkpoint saves
+    # in between are left out.
+    t_last, logged_step, paused, ran = time.time(), step, 0.0, 0
     while step < total_steps:
       batch = partitioner.shard_batch(next(it))
       params, opt_state, metrics = step_fn(params, opt_state, batch, jnp.asarray(step))
@@ -486,25 +489,27 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
       if step % log_every == 0 or step == total_steps:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.time()
-        steps_done = log_every if step % log_every == 0 else (step - start_step) % log_every
-        dt = max(now - t_last, 1e-9)
+        steps_done = step - logged_step
+        dt = max(now - t_last - paused, 1e-9)
         metrics["steps_per_second"] = steps_done / dt
         metrics["tokens_per_second"] = steps_done * tokens_per_batch / dt
         metrics["model_flops_per_second"] = flops_per_token * metrics["tokens_per_second"]
         if peak_flops_per_second:
           metrics["mfu"] = metrics["model_flops_per_second"] / (
               peak_flops_per_second * partitioner.mesh.devices.size)
-        t_last = now
+        t_last, logged_step, paused = now, step, 0.0
         train_writer.write(step, metrics)
         last_train = metrics
         progress.update(step, {k: metrics[k] for k in ("loss", "accuracy")})
       else:
         progress.update(step, {})
+      t_pause = time.time()
       if step % eval_period == 0 or step == total_steps:
         last_eval = run_eval(step, params) or last_eval
       periodic = step % checkpoint_cfg.period == 0 or step == total_steps
       if periodic:
         save(step)
+      paused += time.time() - t_pause
       if stop_after_steps is not None and ran >= stop_after_steps:
         if not periodic:
           save(step)

@@ -82,6 +82,19 @@ def _finetune(pretrained, model_dir: Path, *extra: str, task_json=None, task=TAS
       "--gin.LOG_EVERY=1", *extra])
 
 
+def test_rates_count_the_steps_since_the_last_log_line_off_the_log_grid(pretrained, tmp_path):
+  """Fine-tuning from step 4 with LOG_EVERY=3 logs at 6 (2 steps ran) and at the final 7
+  (1 step ran): the rates count those steps, not LOG_EVERY (which read 3, and 0 at the
+  end, so the last line showed 0 steps/s)."""
+  assert _finetune(pretrained, tmp_path, "--gin.TRAIN_STEPS=7", "--gin.LOG_EVERY=3") == 0
+  rows = [json.loads(l) for l in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [6, 7]
+  for r in rows:
+    assert r["steps_per_second"] > 0, r
+    # BATCH_SIZE 8 of inputs 12 + targets 8
+    assert r["tokens_per_second"] == pytest.approx(r["steps_per_second"] * 8 * 20)
+
+
 def test_train_steps_is_absolute_when_fine_tuning(pretrained, tmp_path, caplog):
   # Stop after one step (a checkpoint is saved there), then rerun: the run resumes from
   # MODEL_DIR's checkpoint, not from INITIAL_CHECKPOINT_PATH, and stops at TRAIN_STEPS.

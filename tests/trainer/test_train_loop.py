@@ -290,3 +290,17 @@ def test_label_smoothing_and_z_loss_macros_change_the_loss_as_defined():
   smoothed = -(conf - low) * target - low * np.sum(logp, axis=-1) - const
   assert l_smooth == pytest.approx(mean(smoothed), rel=1e-5)
   assert l_smooth != pytest.approx(l_plain, rel=1e-3)
+
+
+def test_a_resume_drops_a_half_written_metrics_line_and_later_steps(tmp_path, caplog):
+  """A run killed while appending to metrics.jsonl leaves a partial last line: the resumed
+  run drops it (with a warning naming the file and line) and the steps after its
+  checkpoint, keeping the rest."""
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+                  '{"step": 3, "loss": 1.2}\n{"step": 4, "lo')
+  caplog.set_level("WARNING", logger="palmflow")
+  train_lib._truncate_metrics(path, 2)
+  assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+  assert f"{path}:4: dropping a partly written metrics line" in caplog.text
+  assert not list(tmp_path.glob("*.tmp"))

@@ -297,6 +297,17 @@ def evaluate(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Part
       mixture_or_task_name=mixture_or_task_name, feature_converter=converter,
       eval_split=split, sequence_length=dict(task_feature_lengths), num_examples=num_examples,
       use_memory_cache=True, seed=seed, logger_cls=[logger_cls], log_dir=str(out))
+  if not evaluator.eval_tasks:
+    # seqio skips such tasks with an info log, and the run would "succeed" with no metrics.
+    why = "; ".join(
+        f"{t.name}: splits {sorted(t.splits)}, "
+        f"{len(t.metric_fns) + len(getattr(t, 'metric_objs', None) or [])} metric(s)"
+        for t in seqio.get_subtasks(task))
+    raise ConfigError(
+        f"nothing to evaluate in {mixture_or_task_name!r} on split {split!r}: a task needs "
+        f"that split and at least one metric ({why})", field="EVAL_SPLIT",
+        hint="choose a split the task has; a task without metrics (e.g. pretraining blocks) "
+        "is evaluated during training (TRAIN_EVAL_MIXTURE_OR_TASK_NAME), not by eval")
   labels, options = (None, None)
   if mode == "rank":
     labels, options = _label_options(task, mixture_or_task_name)

@@ -50,6 +50,20 @@ def test_greedy_eval_writes_the_decoded_strings(trained, tmp_path):
   assert metrics["step"] == STEPS and metrics["accuracy"] == 100.0
 
 
+def test_eval_on_a_split_the_task_lacks_fails_naming_its_splits(trained, tmp_path, capsys):
+  """seqio skips a task without the split (or without metrics) with an info log; the run
+  used to end with exit 0 and no metrics, and a pipeline's eval stage would cache that."""
+  task_json, ckpt = trained
+  rc = run_binary("eval", ["--gin_file=runs/eval.gin", *model_flags(task_json, TASK),
+                           f"--gin.CHECKPOINT_PATH='{ckpt}'",
+                           f"--gin.EVAL_OUTPUT_DIR='{tmp_path}'", "--gin.EVAL_SPLIT='valdation'"])
+  err = capsys.readouterr().err
+  assert rc == 2, err
+  assert (f"field 'EVAL_SPLIT': nothing to evaluate in '{TASK}' on split 'valdation'" in err
+          and f"{TASK}: splits ['train', 'validation']" in err), err
+  assert not list(tmp_path.glob("*.jsonl"))
+
+
 @pytest.fixture(scope="module")
 def tiny_model(trained):
   """(model, vocabulary, restored numpy parameters) of the trained checkpoint."""

@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("file")
     p.add_argument("--store", help="output root (default $PALMFLOW_STORE or ./palmflow_store)")
     if name == "run":
-      p.add_argument("--only", help="comma-separated stages to run (upstream must be done)")
+      p.add_argument("--only", help="comma-separated stages to run; others are skipped (a "
+                     "selected stage's upstream must be finished or selected too)")
     p.set_defaults(fn=fn)
   p = sub.add_parser("kinds")
   p.add_argument("--json", action="store_true", help="also print the JSON schemas")

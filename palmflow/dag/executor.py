@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import difflib
 import sys
 import time
 import traceback
@@ -101,7 +102,9 @@ def run(pipeline: spec_lib.Pipeline, store: Store, *,
     pipeline: a validated pipeline.
     store: where outputs go.
     log: where progress lines go.
-    only: if given, run only these stages (their upstream must be finished or also listed).
+    only: if given, run only these stages; other pending stages are skipped. A selected
+        stage whose upstream is neither finished nor selected, and a name that is no stage,
+        are ConfigErrors.
   Returns:
     (the plan, the names of the stages that ran now).
   Raises:
@@ -111,16 +114,31 @@ def run(pipeline: spec_lib.Pipeline, store: Store, *,
   registry = kinds_lib.registry()
   planned = plan(pipeline, store)
   by_name = {p.name: p for p in planned}
+  if only is not None and only - set(by_name):
+    unknown = sorted(only - set(by_name))
+    close = {n: difflib.get_close_matches(n, list(by_name), n=1) for n in unknown}
+    raise ConfigError(
+        f"--only names no stage of this pipeline: {', '.join(unknown)}",
+        path=str(pipeline.path), field="--only",
+        hint="; ".join(f"did you mean {c[0]!r} for {n!r}?" for n, c in close.items() if c)
+        or f"its stages: {', '.join(by_name)}")
   log(f"pipeline '{pipeline.name}' ({pipeline.path}), store {store.root}")
   executed: list[str] = []
+  done = {p.name for p in planned if p.action == "reuse"}
   try:
     for i, p in enumerate(planned):
       if p.action == "reuse":
         log(f"stage {p.name}: up to date ({p.fingerprint}), reused")
         continue
       if only is not None and p.name not in only:
-        log(f"stage {p.name}: would run but is not selected; stopping here")
-        break
+        log(f"stage {p.name}: would run but is not selected (--only); skipped")
+        continue
+      missing = [u for u in pipeline.stages[p.name].upstream_names() if u not in done]
+      if missing:
+        raise ConfigError(
+            f"stage {p.name} needs {', '.join(missing)}, not finished and not selected",
+            path=str(pipeline.path), field="--only",
+            hint=f"add {', '.join(missing)} to --only, or run without --only")
       st = pipeline.stages[p.name]
       kind = registry[st.kind]
       log(f"stage {p.name} ({st.kind}) {p.fingerprint}: running ({'; '.join(p.reasons)})")
@@ -168,6 +186,7 @@ def run(pipeline: spec_lib.Pipeline, store: Store, *,
       (out_dir / "error.txt").unlink(missing_ok=True)
       log(f"stage {p.name}: done in {finished - started:.1f}s -> {out_dir}")
       executed.append(p.name)
+      done.add(p.name)
       if not any(registry[pipeline.stages[q.name].kind].runs_beam
                  for q in planned[i + 1:] if q.action != "reuse"):
         close_worker_pool()  # no Beam job is left: free the pool's processes now

@@ -130,3 +130,24 @@ def test_store_env_var(tmp_path, monkeypatch, capsys):
   monkeypatch.setenv("PALMFLOW_STORE", str(tmp_path / "envstore"))
   assert cli.main(["run", str(tmp_path / "p.yaml")]) == 0
   assert (tmp_path / "envstore" / "a").is_dir()
+
+
+def test_only_runs_the_selected_stages_and_rejects_unknown_or_unfinished_upstream(tmp_path):
+  """`palmflow run --only` runs the selected stages whatever their place in the order (an
+  unselected pending stage before them is skipped, not a stop), refuses a selected stage
+  whose upstream is neither finished nor selected, and rejects a name that is no stage."""
+  from palmflow.errors import ConfigError
+  store = Store(tmp_path / "store")
+  pipe = load(tmp_path)
+  RUNS.clear()
+  _, ran = executor.run(pipe, store, only={"d"}, log=lambda s: None)
+  assert ran == RUNS == ["d"]
+  with pytest.raises(ConfigError, match="stage b needs a, not finished and not selected"):
+    executor.run(pipe, store, only={"b"}, log=lambda s: None)
+  _, ran = executor.run(pipe, store, only={"a", "b"}, log=lambda s: None)
+  assert ran == ["a", "b"]
+  with pytest.raises(ConfigError, match=r"(?s)--only names no stage of this pipeline: bb.*"
+                                        r"did you mean 'b'"):
+    executor.run(pipe, store, only={"bb"}, log=lambda s: None)
+  _, ran = executor.run(pipe, store, only={"c"}, log=lambda s: None)
+  assert ran == ["c"]

@@ -32,12 +32,34 @@ def register_from_spec(spec: dict) -> str:
 
 
 def register_from_file(path: str) -> str:
-  """Registers the task in a `task.json`; returns its name."""
+  """Registers the task in a `task.json`; returns its name.
+
+  A missing or unreadable file, one that is not a JSON object, or a spec without a field its
+  type needs (or of an unknown type) is a ConfigError naming the file (and the line, for
+  JSON syntax).
+  """
+  from palmflow.errors import ConfigError
+  hint = "pass the task.json of a finished blocks, dataset or mixture stage"
   try:
     with open(path, encoding="utf-8") as f:
       spec = json.load(f)
   except FileNotFoundError:
-    from palmflow.errors import ConfigError
-    raise ConfigError("task spec not found", path=path,
-                      hint="pass the task.json of a finished blocks or dataset stage") from None
-  return register_from_spec(spec)
+    raise ConfigError("task spec not found", path=path, field="--task_spec",
+                      hint=hint) from None
+  except IsADirectoryError:
+    raise ConfigError("task spec is a directory", path=path, field="--task_spec",
+                      hint=f"{hint}, e.g. {path.rstrip('/')}/task.json") from None
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ConfigError(f"task spec is not valid JSON: {e}", path=path,
+                      line=getattr(e, "lineno", None), field="--task_spec",
+                      hint=hint) from None
+  if not isinstance(spec, dict):
+    raise ConfigError("task spec is not a JSON object", path=path, field="--task_spec",
+                      hint=hint)
+  try:
+    return register_from_spec(spec)
+  except KeyError as e:
+    raise ConfigError(f"task spec of type {spec.get('type')!r} lacks the field {e}",
+                      path=path, field=str(e.args[0]), hint=hint) from None
+  except ValueError as e:  # an unknown type, or a value the task's declaration rejects
+    raise ConfigError(str(e), path=path, hint=hint) from None

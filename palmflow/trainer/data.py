@@ -72,10 +72,17 @@ def make_feature_converter(name: str, *, pack: bool) -> seqio.FeatureConverter:
 
 
 def import_modules(module: str | Sequence[str] | None) -> None:
+  """Imports the task-registration module(s) (MIXTURE_OR_TASK_MODULE); a module that cannot
+  be found is a ConfigError."""
   if not module:
     return
   for m in ([module] if isinstance(module, str) else module):
-    importlib.import_module(m)
+    try:
+      importlib.import_module(m)
+    except ModuleNotFoundError as e:
+      raise ConfigError(f"cannot import task module {m!r}: {e}", field="MIXTURE_OR_TASK_MODULE",
+                        hint="give an importable module name (on PYTHONPATH), e.g. "
+                        "'tasks.downstream'") from None
 
 
 def register_task_specs(paths: Sequence[str]) -> list[str]:
@@ -98,8 +105,8 @@ def get_task_or_mixture(name: str, module=None):
         f"no seqio task or mixture named {name!r}; registration modules imported: "
         f"{module or 'none'}; close names: {close or 'none'}; registered: {len(known)}",
         field="MIXTURE_OR_TASK_NAME",
-        hint="import the module that registers it (--gin.MIXTURE_OR_TASK_MODULE or "
-             "DatasetConfig.module) or pass its palmflow task spec with --task_spec") from None
+        hint="import the module that registers it (--gin.MIXTURE_OR_TASK_MODULE=\"'my.tasks'\"), "
+             "or pass its palmflow task spec with --task_spec") from None
 
 
 def get_dataset(cfg: DatasetConfig, *, shard_index: int = 0, num_shards: int = 1,

@@ -58,7 +58,7 @@ class DataflowSettings:
   job_name: str | None = None
   """Lower-case letters, digits and '-', starting with a letter; default: Beam makes one."""
   machine_type: str | None = None
-  """Worker machine type, e.g. `n2-standard-4` (Tokenize is CPU bound: 1 core per SDK
+  """Worker machine type, e.g. `n2-standard-4` (tokenizing is CPU bound: 1 core per SDK
   process)."""
   num_workers: int | None = None
   """Workers at the start."""
@@ -150,8 +150,8 @@ class JobGraph:
   type: str
   """`JOB_TYPE_BATCH` or `JOB_TYPE_STREAMING`."""
   steps: list[str]
-  """Full labels of every transform, e.g. `TokenizeAndBlock/Tokenize` (the top-level ones have
-  no '/')."""
+  """Full labels of every transform, e.g. `TokenizeAndBlock/TokenizeAndBlockRanges` (the
+  top-level ones have no "/")."""
   options: dict
   """The pipeline options the service would receive (defaults left out)."""
   staged_files: list[str]

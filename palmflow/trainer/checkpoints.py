@@ -69,7 +69,10 @@ class RestoreCheckpointConfig:
     path: a `checkpoint_<step>` directory (INITIAL_CHECKPOINT_PATH), or None.
     mode: "specific" (that checkpoint) or "latest" (newest under `path`).
     restore_optimizer_state: also restore optimizer state (needs the same optimizer).
-    strict: shapes must match exactly; a mismatch names the parameter.
+    strict: check the checkpoint's parameter names and shapes against the model before
+      restoring, so that a mismatch is an error naming the parameter. False skips the check
+      (orbax's restore then fails on any difference, with its own message); a partial
+      restore (ignoring extra checkpoint parameters) is not supported.
     fallback_to_scratch: start from scratch if `path` has no checkpoint.
   """
 
@@ -230,7 +233,8 @@ def check_shapes(saved: Any, expected: Any, *, path: str) -> None:
   for name in flat_s:
     if name not in flat_e:
       raise ConfigError(f"checkpoint parameter {name} is not in the model", path=path,
-                        hint="set RestoreCheckpointConfig.strict=False to ignore it")
+                        hint="the checkpoint is of another architecture (compare "
+                             "model-info.txt of both runs)")
 
 
 def vocabulary_digest(vocabulary) -> str | None:

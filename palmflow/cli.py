@@ -49,8 +49,10 @@ def cmd_run(args) -> int:
 
 
 def cmd_validate(args) -> int:
-  from palmflow.dag import spec
+  from palmflow.dag import executor, spec
   p = spec.load(args.file)
+  for name in p.order:  # the files each stage names exist (as `plan` and `run` check)
+    executor.stage_identity(p, name)
   print(f"{args.file}: valid ({len(p.stages)} stages: {' -> '.join(p.order)})")
   return 0
 
@@ -63,7 +65,12 @@ def cmd_kinds(args) -> int:
       print(f"    input {slot}: {' | '.join(s.accepts)}{'' if s.required else ' (optional)'}")
     hints = typing.get_type_hints(k.settings_cls)
     for f in dataclasses.fields(k.settings_cls):
-      default = "" if f.default is dataclasses.MISSING else f" = {f.default!r}"
+      if f.default is not dataclasses.MISSING:
+        default = f" = {f.default!r}"
+      elif f.default_factory is not dataclasses.MISSING:  # e.g. an empty dict or list
+        default = f" = {f.default_factory()!r}"
+      else:
+        default = "  (required)"
       print(f"    {f.name}: {getattr(hints[f.name], '__name__', hints[f.name])}{default}"
             f"  -- {f.metadata.get('doc', '')}")
   if args.json:

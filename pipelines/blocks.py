@@ -788,7 +788,8 @@ def parse_args(argv=None):
                            "(so a large corpus spreads over workers whatever --num_buckets)")
   parser.add_argument("--format", default="tfrecord", choices=["tfrecord", "array_record"])
   parser.add_argument("--seed", type=int, default=0)
-  return parser.parse_known_args(argv)
+  args, beam_args = parser.parse_known_args(argv)
+  return args, jobs.reject_unknown_flags(parser, beam_args)
 
 
 def stats_from_counters(c: dict, args) -> dict:

@@ -128,7 +128,8 @@ def parse_args(argv=None):
   parser.add_argument("--dedup", default="none", choices=["none", "exact", "near",
                                                           "exact+near"])
   parser.add_argument("--near_dedup", default="", help="JSON NearDedup arguments")
-  return parser.parse_known_args(argv)
+  args, beam_args = parser.parse_known_args(argv)
+  return args, jobs.reject_unknown_flags(parser, beam_args)
 
 
 def run(argv=None) -> dict:

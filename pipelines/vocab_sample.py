@@ -201,7 +201,8 @@ def parse_args(argv=None):
   parser.add_argument("--max_chars", type=int, default=4096,
                       help="longer lines are cut into pieces of this many characters")
   parser.add_argument("--seed", type=int, default=0)
-  return parser.parse_known_args(argv)
+  args, beam_args = parser.parse_known_args(argv)
+  return args, jobs.reject_unknown_flags(parser, beam_args)
 
 
 def run(argv=None) -> dict:

@@ -8,6 +8,7 @@ steps reruns finetune, eval and report only).
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,9 @@ def test_whole_dag_end_to_end(tmp_path, capsys):
   assert [r["step"] for r in rows] == [1, 2, 3, 4]
   assert "INITIAL_CHECKPOINT_PATH" in (store.stage_dir("finetune", plan["finetune"].fingerprint)
                                        / "command.sh").read_text()
+  script = (pre_dir / "command.sh").read_text()   # rerunnable by hand as it ran: folder, env
+  assert "\ncd " in script and "\nexport MALLOC_ARENA_MAX=1\n" in script, script
+  assert subprocess.run(["sh", "-n", str(pre_dir / "command.sh")]).returncode == 0
   ev = m["eval"]["summary"]
   assert 0.0 <= ev["metrics"]["accuracy"] <= 100.0 and ev["mode"] == "rank"
   rep = store.stage_dir("report", plan["report"].fingerprint)

@@ -33,6 +33,28 @@ def _log(msg: str) -> None:
   print(f"[{ts}] {msg}", file=sys.stderr, flush=True)
 
 
+def stage_identity(pipeline: spec_lib.Pipeline, name: str) -> dict:
+  """A stage's identity (its settings, with the digests of the files they name).
+
+  Raises:
+    ConfigError: a file the settings name is missing, or the kind rejects a setting (e.g. a
+      gin file that is not found); it names the pipeline file, the stage's line and the stage.
+  """
+  st = pipeline.stages[name]
+  kind = kinds_lib.registry()[st.kind]
+  try:
+    return kind.identity(st.settings, base_dir=pipeline.base_dir)
+  except FileNotFoundError as e:
+    raise ConfigError(str(e), path=str(pipeline.path), line=st.line, stage=name,
+                      field="settings",
+                      hint="paths are relative to the pipeline file's folder") from None
+  except ConfigError as e:
+    if e.stage:
+      raise
+    raise ConfigError(str(e), path=str(pipeline.path), line=st.line, stage=name,
+                      field="settings") from None
+
+
 def plan(pipeline: spec_lib.Pipeline, store: Store) -> list[PlannedStage]:
   """Fingerprints each stage (in dependency order) and decides whether it runs.
 
@@ -46,12 +68,7 @@ def plan(pipeline: spec_lib.Pipeline, store: Store) -> list[PlannedStage]:
   for name in pipeline.order:
     st = pipeline.stages[name]
     kind = registry[st.kind]
-    try:
-      identity = kind.identity(st.settings, base_dir=pipeline.base_dir)
-    except FileNotFoundError as e:
-      raise ConfigError(str(e), path=str(pipeline.path), line=st.line, stage=name,
-                        field="settings",
-                        hint="paths are relative to the pipeline file's folder") from None
+    identity = stage_identity(pipeline, name)
     inputs = {slot: ([fps[r] for r in ref] if isinstance(ref, list) else fps[ref])
               for slot, ref in sorted(st.inputs.items())}
     fp = fp_lib.fingerprint(kind=st.kind, version=kind.version, identity=identity,

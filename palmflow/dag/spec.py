@@ -36,7 +36,8 @@ TOP_SCHEMA = {
         "description": {"type": "string"},
         "placement": {
             "type": "object",
-            "description": "Runner settings (Beam runner and options, training launcher). "
+            "description": "Runner settings (Beam runner and options; the training "
+                           "binaries' environment and extra flags). "
                            "Not part of any stage's identity.",
             "properties": {
                 "beam": {"type": "object", "properties": {
@@ -50,7 +51,6 @@ TOP_SCHEMA = {
                     "additionalProperties": False},
                 "train": {"type": "object", "properties": {
                     "env": {"type": "object", "additionalProperties": {"type": "string"}},
-                    "launcher": {"enum": ["local", "subprocess"]},
                     "extra_flags": {"type": "array", "items": {"type": "string"}}},
                     "additionalProperties": False},
             },

@@ -150,8 +150,16 @@ def run_binary(ctx, argv: list[str], *, log_name: str) -> None:
   env.update(placement.get("env") or {})
   repo = str(Path(__file__).resolve().parents[2])
   env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+  # command.sh reruns it by hand as it ran here: the same folder and the environment palmflow
+  # set (the malloc settings, placement.train.env such as XLA_FLAGS, PYTHONPATH).
+  exports = {k: env[k] for k in [*CPU_MALLOC_ENV, *(placement.get("env") or {})]}
   write_text(ctx.out_dir / "command.sh",
-             "#!/bin/sh\n" + shlex.join(argv).replace(" --", " \\\n  --") + "\n")
+             "#!/bin/sh\n"
+             f"# stage {ctx.name}: the command palmflow ran, in its folder and environment\n"
+             f"cd {shlex.quote(repo)}\n"
+             + "".join(f"export {k}={shlex.quote(str(v))}\n" for k, v in exports.items())
+             + f"export PYTHONPATH={shlex.quote(repo)}${{PYTHONPATH:+:$PYTHONPATH}}\n"
+             + shlex.join(argv).replace(" --", " \\\n  --") + "\n")
   ctx.log(f"$ {' '.join(shlex.quote(a) for a in argv[1:3])} ... "
           f"(full command: {ctx.out_dir / 'command.sh'})")
   log_path = ctx.out_dir / log_name
@@ -167,4 +175,6 @@ def run_binary(ctx, argv: list[str], *, log_name: str) -> None:
     rc = proc.wait()
   if rc != 0:
     tail = "".join(log_path.read_text(encoding="utf-8").splitlines(True)[-30:])
-    raise RuntimeError(f"{argv[2]} exited with {rc}; last lines of {log_path}:\n{tail}")
+    where = (" (its error and logging went to the terminal, above; the log has its standard "
+             "output)" if interactive else "")
+    raise RuntimeError(f"{argv[2]} exited with {rc}{where}; last lines of {log_path}:\n{tail}")

@@ -40,6 +40,11 @@ def _read_jsonl(p: Path) -> list[dict]:
   return out
 
 
+# DAG boxes by what a stage does: data (blue), training (green), evaluation (orange).
+_KIND_COLORS = {**dict.fromkeys(("corpus", "vocab", "blocks", "dataset", "mixture"), "#cfe2f3"),
+                "train": "#d9ead3", "eval": "#fce5cd"}
+
+
 def draw_dag(stages: dict, edges: list[tuple[str, str]], path: Path) -> None:
   """Draws the DAG left to right by depth (boxes = stages, arrows = inputs)."""
   import matplotlib
@@ -75,7 +80,7 @@ def draw_dag(stages: dict, edges: list[tuple[str, str]], path: Path) -> None:
                                 connectionstyle=f"arc3,rad={0.25 if span > 1 else 0.0}"))
   for n, (x, y) in pos.items():
     info = stages[n]
-    color = {"reuse": "#d9ead3", "run": "#cfe2f3"}.get(info.get("action"), "#eeeeee")
+    color = _KIND_COLORS.get(info["kind"], "#eeeeee")
     ax.add_patch(matplotlib.patches.FancyBboxPatch((x - 0.95, y - 0.4), 1.9, 0.8,
                                                     boxstyle="round,pad=0.05", fc=color,
                                                     ec="#333"))

@@ -41,7 +41,8 @@ class SaveCheckpointConfig:
     period: save every this many steps (and always at the end).
     keep: keep the newest N checkpoints (None keeps all).
     dtype: "float32" or "bfloat16" for saved parameters.
-    save_dataset: record the data position (always on: batches consumed, in `meta`).
+    save_dataset: t5x's flag, accepted for its gin files; the data position (batches
+      consumed, in `meta`) is always saved, so resuming never repeats or skips data.
   """
 
   period: int = 1000

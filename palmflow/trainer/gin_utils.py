@@ -196,10 +196,14 @@ def parse(files: Sequence[str], bindings: Sequence[str], search: str = "", *,
     check_required_macros(texts)
 
 
-def parse_flags(argv: Sequence[str], description: str) -> argparse.Namespace:
+def parse_flags(argv: Sequence[str], description: str,
+                prog: str | None = None) -> argparse.Namespace:
   """Parses the t5x flags; `--gin.NAME=V` become bindings appended after --gin_bindings."""
   rest, shorthand = split_gin_shorthand(argv)
-  parser = argparse.ArgumentParser(description=description)
+  parser = argparse.ArgumentParser(
+      prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog="--gin.NAME=VALUE sets the gin macro NAME, e.g. --gin.TRAIN_STEPS=1000\n"
+             "  --gin.MODEL_DIR=\"'/tmp/run'\" (repeatable; applied after --gin_bindings).")
   add_flags(parser)
   args = parser.parse_args(rest)
   args.gin_bindings = list(args.gin_bindings) + shorthand
@@ -250,7 +254,7 @@ def run_main(argv: list[str], *, name: str, doc: str, fn_path: str, output_macro
   logging.getLogger("palmflow").setLevel(logging.INFO)
   from palmflow.errors import PalmflowError
   try:
-    args = parse_flags(argv[1:], doc)
+    args = parse_flags(argv[1:], doc, prog=f"palmflow {name}")
     setup_runtime(args)
     parse(args.gin_file, args.gin_bindings, args.gin_search_paths, check_required=True)
     module, func = fn_path.split(":")

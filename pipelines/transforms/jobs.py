@@ -54,6 +54,36 @@ def prompt_bundle_ends(period_ms: int = LOCAL_SAMPLING_PERIOD_MS) -> None:
   statesampler.StateSampler = PromptStateSampler
 
 
+def reject_unknown_flags(job_parser, beam_args: list[str]) -> list[str]:
+  """Returns `beam_args`, the flags the job's own parser left, if Beam knows them all.
+
+  Beam drops a flag it does not know with a log line ("Discarding unparseable args"), so a
+  misspelt job flag (`--block_lenght=2048`) would run the whole job with the default. Raises
+  ValueError naming each flag that neither the job nor any Beam option class defines, with
+  the closest names.
+  """
+  import difflib
+
+  from apache_beam.options.pipeline_options import _BeamArgumentParser
+  parser = _BeamArgumentParser(allow_abbrev=False)
+  classes = {}
+  for cls in PipelineOptions.__subclasses__():  # as Beam collects its options
+    classes.setdefault(str(cls), cls)
+  for cls in classes.values():
+    cls._add_argparse_args(parser)  # pylint: disable=protected-access
+  _, unknown = parser.parse_known_args(beam_args)
+  flags = [a.split("=", 1)[0] for a in unknown if a.startswith("--")]
+  if flags:
+    known = [o for p in (job_parser, parser) for a in p._actions for o in a.option_strings]
+    notes = []
+    for f in flags:
+      close = difflib.get_close_matches(f, known, n=1)
+      notes.append(f"{f} (did you mean {close[0]}?)" if close else f)
+    raise ValueError(f"unknown flag(s): {', '.join(notes)}; neither this job nor Beam "
+                     "defines them (see --help)")
+  return beam_args
+
+
 def make_pipeline(beam_args: list[str]) -> beam.Pipeline:
   """The job's pipeline from its Beam flags.
 

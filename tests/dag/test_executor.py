@@ -151,3 +151,23 @@ def test_only_runs_the_selected_stages_and_rejects_unknown_or_unfinished_upstrea
     executor.run(pipe, store, only={"bb"}, log=lambda s: None)
   _, ran = executor.run(pipe, store, only={"c"}, log=lambda s: None)
   assert ran == ["c"]
+
+
+def test_validate_checks_the_files_stages_name(tmp_path, capsys):
+  """`palmflow validate` rejects what `plan` and `run` would: here a gin file that is not
+  found, named with the pipeline file, the stage and its line."""
+  from pathlib import Path
+
+  from palmflow import cli
+  demo = Path(__file__).resolve().parents[2] / "pipelines" / "examples" / "stdlib_demo.yaml"
+  text = demo.read_text()
+  assert "models/palm_tiny.gin]" in text
+  bad = tmp_path / "p.yaml"
+  bad.write_text(text.replace("[runs/pretrain.gin, models/palm_tiny.gin]",
+                              "[runs/pretrain.gin, models/palm_tinny.gin]", 1))
+  assert cli.main(["validate", str(demo)]) == 0
+  assert cli.main(["validate", str(bad)]) == 2
+  err = capsys.readouterr().err
+  line = next(i for i, l in enumerate(bad.read_text().splitlines(), 1) if l == "  pretrain:")
+  assert f"{bad}:{line}, stage 'pretrain'" in err and "models/palm_tinny.gin" in err, err
+  assert "gin file not found" in err

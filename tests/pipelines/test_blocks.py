@@ -470,6 +470,23 @@ def test_malformed_document_line_names_file_and_offset(tmp_path, vocab):
   assert not (tmp_path / "out" / "stats.json").exists()
 
 
+def test_a_misspelt_flag_is_an_error_not_a_default(tmp_path):
+  """Beam drops flags it does not know with a log line: `--block_lenght=2048` would run the
+  whole job with the default block length. The job rejects it, with the closest name; Beam's
+  own flags still pass."""
+  common = [f"--documents={tmp_path}/d.jsonl", "--vocab=v.model", f"--output_dir={tmp_path}"]
+  with pytest.raises(ValueError, match=r"unknown flag\(s\): --block_lenght \(did you mean "
+                                       r"--block_length\?\)"):
+    blocks.parse_args(common + ["--block_lenght=2048"])
+  with pytest.raises(ValueError, match=r"--runer \(did you mean --runner\?\)"):
+    blocks.parse_args(common + ["--runer", "DirectRunner"])
+  args, beam_args = blocks.parse_args(common + ["--block_length=64", "--runner=DirectRunner",
+                                                "--direct_num_workers=2"])
+  assert args.block_length == 64
+  assert beam_args == ["--runner=DirectRunner", "--direct_num_workers=2"]
+  assert not list(tmp_path.iterdir())
+
+
 def test_pad_mode_job_stats(tmp_path, vocab):
   docs = synthetic_docs(40, max_words=60)
   path = write_docs(tmp_path / "docs.jsonl", docs)

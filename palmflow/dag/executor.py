@@ -44,7 +44,7 @@ def stage_identity(pipeline: spec_lib.Pipeline, name: str) -> dict:
   kind = kinds_lib.registry()[st.kind]
   try:
     return kind.identity(st.settings, base_dir=pipeline.base_dir)
-  except FileNotFoundError as e:
+  except OSError as e:  # a missing file, a folder where a file was expected, no permission
     raise ConfigError(str(e), path=str(pipeline.path), line=st.line, stage=name,
                       field="settings",
                       hint="paths are relative to the pipeline file's folder") from None

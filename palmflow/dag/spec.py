@@ -152,7 +152,15 @@ def load(path: str | Path) -> Pipeline:
     raise ConfigError("pipeline file not found", path=str(path),
                       hint="pass the path of a pipeline YAML file, e.g. "
                            "pipelines/examples/stdlib_demo.yaml")
-  text = path.read_text(encoding="utf-8")
+  try:
+    text = path.read_text(encoding="utf-8")
+  except UnicodeDecodeError as e:
+    line = path.read_bytes()[:e.start].count(b"\n") + 1
+    raise ConfigError(f"not UTF-8 text (byte {e.start})", path=str(path), line=line,
+                      hint="save the pipeline file as UTF-8") from None
+  except OSError as e:  # a folder, no permission
+    raise ConfigError(f"cannot read the pipeline file: {e.strerror or e}", path=str(path),
+                      hint="pass the path of a pipeline YAML file") from None
   try:
     raw = yaml.safe_load(text)
   except yaml.YAMLError as e:

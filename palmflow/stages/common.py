@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import itertools
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -90,14 +91,31 @@ atexit.register(close_worker_pool)  # a pool outlives no process that started it
 
 
 def path_identity(base_dir: Path, path: str) -> dict:
-  """Identity of an input file: the path as written plus the content digest (not mtime)."""
+  """Identity of an input file: the path as written plus the content digest (not mtime).
+
+  A glob (``*``, ``?``, ``[...]`` in any component; ``**`` for any depth, as the Beam jobs
+  read it) is identified by every file it matches, keyed by the path below the glob's first
+  wildcard-free folder; folders it matches are not files and are left out.
+
+  Raises:
+    FileNotFoundError: nothing matches, or the file does not exist.
+    IsADirectoryError: a plain path names a folder.
+  """
+  import glob as glob_lib
+  import os
   from palmflow.dag.executor import resolve_path
   p = resolve_path(base_dir, path)
   if any(ch in path for ch in "*?["):
-    files = sorted(p.parent.glob(p.name))
+    files = sorted(f for f in glob_lib.glob(str(p), recursive=True) if os.path.isfile(f))
+    base = Path(*[part for part in itertools.takewhile(
+        lambda s: not any(ch in s for ch in "*?["), p.parts)])
     if not files:
-      raise FileNotFoundError(f"no file matches '{path}' (looked in {p.parent})")
-    return {"path": path, "files": {f.name: file_digest(f) for f in files}}
+      raise FileNotFoundError(f"no file matches '{path}' (looked in {base})")
+    return {"path": path, "files": {str(Path(f).relative_to(base)): file_digest(Path(f))
+                                    for f in files}}
+  if p.is_dir():
+    raise IsADirectoryError(f"'{path}' is a folder (resolved to {p}); name a file, or a glob "
+                            f"such as '{path.rstrip('/')}/*.txt'")
   if not p.exists():
     raise FileNotFoundError(f"file '{path}' not found (resolved to {p})")
   return {"path": path, "sha256": file_digest(p)}

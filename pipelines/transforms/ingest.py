@@ -68,6 +68,7 @@ _FORMAT_KEYS = {
 }
 _UNITS = ("file", "line", "paragraph")
 _BOM = b"\xef\xbb\xbf"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class SourceSpecError(ValueError):
@@ -250,6 +251,11 @@ class _ReadFn(beam.DoFn):
     if spec.strip_gutenberg and spec.format != "text":
       lines = text.splitlines(keepends=True)
       text = "".join(lines[self._body(lines)])
+    if _SURROGATE.search(text):
+      # A lone UTF-16 surrogate (a JSON "\\ud83d" cut from its pair, a TFDS string) is no
+      # character: UTF-8 cannot encode it. It becomes U+FFFD like any other bad byte.
+      text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+      invalid = True
     doc = dict(extra or {})
     doc.update(id=f"{spec.name}:{rel}:{key}", text=text, source=spec.name)
     if invalid:

@@ -87,6 +87,41 @@ def test_missing_input_file_is_a_config_error(tmp_path, capsys):
   assert "stage 'corpus'" in err and "missing/*.txt" in err
 
 
+def test_glob_identity_reads_nested_globs_and_folders_are_not_files(tmp_path, capsys):
+  """A corpus path's identity matches what the Beam job reads: wildcards in any component
+  and `**` at any depth; each file keyed by its path below the glob's base, so two files of
+  one name in different folders both count (an edit of either reruns the stage). A plain
+  path naming a folder is a config error, not a traceback."""
+  from palmflow.stages.common import path_identity
+  for rel in ("data/a/x.txt", "data/b/x.txt", "data/b/deep/y.txt"):
+    (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / rel).write_text(rel)
+  assert sorted(path_identity(tmp_path, "data/*/x.txt")["files"]) == ["a/x.txt", "b/x.txt"]
+  assert sorted(path_identity(tmp_path, "data/**/*.txt")["files"]) == [
+      "a/x.txt", "b/deep/y.txt", "b/x.txt"]
+  assert sorted(path_identity(tmp_path / "data", "b/*")["files"]) == ["x.txt"]  # not deep/
+  before = path_identity(tmp_path, "data/*/x.txt")
+  (tmp_path / "data/b/x.txt").write_text("changed")
+  assert path_identity(tmp_path, "data/*/x.txt") != before
+  text = GOOD.replace("{name: stdlib, format: python_stdlib, sample_fraction: 0.1}",
+                      "{name: books, format: text, path: data}")
+  (tmp_path / "p").mkdir()
+  (tmp_path / "p" / "data").mkdir()
+  path = write(tmp_path / "p", text)
+  assert cli.main(["validate", str(path)]) == 2
+  err = capsys.readouterr().err
+  assert "stage 'corpus'" in err and "'data' is a folder" in err and "data/*.txt" in err, err
+
+
+def test_a_pipeline_file_that_is_a_folder_or_not_utf8_is_a_config_error(tmp_path):
+  with pytest.raises(ConfigError, match="cannot read the pipeline file"):
+    spec.load(tmp_path)
+  bad = tmp_path / "p.yaml"
+  bad.write_bytes(b"pipeline: t\nstages:\n  a: {kind: corpus} # caf\xe9\n")
+  with pytest.raises(ConfigError, match=r"p.yaml:3: not UTF-8 text"):
+    spec.load(bad)
+
+
 def test_yaml_syntax_error_names_line(tmp_path):
   path = write(tmp_path, GOOD.replace("kind: vocab", "kind: [vocab"))
   with pytest.raises(ConfigError, match=r"pipeline.yaml:\d+"):

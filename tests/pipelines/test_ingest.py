@@ -178,7 +178,9 @@ def test_tfds_local_dataset(tmp_path):
 
 def test_invalid_utf8_and_nul_bytes_are_counted_not_fatal(tmp_path):
   (tmp_path / "bad.txt").write_bytes(b"ok line\nbad \xc3\x28 utf8\nnul\x00byte\n\xff\x00both\n")
-  (tmp_path / "bad.jsonl").write_bytes(b'{"text": "j \xe2\x82 bad"}\n{"text": "j\\u0000nul"}\n')
+  # line 3: a JSON escape of half a surrogate pair (cut-off scraped text): no UTF-8 for it
+  (tmp_path / "bad.jsonl").write_bytes(b'{"text": "j \xe2\x82 bad"}\n{"text": "j\\u0000nul"}\n'
+                                       b'{"text": "half \\ud83d pair"}\n')
   p = make_pipeline()
   docs = p | ReadSources([
       {"name": "t", "format": "text", "unit": "line", "path": str(tmp_path / "bad.txt")},
@@ -189,9 +191,10 @@ def test_invalid_utf8_and_nul_bytes_are_counted_not_fatal(tmp_path):
       doc("t:bad.txt:3", "nul\x00byte", had_nul_bytes=True),
       doc("t:bad.txt:4", "\ufffd\x00both", had_invalid_utf8=True, had_nul_bytes=True),
       doc("j:bad.jsonl:1", "j \ufffd bad", had_invalid_utf8=True),
-      doc("j:bad.jsonl:2", "j\x00nul", had_nul_bytes=True)]))
+      doc("j:bad.jsonl:2", "j\x00nul", had_nul_bytes=True),
+      doc("j:bad.jsonl:3", "half \ufffd\ufffd\ufffd pair", had_invalid_utf8=True)]))
   result = p.run()
-  assert counter(result, "invalid_utf8_docs") == 3
+  assert counter(result, "invalid_utf8_docs") == 4
   assert counter(result, "nul_bytes_docs") == 3
 
 

@@ -183,7 +183,9 @@ def run(pipeline: spec_lib.Pipeline, store: Store, *,
       started = time.time()
       try:
         summary = kind.run(ctx) or {}
-      except PalmflowError:
+      except PalmflowError as e:  # already actionable: say which stage it came from
+        if getattr(e, "stage", None) is None and f"stage '{p.name}'" not in str(e):
+          e.args = (f"stage '{p.name}' ({st.kind}): {e}",) + e.args[1:]
         raise
       except Exception as e:  # noqa: BLE001 - reported with the stage's name, then re-raised
         tb = traceback.format_exc()

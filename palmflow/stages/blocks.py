@@ -63,6 +63,11 @@ class Blocks(StageKind):
     ctx.log(f"{stats['documents']} documents, {stats['tokens']} tokens -> {stats['blocks']} "
             f"blocks of {s.block_length}; packing efficiency "
             f"{stats['packing_efficiency']:.4f}")
+    if not stats["blocks"]:
+      from palmflow.errors import DataError
+      raise DataError(f"no block was made from {docs} "
+                      f"({stats['documents']} documents); a task without examples cannot "
+                      "train: check the corpus stage's output")
     spec = {"type": "blocked_lm", "name": task_name(ctx.pipeline, ctx.name, ctx.fingerprint),
             "file_pattern": stats["shard_pattern"], "vocab_path": vocab_path,
             "vocab_sha256": vocab.manifest["summary"]["sha256"],

@@ -84,5 +84,12 @@ class Corpus(StageKind):
     stats = job.run(argv + beam_args(ctx.placement, job_name=f"{ctx.pipeline}-{ctx.name}"))
     ctx.log(f"{stats['documents_in']} documents in, {stats['documents_out']} out, "
             f"{stats['bytes_out'] / 1e6:.1f} MB")
+    if not stats["documents_out"]:
+      # Every later stage would fail far from the cause (an empty vocabulary sample, a task
+      # with no blocks): stop here, with what was read and why it was dropped.
+      from palmflow.errors import DataError
+      raise DataError(
+          f"no document left ({stats['documents_in']} read; rejected by "
+          f"reason: {stats.get('rejections') or 'none'}; see {ctx.out_dir / 'stats.json'})")
     return {"documents": stats["documents_out"], "bytes": stats["bytes_out"],
             "shard_pattern": stats["shard_pattern"]}

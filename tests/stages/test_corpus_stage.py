@@ -57,3 +57,29 @@ def test_corpus_stage_on_shared_data_with_bad_bytes(tmp_path):
     assert licence_text not in moby
   assert "Call me Ishmael" in moby
   assert len(sorted(d.glob("documents.jsonl-*"))) == 3
+
+
+def test_a_corpus_with_no_document_left_stops_there_naming_the_stage(tmp_path):
+  """Filters that drop everything used to publish an empty corpus, and the vocabulary and
+  blocks stages then failed far from the cause. Now the corpus stage fails (not published),
+  naming itself and the rejections."""
+  from palmflow.errors import DataError
+  (tmp_path / "short.txt").write_text("tiny\nlines\nonly\n")
+  (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
+      pipeline: empty_text
+      stages:
+        corpus:
+          kind: corpus
+          settings:
+            sources: [{name: s, format: text, path: short.txt, unit: line}]
+            filters: {min_chars: 40}
+            num_shards: 1
+      """))
+  store = Store(tmp_path / "store")
+  pipeline = spec.load(tmp_path / "p.yaml")
+  with pytest.raises(DataError, match=r"stage 'corpus' \(corpus\): no document left \(3 read; "
+                                      r"rejected by reason: \{'too_short'") as e:
+    executor.run(pipeline, store, log=lambda m: None)
+  assert e.value.exit_code == 4
+  planned = executor.plan(pipeline, store)
+  assert planned[0].action != "reuse"                 # not published, so not cached

@@ -37,10 +37,66 @@ class CorpusSettings:
       if s["name"] in names:
         raise ValueError(f"sources.{i}.name: duplicate source name {s['name']!r}")
       names.add(s["name"])
+      _check_source(i, s)
     if self.dedup not in ("none", "exact", "near", "exact+near"):
       raise ValueError(f"dedup: {self.dedup!r} is not one of none, exact, near, exact+near")
     if self.num_shards < 1:
       raise ValueError("num_shards: must be at least 1")
+    # What the Beam job would reject only once it is built, checked when the file is loaded.
+    from pipelines.transforms.clean import FilterConfig, Normalize
+    if self.normalize:
+      try:
+        Normalize(form=self.normalize)
+      except ValueError as e:
+        raise ValueError(f"normalize: {e}") from None
+    for field, make in (("filters", FilterConfig), ("near_dedup", _near_dedup)):
+      values = getattr(self, field)
+      if not isinstance(values, dict):
+        raise ValueError(f"{field}: expected a mapping, got {values!r}")
+      try:
+        make(**values)
+      except TypeError as e:
+        known = [f.name for f in dataclasses.fields(FilterConfig)] if field == "filters" \
+            else ["shingle_size", "num_perm", "bands", "rows", "threshold", "seed", "unit",
+                  "max_bucket_size"]
+        bad = [k for k in values if k not in known]
+        raise ValueError(f"{field}: unknown key(s) {bad or e}; known: "
+                         f"{', '.join(known)}") from None
+      except ValueError as e:
+        raise ValueError(f"{field}: {e}") from None
+
+
+_STDLIB_KEYS = ("name", "format", "include", "exclude", "sample_fraction", "seed")
+
+
+def _near_dedup(**kwargs):
+  from pipelines.transforms.dedup import NearDedup
+  return NearDedup(**kwargs)
+
+
+def _check_source(i: int, s: dict) -> None:
+  """A source's keys and values, as the Beam job's readers would check them."""
+  import difflib
+  if s["format"] == "python_stdlib":
+    for key, value in s.items():
+      if key not in _STDLIB_KEYS:
+        close = difflib.get_close_matches(key, _STDLIB_KEYS, n=1)
+        raise ValueError(f"sources.{i}.{key}: unknown key for format 'python_stdlib'"
+                         + (f" (did you mean {close[0]!r}?)" if close else
+                            f"; known: {', '.join(_STDLIB_KEYS)}"))
+      if key in ("include", "exclude") and not (
+              isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise ValueError(f"sources.{i}.{key}: expected a list of glob patterns, e.g. "
+                         f"[{value!r}], got {value!r}")
+    return
+  from pipelines.transforms.ingest import SourceSpec
+  if "keep_fields" in s and not isinstance(s["keep_fields"], list):
+    raise ValueError(f"sources.{i}.keep_fields: expected a list of field names, got "
+                     f"{s['keep_fields']!r}")
+  try:
+    SourceSpec.from_dict(s)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"sources.{i}: {e}") from None
 
 
 @register

@@ -57,6 +57,18 @@ def test_valid_file_orders_stages(tmp_path):
      ["needs a stage producing vocabulary", "'corpus' (corpus) produces documents"]),
     (("pipeline: demo", "pipeline: demo\nstagez: {}"), ["pipeline.yaml:2,", "unknown field 'stagez'"]),
     (("format: python_stdlib", "format: pdf"), ["sources.0.format", "unknown format 'pdf'"]),
+    # nested settings the Beam job would reject only once built, or silently ignore
+    (("sample_fraction: 0.1}", "sample_fraciton: 0.1}"),
+     ["stage 'corpus'", "sources.0.sample_fraciton", "did you mean 'sample_fraction'"]),
+    (("sample_fraction: 0.1}", "include: '*.py'}"),
+     ["field 'settings.sources.0.include'", "expected a list of glob patterns"]),
+    (("{name: stdlib, format: python_stdlib, sample_fraction: 0.1}]",
+      "{name: b, format: text, path: x.txt, unti: line}]"),
+     ["sources.0", "unknown key 'unti'", "'unit'"]),
+    (("sample_fraction: 0.1}]", "sample_fraction: 0.1}]\n      filters: {min_char: 5}"),
+     ["field 'settings.filters'", "unknown key(s) ['min_char']", "known: min_chars"]),
+    (("sample_fraction: 0.1}]", "sample_fraction: 0.1}]\n      normalize: nfc"),
+     ["field 'settings.normalize'", "form 'nfc' is not one of"]),
 ])
 def test_invalid_files_are_rejected_with_location(tmp_path, edit, expect):
   old, new = edit

@@ -54,6 +54,19 @@ class TrainSettings:
         raise ValueError(f"gin.{k}: set by palmflow from the stage's inputs; remove it")
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _below(path: Path, bases: list[Path]) -> str:
+  """`path` relative to the first of `bases` that contains it (else as it is)."""
+  for base in bases:
+    try:
+      return str(path.resolve().relative_to(Path(base).resolve()))
+    except ValueError:
+      continue
+  return str(path)
+
+
 def _normalized_gin(text: str) -> str:
   lines = [_COMMENT.sub("", l).rstrip() for l in text.splitlines()]
   return "\n".join(l for l in lines if l.strip())
@@ -88,9 +101,17 @@ class Train(StageKind):
   def identity(self, settings, *, base_dir):
     from palmflow.trainer import gin_utils
     paths = ",".join(str(base_dir / p) for p in settings.gin_search_paths)
-    texts = gin_utils.gin_texts(settings.gin_files, gin_utils.search_paths(paths))
+    search = gin_utils.search_paths(paths)
+    # The files the binary will read: it runs in the repository's folder (`run_binary`).
+    texts = gin_utils.gin_texts(settings.gin_files, search, cwd=REPO)
     ident = dataclasses.asdict(settings)
-    ident["resolved_gin"] = {Path(k).name: _normalized_gin(v) for k, v in sorted(texts.items())}
+    # Keyed by file name (as before, so existing stages keep their fingerprints); files of
+    # one name in different folders (a run file including another of its name) are keyed by
+    # their paths below the folder they were found in, so neither is dropped.
+    names = [Path(k).name for k in texts]
+    ident["resolved_gin"] = {
+        (Path(k).name if names.count(Path(k).name) == 1 else _below(Path(k), [REPO, *search])):
+        _normalized_gin(v) for k, v in sorted(texts.items())}
     return ident
 
   def command(self, ctx) -> tuple[list[str], dict]:

@@ -65,23 +65,27 @@ def search_paths(flag: str) -> list[Path]:
   return paths + [REPO_GIN_DIR]
 
 
-def resolve(name: str, paths: Sequence[Path]) -> Path:
+def resolve(name: str, paths: Sequence[Path], cwd: Path | None = None) -> Path:
+  """A gin file: absolute, else the first of `cwd` (default: the current folder) and the
+  search paths that has it."""
   p = Path(name)
   if p.is_absolute() and p.exists():
     return p
-  for base in [Path.cwd()] + list(paths):
+  for base in [cwd or Path.cwd()] + list(paths):
     if (base / p).exists():
       return base / p
   raise ConfigError("gin file not found", path=name, field="--gin_file",
                     hint=f"searched {', '.join(str(x) for x in paths)}")
 
 
-def gin_texts(files: Sequence[str], paths: Sequence[Path]) -> dict[str, str]:
-  """Every file's text, includes followed (for fingerprints and macro checks)."""
+def gin_texts(files: Sequence[str], paths: Sequence[Path],
+              cwd: Path | None = None) -> dict[str, str]:
+  """Every file's text, includes followed (for fingerprints and macro checks), found as the
+  binary run in `cwd` (default: the current folder) would find them."""
   out: dict[str, str] = {}
 
   def visit(name):
-    p = resolve(name, paths)
+    p = resolve(name, paths, cwd)
     key = str(p)
     if key in out:
       return

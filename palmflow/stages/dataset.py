@@ -76,8 +76,16 @@ def stdlib_package_examples(packages, *, seed: int, validation_fraction: float):
   train, val = [], []
   for pkg in packages:
     pdir = root / pkg
-    files = sorted(pdir.rglob("*.py")) if pdir.is_dir() else []
-    for f in files:
+    if not pdir.is_dir():
+      import difflib
+      known = sorted(p.name for p in root.iterdir()
+                     if p.is_dir() and (p / "__init__.py").exists())
+      close = difflib.get_close_matches(pkg, known, n=1)
+      raise DataError(f"packages: {pkg!r} is not a package folder of the standard library "
+                      f"({root})" + (f"; did you mean {close[0]!r}?" if close else "") +
+                      " (a class needs a package with docstrings, e.g. 'json', 'email')")
+    count = len(train) + len(val)
+    for f in sorted(pdir.rglob("*.py")):
       rel = f.relative_to(root).as_posix()
       if "/test" in rel:
         continue
@@ -99,6 +107,9 @@ def stdlib_package_examples(packages, *, seed: int, validation_fraction: float):
         name = getattr(n, "name", "<module>")
         split.append({"id": f"{rel}:{name}:{getattr(n, 'lineno', 0)}", "text": text,
                       "label": pkg})
+    if len(train) + len(val) == count:
+      raise DataError(f"packages: {pkg!r} has no docstring of 20 characters or more outside "
+                      "its tests, so its class would have no example; choose another package")
   return train, val
 
 
@@ -108,7 +119,20 @@ def read_labelled_file(path: Path, *, fmt: str | None, text_field: str, label_fi
   if fmt is None:
     raise DataError(f"{path}: cannot tell the format from the suffix; set settings.format")
   rows = []
-  with open(path, encoding="utf-8", newline="") as f:
+  try:
+    _read_rows(path, fmt, text_field, label_field, rows)
+  except UnicodeDecodeError as e:
+    line = path.read_bytes()[:e.start].count(b"\n") + 1
+    raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start}); convert the file to "
+                    "UTF-8") from None
+  except csv.Error as e:
+    raise DataError(f"{path}: {fmt.upper()} error: {e}") from None
+  return rows
+
+
+def _read_rows(path: Path, fmt: str, text_field: str, label_field: str, rows: list) -> None:
+  # utf-8-sig: a byte-order mark would otherwise become part of the first column's name.
+  with open(path, encoding="utf-8-sig", newline="") as f:
     if fmt == "jsonl":
       for i, line in enumerate(f, 1):
         if not line.strip():
@@ -117,7 +141,7 @@ def read_labelled_file(path: Path, *, fmt: str | None, text_field: str, label_fi
           r = json.loads(line)
           rows.append({"id": f"{path.name}:{i}", "text": str(r[text_field]),
                        "label": str(r[label_field])})
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError, TypeError, IndexError) as e:
           raise DataError(f"{path}:{i}: bad JSONL record ({type(e).__name__}: {e}); "
                           f"expected keys '{text_field}' and '{label_field}'") from None
     else:
@@ -131,7 +155,6 @@ def read_labelled_file(path: Path, *, fmt: str | None, text_field: str, label_fi
         if r.get(text_field) is None or r.get(label_field) is None:
           raise DataError(f"{path}:{i}: row has too few fields")
         rows.append({"id": f"{path.name}:{i}", "text": r[text_field], "label": r[label_field]})
-  return rows
 
 
 def _feature_lengths(splits, vocab_path, inputs_length, targets_length) -> dict[str, int]:

@@ -67,7 +67,8 @@ TOP_SCHEMA = {
                     "description": {"type": "string"},
                     "inputs": {"type": "object", "additionalProperties": {
                         "anyOf": [{"type": "string"},
-                                  {"type": "array", "items": {"type": "string"}}]}},
+                                  {"type": "array", "items": {"type": "string"},
+                                   "minItems": 1}]}},
                     "settings": {"type": "object"},
                 },
                 "required": ["kind"],

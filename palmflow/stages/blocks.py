@@ -31,6 +31,9 @@ class BlocksSettings:
       raise ValueError("block_length: must be at least 2")
     if self.max_range_mb <= 0:
       raise ValueError("max_range_mb: must be positive")
+    for name in ("num_shards", "num_buckets"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name}: must be at least 1")
 
 
 def task_name(pipeline: str, stage: str, fingerprint: str) -> str:

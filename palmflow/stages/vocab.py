@@ -71,6 +71,10 @@ class VocabSettings:
       raise ValueError("num_threads: must be at least 1")
     if self.max_sentence_chars < 16:
       raise ValueError("max_sentence_chars: must be at least 16")
+    for name in ("sample_documents", "max_sentences"):  # None: no limit
+      value = getattr(self, name)
+      if value is not None and value < 1:
+        raise ValueError(f"{name}: must be at least 1, or null for no limit")
 
 
 def train_sentencepiece(lines: Iterable[str], s: VocabSettings) -> bytes:

@@ -69,6 +69,13 @@ def test_valid_file_orders_stages(tmp_path):
      ["field 'settings.filters'", "unknown key(s) ['min_char']", "known: min_chars"]),
     (("sample_fraction: 0.1}]", "sample_fraction: 0.1}]\n      normalize: nfc"),
      ["field 'settings.normalize'", "form 'nfc' is not one of"]),
+    (("{vocab_size: 500}", "{vocab_size: 500, max_sentences: 0}"),
+     ["field 'settings.max_sentences'", "at least 1, or null for no limit"]),
+    (("inputs: {documents: corpus, vocab: vocab}",
+      "inputs: {documents: corpus, vocab: vocab}\n    settings: {num_shards: 0}"),
+     ["stage 'blocks'", "field 'settings.num_shards'", "at least 1"]),
+    (("inputs: {documents: corpus, vocab: vocab}", "inputs: {documents: [], vocab: vocab}"),
+     ["stage 'blocks'", "inputs.documents"]),
 ])
 def test_invalid_files_are_rejected_with_location(tmp_path, edit, expect):
   old, new = edit

@@ -90,6 +90,29 @@ def close_worker_pool() -> None:
 atexit.register(close_worker_pool)  # a pool outlives no process that started it
 
 
+def remote_path_identity(path: str) -> dict:
+  """Identity of a path on a Beam filesystem (gs://, s3://, ...): every matched object's size
+  and update time, as the filesystem lists them (reading the objects to hash them would
+  cost a download). An object rewritten with new content gets a new update time, so the
+  stage reruns.
+
+  Raises:
+    FileNotFoundError: nothing matches, or the filesystem cannot list the path (no
+      credentials, or its Beam extra is not installed); the message says which.
+  """
+  from apache_beam.io.filesystems import FileSystems
+  try:
+    found = FileSystems.match([path])[0].metadata_list
+  except Exception as e:  # noqa: BLE001 - Beam raises BeamIOError, ValueError, ImportError
+    raise FileNotFoundError(f"cannot list '{path}': {type(e).__name__}: {e} (palmflow "
+                            "identifies remote inputs by their listed sizes and update "
+                            "times, so planning needs access to them)") from None
+  if not found:
+    raise FileNotFoundError(f"no object matches '{path}'")
+  return {"path": path, "objects": {m.path: [m.size_in_bytes, m.last_updated_in_seconds]
+                                    for m in sorted(found, key=lambda m: m.path)}}
+
+
 def path_identity(base_dir: Path, path: str) -> dict:
   """Identity of an input file: the path as written plus the content digest (not mtime).
 

@@ -6,7 +6,8 @@ import json
 from typing import Any
 
 from palmflow.dag.kinds import StageKind, register, setting
-from palmflow.stages.common import beam_args, beam_summary, path_identity
+from palmflow.stages.common import (beam_args, beam_summary, path_identity,
+                                    remote_path_identity)
 
 FORMATS = ("python_stdlib", "text", "jsonl", "csv", "tsv", "parquet", "tfrecord", "tfds")
 
@@ -118,6 +119,8 @@ class Corpus(StageKind):
         s["python_version"] = python_version()
       elif "path" in s and "://" not in s["path"]:
         s["content"] = path_identity(base_dir, s["path"])
+      elif "path" in s:
+        s["content"] = remote_path_identity(s["path"])
       srcs.append(s)
     ident["sources"] = srcs
     return ident

@@ -153,3 +153,14 @@ def test_every_shipped_pipeline_file_is_valid():
   for f in files:
     p = spec.load(f)
     assert p.order, f
+
+
+def test_a_remote_source_that_cannot_be_listed_fails_planning_naming_it(tmp_path, capsys):
+  """Remote inputs are identified by their listed sizes and update times (an object
+  rewritten reruns the stage), so planning must be able to list them."""
+  text = GOOD.replace("{name: stdlib, format: python_stdlib, sample_fraction: 0.1}",
+                      "{name: books, format: text, path: 'zz://bucket/books/*.txt'}")
+  path = write(tmp_path, text)
+  assert cli.main(["validate", str(path)]) == 2
+  err = capsys.readouterr().err
+  assert "stage 'corpus'" in err and "cannot list 'zz://bucket/books/*.txt'" in err, err

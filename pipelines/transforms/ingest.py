@@ -327,7 +327,9 @@ class _ReadFn(beam.DoFn):
 
     rows = csv.reader(decoded(), delimiter=spec.delimiter or ("\t" if tsv else ","),
                       quoting=csv.QUOTE_MINIMAL if quoting else csv.QUOTE_NONE)
-    header = next(rows, []) if spec.has_header else []
+    header = next(rows, None) if spec.has_header else []
+    if header is None:  # an empty file (one of a glob's matches, say) has no rows to read
+      return
     column = spec.text_column
     if isinstance(column, str):
       if column not in header:

@@ -93,6 +93,7 @@ def test_csv_and_tsv(tmp_path):
     writer.writerow(["0", "spans\ntwo lines"])
     writer.writerow(["0"])
   (tmp_path / "data.tsv").write_text('x\t"not quoted\n')
+  (tmp_path / "empty.csv").write_text("")       # matched by the glob: nothing to read, no error
   p = make_pipeline()
   docs = p | ReadSources([
       {"name": "c", "format": "csv", "path": str(tmp_path / "*.csv"), "keep_fields": ["label"]},

@@ -200,7 +200,8 @@ def run_binary(ctx, argv: list[str], *, log_name: str) -> None:
              f"cd {shlex.quote(repo)}\n"
              + "".join(f"export {k}={shlex.quote(str(v))}\n" for k, v in exports.items())
              + f"export PYTHONPATH={shlex.quote(repo)}${{PYTHONPATH:+:$PYTHONPATH}}\n"
-             + shlex.join(argv).replace(" --", " \\\n  --") + "\n")
+             + " \\\n  ".join([shlex.join(argv[:3])] + [shlex.quote(a) for a in argv[3:]])
+             + "\n")
   ctx.log(f"$ {' '.join(shlex.quote(a) for a in argv[1:3])} ... "
           f"(full command: {ctx.out_dir / 'command.sh'})")
   log_path = ctx.out_dir / log_name

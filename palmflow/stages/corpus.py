@@ -121,6 +121,13 @@ class Corpus(StageKind):
         s["content"] = path_identity(base_dir, s["path"])
       elif "path" in s:
         s["content"] = remote_path_identity(s["path"])
+      elif s["format"] == "tfds" and s.get("data_dir"):
+        # The prepared dataset's info files (versions, splits, shard sizes): a dataset
+        # prepared again, or a newer version picked by an unpinned name, reruns the stage.
+        name = str(s.get("dataset", "")).split("/")[0]
+        pattern = f"{s['data_dir'].rstrip('/')}/{name}/**/dataset_info.json"
+        s["content"] = (remote_path_identity(pattern) if "://" in s["data_dir"]
+                        else path_identity(base_dir, pattern))
       srcs.append(s)
     ident["sources"] = srcs
     return ident

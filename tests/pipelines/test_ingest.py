@@ -175,6 +175,18 @@ def test_tfds_local_dataset(tmp_path):
   with pytest.raises(SourceNotFoundError, match="'td'.*no_such_set"):
     with make_pipeline() as p:
       _ = p | ReadSource({**spec, "dataset": "no_such_set"})
+  # The corpus stage identifies a prepared TFDS dataset by its info files, so preparing a
+  # new version in the same data_dir reruns the stage (the name and data_dir alone did not).
+  from palmflow.stages.corpus import Corpus, CorpusSettings
+  stage_spec = {k: v for k, v in spec.items() if k != "examples_per_shard"}
+
+  def identity():
+    return Corpus().identity(CorpusSettings(sources=[stage_spec]), base_dir=tmp_path)
+  before = identity()
+  assert "1.0.0/dataset_info.json" in str(before)
+  TinyCorpus.VERSION = tfds.core.Version("1.0.1")
+  TinyCorpus(data_dir=str(tmp_path)).download_and_prepare()
+  assert identity() != before
 
 
 def test_invalid_utf8_and_nul_bytes_are_counted_not_fatal(tmp_path):

@@ -171,11 +171,47 @@ class Checkpointer:
         meta=ocp.args.JsonSave(meta)), force=True)
     self._mngr.wait_until_finished()
 
+  def _check_fits(self, step: int, abstract_params, abstract_opt_state) -> None:
+    """Raises ConfigError if checkpoint `step`'s saved tree does not fit this run's state.
+
+    A checkpoint of another configuration (model shapes, an optimizer with other state,
+    float16's loss-scale state) is no corrupt checkpoint: falling back to an older one, or
+    starting over, would train from scratch in this MODEL_DIR and then replace the user's
+    checkpoints. Unreadable metadata is left to the restore (and its fallback).
+    """
+    try:
+      meta = self._mngr.item_metadata(step)
+      saved_params, saved_opt = meta["params"], meta["opt_state"]
+    except Exception:  # noqa: BLE001 - unreadable metadata: the restore decides (fallback)
+      return
+    if saved_params is None or saved_opt is None:
+      return
+    path = str(step_dir(self.dir, step))
+    hint = ("MODEL_DIR holds a run of another configuration: use a new MODEL_DIR, or the "
+            "configuration it was trained with (its config.gin)")
+    try:
+      check_shapes(saved_params, abstract_params, path=path)
+    except ConfigError as e:
+      raise ConfigError(f"cannot resume: {e.args[0].split(': ', 1)[-1].splitlines()[0]}",
+                        path=path, field="MODEL_DIR", hint=hint) from None
+    shapes = lambda tree: sorted(tuple(x.shape) for x in jax.tree.leaves(_metadata_tree(tree)))
+    got, want = shapes(saved_opt), shapes(abstract_opt_state)
+    if got != want:
+      raise ConfigError(
+          f"cannot resume: the optimizer state has {len(got)} arrays in the checkpoint but "
+          f"{len(want)} in this run (another optimizer, optimizer settings or precision "
+          "policy, e.g. float16's loss scaling)", path=path, field="MODEL_DIR", hint=hint)
+
   def restore_latest(self, abstract_params, abstract_opt_state):
     """(step, params, opt_state, meta) of the newest restorable checkpoint, or None.
 
     Unfinished directories are ignored; a checkpoint that fails to restore is skipped with
     a warning naming it and the one used instead.
+
+    Raises:
+      ConfigError: the checkpoint to restore was saved by another configuration (its
+        parameter shapes or optimizer state differ): nothing is restored, skipped or
+        replaced.
     """
     unfinished = sorted(set(self._mngr.all_steps()) - set(self.steps()))
     for s in unfinished:
@@ -183,6 +219,7 @@ class Checkpointer:
                   COMMIT_MARKER)
     candidates = list(reversed(self.steps()))
     for i, step in enumerate(candidates):
+      self._check_fits(step, abstract_params, abstract_opt_state)
       try:
         out = self._mngr.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_params),

@@ -216,3 +216,22 @@ def test_config_validation():
     ckpt_lib.SaveCheckpointConfig(period=0)
   with pytest.raises(ConfigError, match="mode"):
     ckpt_lib.RestoreCheckpointConfig(path="x", mode="all")
+
+
+def test_a_checkpoint_of_another_configuration_stops_the_resume_and_is_kept(tmp_path, mesh):
+  """Resuming with another optimizer state (here one more array, as float16's loss scaling
+  or momentum would add) or other parameter shapes is a config error: falling back or
+  starting over would retrain from scratch in MODEL_DIR and then replace its checkpoints."""
+  _save_steps(tmp_path, mesh, [10, 20])
+  params, opt = _state(mesh)
+  opt["loss_scale"] = opt["count"]
+  ck = ckpt_lib.Checkpointer(tmp_path, ckpt_lib.SaveCheckpointConfig())
+  with pytest.raises(ConfigError, match=r"checkpoint_20, field 'MODEL_DIR': cannot resume: the "
+                                        r"optimizer state has 4 arrays in the checkpoint but 5"):
+    ck.restore_latest(_abstract(params), _abstract(opt))
+  params, opt = _state(mesh, vocab=32)
+  with pytest.raises(ConfigError, match="cannot resume: parameter embedding has shape "
+                                        r"\(16, 8\) in the checkpoint but \(32, 8\)"):
+    ck.restore_latest(_abstract(params), _abstract(opt))
+  ck.close()
+  assert ckpt_lib.finished_steps(tmp_path) == [10, 20]

@@ -109,6 +109,21 @@ def get_task_or_mixture(name: str, module=None):
              "or pass its palmflow task spec with --task_spec") from None
 
 
+def check_vocabulary_fits(task, vocab_size: int) -> None:
+  """Raises ConfigError if a feature's vocabulary has more ids than the model's embedding.
+
+  An id past the embedding's rows would read NaNs (`jnp.take` fills out-of-range rows), and
+  the loss would be NaN from the first step (under float16, every step skipped).
+  """
+  for name, feature in task.output_features.items():
+    n = getattr(feature.vocabulary, "vocab_size", None)
+    if n is not None and n > vocab_size:
+      raise ConfigError(
+          f"the task's {name!r} vocabulary has {n} ids but the model's embedding has "
+          f"{vocab_size} rows", field="VOCAB_SIZE",
+          hint=f"set --gin.VOCAB_SIZE={n} (or more; a multiple of 128 suits accelerators)")
+
+
 def get_dataset(cfg: DatasetConfig, *, shard_index: int = 0, num_shards: int = 1,
                 num_epochs: int | None = None, skip_batches: int = 0) -> tf.data.Dataset:
   """The batched, converted dataset for this host.

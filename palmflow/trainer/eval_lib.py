@@ -286,6 +286,7 @@ def evaluate(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Part
                       field="INFERENCE_MODE", hint="scores are written by the infer binary "
                       "(INFER_MODE = 'score')" if mode == "score" else None)
   task = data_lib.get_task_or_mixture(mixture_or_task_name, module)
+  data_lib.check_vocabulary_fits(task, model.config.vocab_size)
   length = sum(task_feature_lengths.values())
   step, params = load_params(model, checkpoint_path, partitioner, length,
                              vocab_digest=_task_vocab_digest(task))
@@ -373,6 +374,7 @@ def infer(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Partiti
   if mode not in INFER_MODES:
     raise ConfigError(f"mode must be one of {INFER_MODES}, not {mode!r}", field="INFER_MODE")
   top = data_lib.get_task_or_mixture(mixture_or_task_name, module)
+  data_lib.check_vocabulary_fits(top, model.config.vocab_size)
   length = sum(task_feature_lengths.values())
   step, params = load_params(model, checkpoint_path, partitioner, length,
                              vocab_digest=_task_vocab_digest(top))

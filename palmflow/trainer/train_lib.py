@@ -247,9 +247,11 @@ def _partition_specs(params) -> dict[str, str]:
   return out
 
 
-def _vocab_digest(cfg: data_lib.DatasetConfig) -> str | None:
-  """The digest of the training task's targets vocabulary (recorded in checkpoints)."""
+def _vocab_digest(cfg: data_lib.DatasetConfig, vocab_size: int) -> str | None:
+  """The digest of the training task's targets vocabulary (recorded in checkpoints); checks
+  first that the vocabularies fit the model's `vocab_size`."""
   task = data_lib.get_task_or_mixture(cfg.mixture_or_task_name, cfg.module)
+  data_lib.check_vocabulary_fits(task, vocab_size)
   feature = task.output_features.get("targets")
   return ckpt_lib.vocabulary_digest(feature.vocabulary) if feature is not None else None
 
@@ -430,7 +432,7 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
 
   checkpointer = ckpt_lib.Checkpointer(model_dir, checkpoint_cfg)
   try:  # closed on errors too: an open orbax manager's threads outlive the call
-    vocab_digest = _vocab_digest(cfg)
+    vocab_digest = _vocab_digest(cfg, model.config.vocab_size)
     start_step, params, opt_state, consumed = restore_train_state(
         checkpointer, params, opt_state, mesh=partitioner.mesh, restore_cfg=restore_cfg,
         total_steps=total_steps, vocab_digest=vocab_digest)

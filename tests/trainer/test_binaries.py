@@ -183,6 +183,19 @@ def test_a_setting_the_library_rejects_exits_2_in_one_line(pretrained, tmp_path,
   assert "Traceback" not in err
 
 
+def test_a_vocabulary_larger_than_the_embedding_is_named(pretrained, tmp_path, capsys):
+  """Ids past the embedding's rows read NaNs: the loss would be NaN from the first step."""
+  _, task_json, _ = pretrained
+  rc = run_binary("train", ["--gin_file=runs/pretrain.gin", "--gin_file=models/palm_tiny.gin",
+                            f"--task_spec={task_json}", f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'",
+                            f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}", "--gin.TRAIN_STEPS=2",
+                            "--gin.VOCAB_SIZE=16", f"--gin.MODEL_DIR='{tmp_path / 'm'}'"])
+  err = capsys.readouterr().err
+  assert rc == 2, err
+  assert re.search(r"field 'VOCAB_SIZE': the task's '(inputs|targets)' vocabulary has \d+ ids "
+                   r"but the model's embedding has 16 rows", err), err
+
+
 def test_includes_found_on_the_search_paths_log_no_errors(caplog, tmp_path):
   """gin first probes every include as a file inside a Python package and logs "Path not
   found" at ERROR before finding it on the search paths: every train and eval log began

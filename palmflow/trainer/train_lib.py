@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from palmflow.errors import ConfigError
+from palmflow.errors import ConfigError, DataError
 from palmflow.trainer import checkpoints as ckpt_lib
 from palmflow.trainer import data as data_lib
 from palmflow.trainer import precision as precision_lib
@@ -358,7 +358,9 @@ def evaluate_loss(eval_fn, params, ds, partitioner: Partitioner, *, max_batches:
     out = eval_fn(params, partitioner.shard_batch(batch))
     for k in tot:
       tot[k] += float(out[k])
-  w = max(tot["weights"], 1e-8)
+  if not tot["weights"]:
+    return {}  # no target token: no loss or accuracy to report (not 0 and 0)
+  w = tot["weights"]
   return {"loss": tot["cross_ent_loss_sum"] / w, "accuracy": tot["accuracy_numerator"] / w}
 
 
@@ -461,6 +463,12 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
       eds = data_lib.get_dataset(train_eval_dataset_cfg, shard_index=jax.process_index(),
                                  num_shards=jax.process_count(), num_epochs=1)
       m = evaluate_loss(eval_fn, params, eds, partitioner, max_batches=eval_steps)
+      if not m:
+        raise DataError(
+            f"training evaluation on {train_eval_dataset_cfg.mixture_or_task_name!r} split "
+            f"{train_eval_dataset_cfg.split!r} saw no target token: the split is empty; "
+            "point TRAIN_EVAL_SPLIT at a split with examples, or set "
+            "TRAIN_EVAL_MIXTURE_OR_TASK_NAME = None")
       eval_writer.write(step, m)
       log.info("eval step %d: %s", step, format_metrics(m))
       return m

@@ -304,3 +304,12 @@ def test_a_resume_drops_a_half_written_metrics_line_and_later_steps(tmp_path, ca
   assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
   assert f"{path}:4: dropping a partly written metrics line" in caplog.text
   assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_training_eval_of_an_empty_split_reports_nothing_not_zeros():
+  """No target token seen: no loss or accuracy (it logged loss 0 and accuracy 0, which a
+  curve shows as real); `train` then stops with a DataError naming the split."""
+  empty = tf.data.Dataset.from_tensor_slices(
+      {"decoder_target_tokens": np.zeros((0, 4), np.int32)}).batch(2)
+  never = lambda params, batch: pytest.fail("no batch to evaluate")
+  assert train_lib.evaluate_loss(never, None, empty, None, max_batches=3) == {}

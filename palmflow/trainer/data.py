@@ -109,6 +109,24 @@ def get_task_or_mixture(name: str, module=None):
              "or pass its palmflow task spec with --task_spec") from None
 
 
+def check_converter_keeps_inputs(task, feature_converter: str, field: str) -> None:
+  """Raises ConfigError if `feature_converter` would drop a task's "inputs" when decoding.
+
+  The LM converters read only "targets": a text-to-text task's inputs would be dropped,
+  the decoder would continue after the target itself, and the metrics would mean nothing.
+  """
+  import seqio
+  if feature_converter not in ("lm", "blocked_lm"):
+    return
+  with_inputs = [t.name for t in seqio.get_subtasks(task) if "inputs" in t.output_features]
+  if with_inputs:
+    raise ConfigError(
+        f"FEATURE_CONVERTER={feature_converter!r} reads only 'targets', but "
+        f"{', '.join(with_inputs)} has 'inputs': they would be dropped and decoding would "
+        "start after the target", field=field,
+        hint="use FEATURE_CONVERTER='prefix_lm' for a task with inputs")
+
+
 def check_vocabulary_fits(task, vocab_size: int) -> None:
   """Raises ConfigError if a feature's vocabulary has more ids than the model's embedding.
 

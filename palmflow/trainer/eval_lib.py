@@ -287,6 +287,7 @@ def evaluate(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Part
                       "(INFER_MODE = 'score')" if mode == "score" else None)
   task = data_lib.get_task_or_mixture(mixture_or_task_name, module)
   data_lib.check_vocabulary_fits(task, model.config.vocab_size)
+  data_lib.check_converter_keeps_inputs(task, feature_converter, "FEATURE_CONVERTER")
   length = sum(task_feature_lengths.values())
   step, params = load_params(model, checkpoint_path, partitioner, length,
                              vocab_digest=_task_vocab_digest(task))
@@ -375,6 +376,7 @@ def infer(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Partiti
     raise ConfigError(f"mode must be one of {INFER_MODES}, not {mode!r}", field="INFER_MODE")
   top = data_lib.get_task_or_mixture(mixture_or_task_name, module)
   data_lib.check_vocabulary_fits(top, model.config.vocab_size)
+  data_lib.check_converter_keeps_inputs(top, feature_converter, "FEATURE_CONVERTER")
   length = sum(task_feature_lengths.values())
   step, params = load_params(model, checkpoint_path, partitioner, length,
                              vocab_digest=_task_vocab_digest(top))

@@ -64,6 +64,18 @@ def test_eval_on_a_split_the_task_lacks_fails_naming_its_splits(trained, tmp_pat
   assert not list(tmp_path.glob("*.jsonl"))
 
 
+def test_eval_with_an_lm_converter_on_a_task_with_inputs_is_refused(trained, tmp_path, capsys):
+  """The LM converter drops a text-to-text task's inputs: decoding would start after the
+  target, and the metrics would mean nothing."""
+  task_json, ckpt = trained
+  rc = run_binary("eval", ["--gin_file=runs/eval.gin", *model_flags(task_json, TASK),
+                           f"--gin.CHECKPOINT_PATH='{ckpt}'",
+                           f"--gin.EVAL_OUTPUT_DIR='{tmp_path}'", "--gin.FEATURE_CONVERTER='lm'"])
+  err = capsys.readouterr().err
+  assert rc == 2, err
+  assert f"FEATURE_CONVERTER='lm' reads only 'targets', but {TASK} has 'inputs'" in err, err
+
+
 @pytest.fixture(scope="module")
 def tiny_model(trained):
   """(model, vocabulary, restored numpy parameters) of the trained checkpoint."""

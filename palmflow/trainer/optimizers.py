@@ -322,3 +322,20 @@ def adamw(*, learning_rate: Schedule | float, b1: float = 0.9, b2: float = 0.99,
     parts.append(optax.clip_by_global_norm(global_norm_clip))
   parts.append(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
   return optax.chain(*parts)
+
+
+def start_schedules_at(opt_state, step: int):
+  """`opt_state` with its learning-rate schedules' step counts set to `step`.
+
+  For fine-tuning from a step-N checkpoint with a fresh optimizer state: the schedule (and
+  the lr² weight decay that follows it) continue at the absolute step N, as t5x's schedules
+  do and as the trainer logs `learning_rate`, instead of warming up from 0 again. The
+  statistics' own counts (Adafactor's β2 = 1 - k^-0.8, Adam's bias correction, momentum)
+  stay at 0: their moments are new.
+  """
+  def reset(node):
+    if isinstance(node, (optax.ScaleByScheduleState, _LrSquaredDecayState)):
+      return node._replace(count=jnp.full_like(node.count, step))
+    return node
+  return jax.tree.map(reset, opt_state, is_leaf=lambda n: isinstance(
+      n, (optax.ScaleByScheduleState, _LrSquaredDecayState)))

@@ -323,7 +323,10 @@ def restore_train_state(checkpointer: ckpt_lib.Checkpointer, params, opt_state, 
             hint=f"TRAIN_STEPS is absolute: to fine-tune N steps set it to {step} + N")
       log.info("initialized from %s (step %d); training until step %d", restore_cfg.path,
                step, total_steps)
-      return step, params, (init_opt if init_opt is not None else opt_state), 0
+      if init_opt is None:  # a fresh optimizer state: its schedules continue at the step
+        from palmflow.trainer import optimizers
+        init_opt = place_on_mesh(optimizers.start_schedules_at(opt_state, step), mesh)
+      return step, params, init_opt, 0
   return 0, params, opt_state, 0
 
 

@@ -350,3 +350,29 @@ def test_microbatches_give_the_large_batch_update(normalizer):
   jax.tree.map(lambda p, g, q: np.testing.assert_allclose(p - q, g, rtol=2e-4, atol=1e-6),
                params, grad, p4)
   assert float(m4["loss"]) == pytest.approx(float(loss), rel=1e-5)
+
+
+@pytest.mark.parametrize("make", [
+    lambda lr: optimizers.adafactor(learning_rate=lr),
+    lambda lr: optimizers.adamw(learning_rate=lr, weight_decay=0.1)])
+def test_fine_tuning_schedules_continue_at_the_checkpoint_step(make):
+  """A fresh optimizer state for fine-tuning from step 100: the learning rate (and
+  Adafactor's lr² weight decay) is the schedule's at step 100, as logged, not a warm-up
+  from 0 again; the moments' own counts start at 0 (their statistics are new)."""
+  schedule = lambda count: 1e-3 * (1.0 + count)
+  tx = make(schedule)
+  params = {"w": jnp.full((4, 4), 0.5)}
+  grads = {"w": jnp.linspace(-1.0, 1.0, 16).reshape(4, 4)}
+  fresh = tx.init(params)
+  moved = optimizers.start_schedules_at(fresh, 100)
+  has_count = lambda n: hasattr(n, "_fields") and "count" in n._fields
+  nodes = [n for n in jax.tree.leaves(moved, is_leaf=has_count) if has_count(n)]
+  schedules = [n for n in nodes if isinstance(n, optax.ScaleByScheduleState)]
+  assert [int(n.count) for n in schedules] == [100]
+  assert all(int(n.count) == 0 for n in nodes  # the moments' counts (β2, bias correction)
+             if not isinstance(n, optax.ScaleByScheduleState) and "LrSquared" not in
+             type(n).__name__)
+  u_fresh, _ = tx.update(grads, fresh, params)
+  u_moved, _ = tx.update(grads, moved, params)
+  # The same moments, a learning rate 101 times larger (plus weight decay's share).
+  assert float(jnp.abs(u_moved["w"]).mean()) > 50 * float(jnp.abs(u_fresh["w"]).mean())

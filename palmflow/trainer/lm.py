@@ -45,8 +45,9 @@ class DecoderOnlyModel:
     optimizer: the optax optimizer used to train it.
     label_smoothing: LABEL_SMOOTHING.
     z_loss: Z_LOSS (PaLM: 1e-4).
-    loss_normalizing_factor: None (per real target token), a number, or a
-      `losses.LossNormalizingFactor` name.
+    loss_normalizing_factor: a `losses.LossNormalizingFactor` name (default
+      "NUM_REAL_TARGET_TOKENS": per real target token), a number, or None (t5x's None: the
+      summed loss, not divided).
     attend_across_documents: False confines attention to one document of a packed block.
     loss_chunk_tokens: tokens of the batch whose logits the loss computes at a time;
       smaller chunks stay in cache, larger ones keep an accelerator busy. Negative: the
@@ -58,7 +59,7 @@ class DecoderOnlyModel:
   optimizer: optax.GradientTransformation | None = None
   label_smoothing: float = 0.0
   z_loss: float = 1e-4
-  loss_normalizing_factor: Any = None
+  loss_normalizing_factor: Any = "NUM_REAL_TARGET_TOKENS"
   attend_across_documents: bool = False
   loss_chunk_tokens: int = 0
 

@@ -44,9 +44,13 @@ class LossNormalizingFactor(str, enum.Enum):
 
 
 def _token_weights(weights: Array, factor: Any) -> tuple[Array, Array]:
-  """Turns ``loss_normalizing_factor`` into per-token weights and a denominator."""
+  """Turns ``loss_normalizing_factor`` into per-token weights and a denominator.
+
+  None is t5x's None: no normalisation, the summed token loss (t5x's T5 1.1 configs train
+  so); palmflow's default is "NUM_REAL_TARGET_TOKENS", the mean per real target token.
+  """
   if factor is None:
-    factor = LossNormalizingFactor.NUM_REAL_TARGET_TOKENS
+    return weights, jnp.asarray(1.0, jnp.float32)
   if isinstance(factor, str):
     try:
       factor = LossNormalizingFactor(factor.upper())
@@ -113,7 +117,8 @@ def cross_entropy_loss(
     weights: Array | None = None,
     label_smoothing: float = 0.0,
     z_loss: float = 1e-4,
-    loss_normalizing_factor: float | str | LossNormalizingFactor | None = None,
+    loss_normalizing_factor: float | str | LossNormalizingFactor | None = (
+        LossNormalizingFactor.NUM_REAL_TARGET_TOKENS),
 ) -> tuple[Array, Array, dict[str, Array]]:
   """Label-smoothed cross-entropy plus z-loss, summed over tokens and normalised.
 
@@ -123,9 +128,10 @@ def cross_entropy_loss(
       weights: [...] per-token weights, 0 on padding; default all ones.
       label_smoothing: probability mass moved from the target to the other V-1 ids, in [0, 1).
       z_loss: coefficient of ``log(Z) ** 2`` (PaLM: 1e-4), pushing log-normalisers to 0.
-      loss_normalizing_factor: None or "NUM_REAL_TARGET_TOKENS" divides by ``sum(weights)``;
-          "NUM_TOTAL_TARGET_TOKENS" by the number of target positions; "AVERAGE_PER_SEQUENCE"
-          averages within sequences, then over sequences; a number divides by that number.
+      loss_normalizing_factor: "NUM_REAL_TARGET_TOKENS" (default) divides by
+          ``sum(weights)``; "NUM_TOTAL_TARGET_TOKENS" by the number of target positions;
+          "AVERAGE_PER_SEQUENCE" averages within sequences, then over sequences; a number
+          divides by that number; None (as in t5x) does not divide: the summed loss.
 
   Returns:
       ``(total_loss, z_loss_part, stats)``: the normalised loss (cross-entropy + z-loss), the
@@ -201,7 +207,8 @@ def projected_cross_entropy_loss(
     dtype: Any = jnp.float32,
     label_smoothing: float = 0.0,
     z_loss: float = 1e-4,
-    loss_normalizing_factor: float | str | LossNormalizingFactor | None = None,
+    loss_normalizing_factor: float | str | LossNormalizingFactor | None = (
+        LossNormalizingFactor.NUM_REAL_TARGET_TOKENS),
     chunk_tokens: int = 512,
 ) -> tuple[Array, Array, dict[str, Array]]:
   """`cross_entropy_loss` of the output projection's logits, without materialising them.

@@ -120,8 +120,11 @@ def _split_microbatches(batch, n: int):
 
 
 def _constant_normalizer(loss_normalizing_factor) -> float | None:
-  """The number a numeric `loss_normalizing_factor` divides by (None for the named ones)."""
+  """The number a numeric `loss_normalizing_factor` divides by: the number itself, 1 for
+  None (t5x's summed loss), None for the named ones (which count per microbatch)."""
   f = loss_normalizing_factor
+  if f is None:
+    return 1.0
   if isinstance(f, (int, float, np.number)) and not isinstance(f, bool):
     return float(f)
   return None

@@ -63,7 +63,9 @@ def test_normalizing_factors(batch):
         label_smoothing=0.1, loss_normalizing_factor=factor)[0]
 
   np.testing.assert_allclose(total(7.0), per_token.sum() / 7.0, rtol=1e-5)
-  np.testing.assert_allclose(total("NUM_REAL_TARGET_TOKENS"), total(None), rtol=1e-6)
+  np.testing.assert_allclose(total("NUM_REAL_TARGET_TOKENS"), per_token.sum() / weights.sum(),
+                             rtol=1e-5)
+  np.testing.assert_allclose(total(None), per_token.sum(), rtol=1e-5)  # t5x: not divided
   np.testing.assert_allclose(total("num_total_target_tokens"), per_token.sum() / 15,
                              rtol=1e-5)
   per_sequence = per_token.sum(-1) / weights.sum(-1)

@@ -259,6 +259,33 @@ class Partitioner:
     spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), self._rules)
     return NamedSharding(self._mesh, spec)
 
+  def data_layout(self, global_batch: int) -> tuple[int, int]:
+    """(shard index, number of shards) of the data this process must read.
+
+    The rows of a global batch that this process's devices hold, as the ``batch`` rule
+    places them (t5x's data layout): with the batch split over every process (data
+    parallelism), each reads its own part; where several processes hold the same rows (a
+    mesh whose batch axes are smaller than the number of processes, e.g. model parallelism
+    across hosts), they read the same shard, and with a replicated batch every process reads
+    the whole batch. `Partitioner.shard_batch` then takes those rows.
+
+    Raises:
+        ConfigError: the process's rows are not one contiguous, even part of the batch.
+    """
+    indices = self.data_sharding(1).devices_indices_map((global_batch,))
+    mine = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop)
+                   for d, s in indices.items() if d.process_index == jax.process_index()})
+    start, stop = mine[0][0], mine[-1][1]
+    size = stop - start
+    if sum(b - a for a, b in mine) != size or global_batch % size or start % size:
+      raise ConfigError(
+          f"process {jax.process_index()} holds rows {mine} of a batch of {global_batch} "
+          f"on the mesh {dict(self._mesh.shape)}: not one even part of it",
+          field="Partitioner.mesh_shape / logical_axis_rules",
+          hint="order the mesh's devices so that each process holds one block of the "
+               "data axis")
+    return start // size, global_batch // size
+
   def shard_batch(self, batch: Any) -> Any:
     """Places this process's part of a batch on the mesh, split along ``batch``.
 

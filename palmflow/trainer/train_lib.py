@@ -459,15 +459,17 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
                                      dropout_seed=random_seed, learning_rate_fn=learning_rate_fn),
         abstract["params"], opt_state)
     eval_fn = partitioner.partition(make_eval_step(model))
-    ds = data_lib.get_dataset(cfg, shard_index=jax.process_index(),
-                              num_shards=jax.process_count(), skip_batches=consumed)
+    # Each process reads the rows of the batch its devices hold (t5x's data layout).
+    shard_index, num_shards = partitioner.data_layout(cfg.batch_size)
+    ds = data_lib.get_dataset(cfg, shard_index=shard_index, num_shards=num_shards,
+                              skip_batches=consumed)
     it = ds.as_numpy_iterator()
 
     def run_eval(step, params):
       if train_eval_dataset_cfg is None:
         return {}
-      eds = data_lib.get_dataset(train_eval_dataset_cfg, shard_index=jax.process_index(),
-                                 num_shards=jax.process_count(), num_epochs=1)
+      eds = data_lib.get_dataset(train_eval_dataset_cfg, shard_index=shard_index,
+                                 num_shards=num_shards, num_epochs=1)
       m = evaluate_loss(eval_fn, params, eds, partitioner, max_batches=eval_steps)
       if not m:
         raise DataError(

@@ -61,6 +61,7 @@ def worker(argv) -> None:
   parser = argparse.ArgumentParser()
   for flag in ("--port", "--process_index", "--model_dir"):
     parser.add_argument(flag, required=True)
+  parser.add_argument("--mesh", default="fully_sharded")
   a = parser.parse_args(argv)
   import jax
   from palmflow.trainer import gin_utils, partitioning
@@ -72,8 +73,10 @@ def worker(argv) -> None:
   assert jax.process_count() == 2 and jax.local_device_count() == 4
   assert jax.device_count() == 8
   register_progressions(TASK)
-  result = train_tiny(partitioning.Partitioner(
-      mesh_shape=(2, 4), logical_axis_rules=partitioning.FULLY_SHARDED_RULES), a.model_dir)
+  shape, rules = {"fully_sharded": ((2, 4), partitioning.FULLY_SHARDED_RULES),
+                  "model_parallel": ((1, 8), partitioning.MODEL_PARALLEL_RULES)}[a.mesh]
+  result = train_tiny(partitioning.Partitioner(mesh_shape=shape, logical_axis_rules=rules),
+                      a.model_dir)
   if jax.process_index() == 0:
     (pathlib.Path(a.model_dir) / "worker_result.json").write_text(json.dumps(
         {"process_count": jax.process_count(), "specs": result["param_partition_specs"]}))
@@ -185,9 +188,13 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_match_the_single_process_loss(mesh_runs, tmp_path):
-  """Two jax processes (4 CPU devices each, gloo collectives) train the 2x4 fully sharded
-  model, each feeding its half of every batch; the loss curve matches one process with 8."""
+@pytest.mark.parametrize("mesh", ["fully_sharded", "model_parallel"])
+def test_two_processes_match_the_single_process_loss(mesh_runs, tmp_path, mesh):
+  """Two jax processes (4 CPU devices each, gloo collectives) train the tiny model; the loss
+  curve matches one process with 8 devices. On the 2x4 fully sharded mesh each process reads
+  and feeds its half of every batch; on the 1x8 model-parallel mesh (the batch replicated
+  across both processes) each reads and feeds the whole batch (the data layout follows the
+  mesh, not the process count)."""
   env = dict(os.environ)
   # 4 devices per process; cheaper LLVM passes cut the workers' compile time by about a third.
   env["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4 "
@@ -201,7 +208,7 @@ def test_two_processes_match_the_single_process_loss(mesh_runs, tmp_path):
     log = open(tmp_path / f"worker{i}.log", "w")
     procs.append((subprocess.Popen(
         [sys.executable, __file__, "--worker", "--port", str(port), "--process_index", str(i),
-         "--model_dir", str(model_dir)], env=env, cwd=REPO, stdout=log,
+         "--model_dir", str(model_dir), "--mesh", mesh], env=env, cwd=REPO, stdout=log,
         stderr=subprocess.STDOUT), log))
   try:
     codes = [p.wait(timeout=420) for p, _ in procs]
@@ -212,8 +219,8 @@ def test_two_processes_match_the_single_process_loss(mesh_runs, tmp_path):
       log.close()
   logs = "\n".join((tmp_path / f"worker{i}.log").read_text()[-3000:] for i in range(2))
   assert codes == [0, 0], logs
-  single = loss_curve(mesh_runs["fully_sharded"][1])
+  single = loss_curve(mesh_runs[mesh][1])
   np.testing.assert_allclose(loss_curve(model_dir), single, rtol=CURVE_RTOL)
   worker_result = json.loads((model_dir / "worker_result.json").read_text())
   assert worker_result["process_count"] == 2
-  assert worker_result["specs"] == mesh_runs["fully_sharded"][2]["param_partition_specs"]
+  assert worker_result["specs"] == mesh_runs[mesh][2]["param_partition_specs"]

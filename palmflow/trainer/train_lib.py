@@ -350,15 +350,37 @@ def _batch_multiple(partitioner: Partitioner) -> int:
   return max(1, size // jax.process_count())
 
 
-def evaluate_loss(eval_fn, params, ds, partitioner: Partitioner, *, max_batches: int) -> dict:
-  """Token-level loss and accuracy over up to `max_batches` batches of `ds`."""
+def evaluate_loss(eval_fn, params, ds, partitioner: Partitioner, *, max_batches: int,
+                  host_batch_size: int | None = None) -> dict:
+  """Token-level loss and accuracy over up to `max_batches` batches of `ds`.
+
+  A short last batch is padded with rows of zero weight: to `host_batch_size` rows when
+  given (every process then feeds the same shapes), else to a multiple of the local
+  devices. With several processes, whose shards of the split may hold different numbers
+  of batches, all run as many steps as the longest (the others feed batches of zero
+  weight): every process must take part in every step's collectives.
+  """
   tot = {"cross_ent_loss_sum": 0.0, "accuracy_numerator": 0.0, "weights": 0.0}
-  for i, batch in enumerate(ds.as_numpy_iterator()):
-    if i >= max_batches:
-      break
+  batches = [b for _, b in zip(range(max_batches), ds.as_numpy_iterator())]
+  steps = len(batches)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    steps = int(np.max(multihost_utils.process_allgather(np.asarray(len(batches)))))
+  zero = None
+  for i in range(steps):
+    if i < len(batches):
+      batch = batches[i]
+    else:  # this process's shard ran out: a batch of zero weight, shaped as the others
+      if zero is None:
+        spec = ds.element_spec
+        rows = host_batch_size or _batch_multiple(partitioner)
+        zero = {k: np.zeros((rows,) + tuple(s.shape[1:]), s.dtype.as_numpy_dtype)
+                for k, s in spec.items()}
+      batch = zero
     n = len(batch["decoder_target_tokens"])
-    full = -(-n // _batch_multiple(partitioner)) * _batch_multiple(partitioner)
-    if full != n:  # a short last batch: pad with rows of zero weight so it splits evenly
+    multiple = _batch_multiple(partitioner)
+    full = host_batch_size or -(-n // multiple) * multiple
+    if full != n:  # a short last batch: pad with rows of zero weight
       batch = {k: np.concatenate([v, np.zeros((full - n,) + v.shape[1:], v.dtype)])
                for k, v in batch.items()}
     out = eval_fn(params, partitioner.shard_batch(batch))
@@ -470,7 +492,8 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
         return {}
       eds = data_lib.get_dataset(train_eval_dataset_cfg, shard_index=shard_index,
                                  num_shards=num_shards, num_epochs=1)
-      m = evaluate_loss(eval_fn, params, eds, partitioner, max_batches=eval_steps)
+      m = evaluate_loss(eval_fn, params, eds, partitioner, max_batches=eval_steps,
+                        host_batch_size=train_eval_dataset_cfg.batch_size // num_shards)
       if not m:
         raise DataError(
             f"training evaluation on {train_eval_dataset_cfg.mixture_or_task_name!r} split "

@@ -9,18 +9,21 @@ import numpy as np
 
 
 def register_progressions(name: str, *, vocab: int, length: int, num_examples: int,
-                          splits: tuple[str, ...] = ("train",)) -> None:
+                          splits: tuple[str, ...] = ("train",),
+                          split_sizes: dict[str, int] | None = None) -> None:
   """Registers (again) task `name`: progressions mod vocab - 2 (ids >= 2) of length/2..length
-  tokens; the train split draws from seed 0, every other split from seed 1."""
+  tokens; the train split draws from seed 0, every other split from seed 1; each split has
+  `num_examples` examples unless `split_sizes` says otherwise."""
   import seqio
   import tensorflow as tf
 
   def dataset_fn(split, shuffle_files, seed=None):
     del shuffle_files, seed
     rng = np.random.default_rng(0 if split == "train" else 1)
-    start = rng.integers(0, vocab - 2, num_examples)
-    stride = rng.integers(1, 4, num_examples)
-    lengths = rng.integers(length // 2, length + 1, num_examples)
+    n = (split_sizes or {}).get(split, num_examples)
+    start = rng.integers(0, vocab - 2, n)
+    stride = rng.integers(1, 4, n)
+    lengths = rng.integers(length // 2, length + 1, n)
 
     def gen():
       for a, b, n in zip(start, stride, lengths):

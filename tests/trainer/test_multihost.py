@@ -13,6 +13,7 @@ matches the single-process 2x4 run. This file is also the worker script:
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -30,8 +31,11 @@ CURVE_RTOL = 1e-4
 
 
 def register_progressions(name: str) -> None:
+  # 9 validation examples: over two processes, shards of 5 and 4, so one process has a batch
+  # fewer to evaluate than the other (it must still take part in every evaluation step).
   progressions.register_progressions(name, vocab=VOCAB, length=LENGTH, num_examples=128,
-                                     splits=("train",))
+                                     splits=("train", "validation"),
+                                     split_sizes={"validation": 9})
 
 
 def train_tiny(partitioner, model_dir) -> dict:
@@ -43,10 +47,19 @@ def train_tiny(partitioner, model_dir) -> dict:
                               optimizer=optimizers.adafactor(learning_rate=0.05))
   cfg = data.DatasetConfig(mixture_or_task_name=TASK, task_feature_lengths={"targets": LENGTH},
                            batch_size=BATCH, shuffle=False, seed=0, feature_converter="lm")
+  eval_cfg = dataclasses.replace(cfg, split="validation")
   return train_lib.train(model=model, train_dataset_cfg=cfg, partitioner=partitioner,
                          model_dir=str(model_dir), total_steps=STEPS, log_every=1,
-                         eval_period=1000,
+                         train_eval_dataset_cfg=eval_cfg, eval_period=3,
                          checkpoint_cfg=checkpoints.SaveCheckpointConfig(period=1000))
+
+
+def eval_curve(model_dir) -> np.ndarray:
+  """(step, loss, accuracy) rows of the training evaluation (steps 0, 3 and 6)."""
+  rows = [json.loads(l) for l in (pathlib.Path(model_dir) / "training_eval" / TASK /
+                                  "metrics.jsonl").read_text().splitlines() if l.strip()]
+  assert [r["step"] for r in rows] == [0, 3, 6]
+  return np.array([[r["step"], r["loss"], r["accuracy"]] for r in rows])
 
 
 def loss_curve(model_dir) -> np.ndarray:
@@ -162,6 +175,9 @@ def test_same_loss_curve_on_every_mesh(mesh_runs):
   assert ref[-1] < ref[0] - 1.0  # it learns
   for name, curve in curves.items():
     np.testing.assert_allclose(curve, ref, rtol=CURVE_RTOL, err_msg=name)
+  evals = {name: eval_curve(model_dir) for name, (_, model_dir, _) in mesh_runs.items()}
+  for name, curve in evals.items():
+    np.testing.assert_allclose(curve, evals["data_parallel"], rtol=CURVE_RTOL, err_msg=name)
 
 
 @pytest.mark.parametrize("name", list(GIN_FILES))
@@ -221,6 +237,9 @@ def test_two_processes_match_the_single_process_loss(mesh_runs, tmp_path, mesh):
   assert codes == [0, 0], logs
   single = loss_curve(mesh_runs[mesh][1])
   np.testing.assert_allclose(loss_curve(model_dir), single, rtol=CURVE_RTOL)
+  # The training evaluation (9 examples: 5 and 4 per process on the 2x4 mesh) too.
+  np.testing.assert_allclose(eval_curve(model_dir), eval_curve(mesh_runs[mesh][1]),
+                             rtol=CURVE_RTOL)
   worker_result = json.loads((model_dir / "worker_result.json").read_text())
   assert worker_result["process_count"] == 2
   assert worker_result["specs"] == mesh_runs[mesh][2]["param_partition_specs"]

@@ -94,7 +94,8 @@ class DecoderOnlyModel:
       loss, z, stats = losses.cross_entropy_loss(
           logits, batch["decoder_target_tokens"], weights=batch["decoder_loss_weights"],
           label_smoothing=self.label_smoothing, z_loss=self.z_loss,
-          loss_normalizing_factor=self.loss_normalizing_factor)
+          loss_normalizing_factor=self.loss_normalizing_factor,
+          segment_ids=batch.get("decoder_segment_ids"))
       return loss, dict(stats, z_loss=z)
     hidden = self._logits(params, batch, dropout_rng=dropout_rng, return_hidden=True)
     c = self.config
@@ -105,7 +106,7 @@ class DecoderOnlyModel:
         scale=float(logits_scale(c)), dtype=DTYPES[c.dtype],
         label_smoothing=self.label_smoothing, z_loss=self.z_loss,
         loss_normalizing_factor=self.loss_normalizing_factor,
-        chunk_tokens=chunk_tokens)
+        chunk_tokens=chunk_tokens, segment_ids=batch.get("decoder_segment_ids"))
     stats = dict(stats, z_loss=z)
     return loss, stats
 

@@ -40,10 +40,12 @@ class LossNormalizingFactor(str, enum.Enum):
   NUM_TOTAL_TARGET_TOKENS = "NUM_TOTAL_TARGET_TOKENS"
   """Divide by ``batch * length``, padding included."""
   AVERAGE_PER_SEQUENCE = "AVERAGE_PER_SEQUENCE"
-  """Average the loss within each sequence, then over the sequences that have any target."""
+  """Average the loss within each sequence, then over the sequences that have any target.
+  In packed rows (with segment ids) a sequence is a document segment, as in t5x."""
 
 
-def _token_weights(weights: Array, factor: Any) -> tuple[Array, Array]:
+def _token_weights(weights: Array, factor: Any,
+                   segment_ids: Array | None = None) -> tuple[Array, Array]:
   """Turns ``loss_normalizing_factor`` into per-token weights and a denominator.
 
   None is t5x's None: no normalisation, the summed token loss (t5x's T5 1.1 configs train
@@ -64,9 +66,19 @@ def _token_weights(weights: Array, factor: Any) -> tuple[Array, Array]:
   if factor == LossNormalizingFactor.NUM_TOTAL_TARGET_TOKENS:
     return weights, jnp.asarray(weights.size, jnp.float32)
   if factor == LossNormalizingFactor.AVERAGE_PER_SEQUENCE:
-    per_sequence = jnp.sum(weights, axis=-1, keepdims=True)
-    scaled = weights / jnp.where(per_sequence > 0, per_sequence, 1.0)
-    return scaled, jnp.sum(per_sequence > 0).astype(jnp.float32)
+    if segment_ids is None:
+      per_sequence = jnp.sum(weights, axis=-1, keepdims=True)
+      scaled = weights / jnp.where(per_sequence > 0, per_sequence, 1.0)
+      return scaled, jnp.sum(per_sequence > 0).astype(jnp.float32)
+    # Packed rows: each (row, segment) is a sequence. Segment ids are < length + 1.
+    length = weights.shape[-1]
+    rows = jnp.arange(weights.size // length).reshape(weights.shape[:-1] + (1,))
+    ids = (rows * (length + 1) + segment_ids.astype(jnp.int32)).reshape(-1)
+    num = weights.size // length * (length + 1)
+    sums = jax.ops.segment_sum(weights.reshape(-1), ids, num_segments=num)
+    per_token = sums[ids].reshape(weights.shape)
+    scaled = weights / jnp.where(per_token > 0, per_token, 1.0)
+    return scaled, jnp.sum(sums > 0).astype(jnp.float32)
   if isinstance(factor, bool) or not isinstance(factor, (int, float, np.number, jax.Array)):
     raise ValueError(
         f"loss_normalizing_factor must be a number, None or a LossNormalizingFactor name; "
@@ -75,7 +87,8 @@ def _token_weights(weights: Array, factor: Any) -> tuple[Array, Array]:
 
 
 def _checked_weights(targets: Array, weights: Array | None, label_smoothing: float,
-                     factor: Any) -> tuple[Array, Array, Array]:
+                     factor: Any, segment_ids: Array | None = None
+                     ) -> tuple[Array, Array, Array]:
   """Checks ``weights`` and ``label_smoothing``; returns the float32 weights, the per-token
   weights of ``factor`` and its (non-zero) denominator."""
   if weights is not None and weights.shape != targets.shape:
@@ -85,7 +98,7 @@ def _checked_weights(targets: Array, weights: Array | None, label_smoothing: flo
     raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}.")
   weights = (jnp.ones(targets.shape, jnp.float32) if weights is None
              else weights.astype(jnp.float32))
-  token_weights, denominator = _token_weights(weights, factor)
+  token_weights, denominator = _token_weights(weights, factor, segment_ids)
   return weights, token_weights, jnp.where(denominator > 0, denominator, 1.0)
 
 
@@ -119,6 +132,7 @@ def cross_entropy_loss(
     z_loss: float = 1e-4,
     loss_normalizing_factor: float | str | LossNormalizingFactor | None = (
         LossNormalizingFactor.NUM_REAL_TARGET_TOKENS),
+    segment_ids: Array | None = None,
 ) -> tuple[Array, Array, dict[str, Array]]:
   """Label-smoothed cross-entropy plus z-loss, summed over tokens and normalised.
 
@@ -132,6 +146,8 @@ def cross_entropy_loss(
           ``sum(weights)``; "NUM_TOTAL_TARGET_TOKENS" by the number of target positions;
           "AVERAGE_PER_SEQUENCE" averages within sequences, then over sequences; a number
           divides by that number; None (as in t5x) does not divide: the summed loss.
+      segment_ids: [...] document ids of packed rows (0 on padding): "AVERAGE_PER_SEQUENCE"
+          then averages per document, as t5x does.
 
   Returns:
       ``(total_loss, z_loss_part, stats)``: the normalised loss (cross-entropy + z-loss), the
@@ -148,7 +164,7 @@ def cross_entropy_loss(
     raise ValueError(
         f"logits {logits.shape} must be targets {targets.shape} plus a vocab axis.")
   weights, token_weights, denominator = _checked_weights(
-      targets, weights, label_smoothing, loss_normalizing_factor)
+      targets, weights, label_smoothing, loss_normalizing_factor, segment_ids)
   vocab = logits.shape[-1]
   logits = logits.astype(jnp.float32)
   confidence, low_confidence, normalizing_constant = _smoothing(label_smoothing, vocab)
@@ -210,6 +226,7 @@ def projected_cross_entropy_loss(
     loss_normalizing_factor: float | str | LossNormalizingFactor | None = (
         LossNormalizingFactor.NUM_REAL_TARGET_TOKENS),
     chunk_tokens: int = 512,
+    segment_ids: Array | None = None,
 ) -> tuple[Array, Array, dict[str, Array]]:
   """`cross_entropy_loss` of the output projection's logits, without materialising them.
 
@@ -231,8 +248,8 @@ def projected_cross_entropy_loss(
   Args:
       hidden: [batch, length, embed] final hidden states (after the final norm).
       kernel: [vocab, embed] (``vocab_major``) or [embed, vocab] output weights.
-      targets, weights, label_smoothing, z_loss, loss_normalizing_factor: as for
-          `cross_entropy_loss`.
+      targets, weights, label_smoothing, z_loss, loss_normalizing_factor, segment_ids: as
+          for `cross_entropy_loss`.
       scale: multiplies the logits (PaLM's shared embedding: ``1 / sqrt(d_model)``).
       dtype: the products' operand dtype.
       chunk_tokens: tokens of the batch a chunk of positions holds at most.
@@ -245,7 +262,7 @@ def projected_cross_entropy_loss(
     raise ValueError(f"targets {targets.shape} must be hidden {hidden.shape} without its "
                      "embed axis.")
   weights, token_weights, denominator = _checked_weights(
-      targets, weights, label_smoothing, loss_normalizing_factor)
+      targets, weights, label_smoothing, loss_normalizing_factor, segment_ids)
   vocab = kernel.shape[0] if vocab_major else kernel.shape[1]
   settings = _Projection(vocab_major=vocab_major, scale=float(scale),
                          dtype=jnp.dtype(dtype).name, vocab=vocab,

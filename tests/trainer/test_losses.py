@@ -75,6 +75,33 @@ def test_normalizing_factors(batch):
     total("per_token")
 
 
+def test_average_per_sequence_averages_per_document_in_packed_rows(batch):
+  """With segment ids (packed rows), t5x's AVERAGE_PER_SEQUENCE averages per document:
+  a row of two documents counts twice, each document's mean once."""
+  logits, targets, weights = batch
+  segments = np.array([[1, 1, 2, 0, 0], [1, 2, 2, 3, 3], [1, 0, 0, 0, 0]])
+  weights = (segments > 0).astype(np.float32)
+  xent, z = _reference(logits, targets, weights, 0.0, 1e-4)
+  per_token = xent + z
+  means = [per_token[r][segments[r] == s].mean() for r in range(3)
+           for s in sorted(set(segments[r]) - {0})]
+  assert len(means) == 6
+  factor = losses.LossNormalizingFactor.AVERAGE_PER_SEQUENCE
+  total, _, stats = losses.cross_entropy_loss(
+      jnp.asarray(logits), jnp.asarray(targets), weights=jnp.asarray(weights),
+      loss_normalizing_factor=factor, segment_ids=jnp.asarray(segments))
+  np.testing.assert_allclose(total, np.mean(means), rtol=1e-5)
+  assert float(stats["normalizing_factor"]) == 6
+  hidden = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 4))
+  kernel = jax.random.normal(jax.random.PRNGKey(1), (11, 4))
+  kwargs = dict(weights=jnp.asarray(weights), loss_normalizing_factor=factor,
+                segment_ids=jnp.asarray(segments))
+  projected = losses.projected_cross_entropy_loss(hidden, kernel, jnp.asarray(targets),
+                                                  chunk_tokens=5, **kwargs)[0]
+  whole = losses.cross_entropy_loss(hidden @ kernel.T, jnp.asarray(targets), **kwargs)[0]
+  np.testing.assert_allclose(projected, whole, rtol=1e-5)
+
+
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
 def test_predicting_the_smoothed_targets_costs_nothing(label_smoothing):
   vocab = 7

@@ -323,8 +323,9 @@ def _padded_batch():
 @pytest.mark.parametrize("normalizer", ["NUM_REAL_TARGET_TOKENS", 50.0, None])
 def test_microbatches_give_the_large_batch_update(normalizer):
   # Per real target token (the microbatches' token counts differ); 50.0: a fixed divisor,
-  # which must not be summed over microbatches; None: the summed loss (t5x's None). (AVERAGE_PER_SEQUENCE adds up like
-  # None: each microbatch contributes its sum of per-sequence means and its sequence count.)
+  # which must not be summed over microbatches; None: the summed loss (t5x's None).
+  # (AVERAGE_PER_SEQUENCE adds up like the per-token one: each microbatch contributes its
+  # sum of per-sequence means and its sequence count.)
   # SGD with lr 1: the update is minus the gradient, so parameters compare gradients exactly
   # (Adafactor's first step is sign(G), which would hide differences).
   model = lm.DecoderOnlyModel(config=MB_CONFIG, optimizer=optax.sgd(1.0),

@@ -228,8 +228,8 @@ def main(argv=None) -> int:
     tx = model.optimizer
     opt_state = train_lib.place_on_mesh(jax.jit(tx.init)(params), partitioner.mesh)
     step_fn = train_lib.partition_train_step(
-        partitioner, train_lib.make_train_step(model, tx, num_microbatches=microbatches, dropout_seed=0,
-                                               learning_rate_fn=schedule),
+        partitioner, train_lib.make_train_step(model, tx, num_microbatches=microbatches,
+                                               dropout_seed=0, learning_rate_fn=schedule),
         abstract["params"], opt_state, compiler_options=compiler_options)
     state = {"params": params, "opt": opt_state, "step": 0}
 

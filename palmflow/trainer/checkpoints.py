@@ -189,11 +189,10 @@ class Checkpointer:
     path = str(step_dir(self.dir, step))
     hint = ("MODEL_DIR holds a run of another configuration: use a new MODEL_DIR, or the "
             "configuration it was trained with (its config.gin)")
-    try:
-      check_shapes(saved_params, abstract_params, path=path)
-    except ConfigError as e:
-      raise ConfigError(f"cannot resume: {e.args[0].split(': ', 1)[-1].splitlines()[0]}",
-                        path=path, field="MODEL_DIR", hint=hint) from None
+    mismatch = _shape_mismatch(saved_params, abstract_params)
+    if mismatch is not None:
+      raise ConfigError(f"cannot resume: {mismatch[0]}", path=path, field="MODEL_DIR",
+                        hint=hint)
     shapes = lambda tree: sorted(tuple(x.shape) for x in jax.tree.leaves(_metadata_tree(tree)))
     got, want = shapes(saved_opt), shapes(abstract_opt_state)
     if got != want:
@@ -246,6 +245,27 @@ def split_checkpoint_path(path: str | Path) -> tuple[Path, int | None]:
   return p, None
 
 
+def _shape_mismatch(saved: Any, expected: Any) -> tuple[str, str] | None:
+  """(message, hint) for the first parameter whose shape differs or is missing, else None."""
+  other_architecture = ("the checkpoint is of another architecture (compare model-info.txt "
+                        "of both runs)")
+  flat_s, flat_e = _flat(_metadata_tree(saved)), _flat(expected)
+  for name, e in flat_e.items():
+    if name not in flat_s:
+      return f"parameter {name} of the model is not in the checkpoint", other_architecture
+    ss, es = tuple(flat_s[name].shape), tuple(e.shape)
+    if ss != es:
+      extra = (" (the vocabulary size differs: fine-tune with the pretraining vocabulary and "
+               "VOCAB_SIZE)" if "embedding" in name or "logits" in name else "")
+      return (f"parameter {name} has shape {ss} in the checkpoint but {es} in the "
+              f"model{extra}", "use the model gin file (and overrides) the checkpoint was "
+              "trained with; see its config.gin and model-info.txt")
+  for name in flat_s:
+    if name not in flat_e:
+      return f"checkpoint parameter {name} is not in the model", other_architecture
+  return None
+
+
 def check_shapes(saved: Any, expected: Any, *, path: str) -> None:
   """Raises ConfigError naming the first parameter whose shape differs or is missing.
 
@@ -254,25 +274,10 @@ def check_shapes(saved: Any, expected: Any, *, path: str) -> None:
     expected: the model's parameter tree (anything with `.shape`).
     path: the checkpoint, for the message.
   """
-  flat_s, flat_e = _flat(_metadata_tree(saved)), _flat(expected)
-  for name, e in flat_e.items():
-    if name not in flat_s:
-      raise ConfigError(f"parameter {name} of the model is not in the checkpoint", path=path,
-                        hint="the checkpoint is of another architecture (compare "
-                             "model-info.txt of both runs)")
-    ss, es = tuple(flat_s[name].shape), tuple(e.shape)
-    if ss != es:
-      extra = (" (the vocabulary size differs: fine-tune with the pretraining vocabulary and "
-               "VOCAB_SIZE)" if "embedding" in name or "logits" in name else "")
-      raise ConfigError(f"parameter {name} has shape {ss} in the checkpoint but {es} in the "
-                        f"model{extra}", path=path,
-                        hint="use the model gin file (and overrides) the checkpoint was "
-                             "trained with; see its config.gin and model-info.txt")
-  for name in flat_s:
-    if name not in flat_e:
-      raise ConfigError(f"checkpoint parameter {name} is not in the model", path=path,
-                        hint="the checkpoint is of another architecture (compare "
-                             "model-info.txt of both runs)")
+  mismatch = _shape_mismatch(saved, expected)
+  if mismatch is not None:
+    message, hint = mismatch
+    raise ConfigError(message, path=path, hint=hint)
 
 
 def vocabulary_digest(vocabulary) -> str | None:

@@ -26,6 +26,10 @@ from pipelines.transforms.progress import Progress
 STATS = "stats.json"
 
 
+# What a `python_stdlib` source may set besides its name and format (`ReadPythonStdlib`).
+STDLIB_OPTIONS = ("include", "exclude", "sample_fraction", "seed")
+
+
 def read_sources(pbegin, sources: list[dict]):
   """Reads every named source into one PCollection of documents."""
   pcolls = []
@@ -33,8 +37,7 @@ def read_sources(pbegin, sources: list[dict]):
   for s in sources:
     if s.get("format") == "python_stdlib":
       from pipelines.transforms.stdlib import ReadPythonStdlib
-      opts = {k: v for k, v in s.items() if k in ("include", "exclude", "sample_fraction",
-                                                   "seed")}
+      opts = {k: v for k, v in s.items() if k in STDLIB_OPTIONS}
       pcolls.append(pbegin | f"Read[{s['name']}]" >> ReadPythonStdlib(name=s["name"],
                                                                         **opts))
   if others:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from typing import Any
 
@@ -45,21 +46,20 @@ class CorpusSettings:
       raise ValueError("num_shards: must be at least 1")
     # What the Beam job would reject only once it is built, checked when the file is loaded.
     from pipelines.transforms.clean import FilterConfig, Normalize
+    from pipelines.transforms.dedup import NearDedup
     if self.normalize:
       try:
         Normalize(form=self.normalize)
       except ValueError as e:
         raise ValueError(f"normalize: {e}") from None
-    for field, make in (("filters", FilterConfig), ("near_dedup", _near_dedup)):
+    for field, make in (("filters", FilterConfig), ("near_dedup", NearDedup)):
       values = getattr(self, field)
       if not isinstance(values, dict):
         raise ValueError(f"{field}: expected a mapping, got {values!r}")
       try:
         make(**values)
       except TypeError as e:
-        known = [f.name for f in dataclasses.fields(FilterConfig)] if field == "filters" \
-            else ["shingle_size", "num_perm", "bands", "rows", "threshold", "seed", "unit",
-                  "max_bucket_size"]
+        known = list(inspect.signature(make).parameters)
         bad = [k for k in values if k not in known]
         raise ValueError(f"{field}: unknown key(s) {bad or e}; known: "
                          f"{', '.join(known)}") from None
@@ -67,24 +67,18 @@ class CorpusSettings:
         raise ValueError(f"{field}: {e}") from None
 
 
-_STDLIB_KEYS = ("name", "format", "include", "exclude", "sample_fraction", "seed")
-
-
-def _near_dedup(**kwargs):
-  from pipelines.transforms.dedup import NearDedup
-  return NearDedup(**kwargs)
-
-
 def _check_source(i: int, s: dict) -> None:
   """A source's keys and values, as the Beam job's readers would check them."""
   import difflib
   if s["format"] == "python_stdlib":
+    from pipelines.corpus import STDLIB_OPTIONS
+    keys = ("name", "format") + STDLIB_OPTIONS
     for key, value in s.items():
-      if key not in _STDLIB_KEYS:
-        close = difflib.get_close_matches(key, _STDLIB_KEYS, n=1)
+      if key not in keys:
+        close = difflib.get_close_matches(key, keys, n=1)
         raise ValueError(f"sources.{i}.{key}: unknown key for format 'python_stdlib'"
                          + (f" (did you mean {close[0]!r}?)" if close else
-                            f"; known: {', '.join(_STDLIB_KEYS)}"))
+                            f"; known: {', '.join(keys)}"))
       if key in ("include", "exclude") and not (
               isinstance(value, list) and all(isinstance(v, str) for v in value)):
         raise ValueError(f"sources.{i}.{key}: expected a list of glob patterns, e.g. "

@@ -26,6 +26,7 @@ import optax
 from palmflow.errors import ConfigError, DataError
 from palmflow.trainer import checkpoints as ckpt_lib
 from palmflow.trainer import data as data_lib
+from palmflow.trainer import optimizers
 from palmflow.trainer import precision as precision_lib
 from palmflow.trainer.lm import DecoderOnlyModel
 from palmflow.trainer.partitioning import Partitioner
@@ -327,7 +328,6 @@ def restore_train_state(checkpointer: ckpt_lib.Checkpointer, params, opt_state, 
       log.info("initialized from %s (step %d); training until step %d", restore_cfg.path,
                step, total_steps)
       if init_opt is None:  # a fresh optimizer state: its schedules continue at the step
-        from palmflow.trainer import optimizers
         init_opt = place_on_mesh(optimizers.start_schedules_at(opt_state, step), mesh)
       return step, params, init_opt, 0
   return 0, params, opt_state, 0
@@ -366,19 +366,17 @@ def evaluate_loss(eval_fn, params, ds, partitioner: Partitioner, *, max_batches:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     steps = int(np.max(multihost_utils.process_allgather(np.asarray(len(batches)))))
+  multiple = _batch_multiple(partitioner) if steps else 1
   zero = None
   for i in range(steps):
     if i < len(batches):
       batch = batches[i]
     else:  # this process's shard ran out: a batch of zero weight, shaped as the others
       if zero is None:
-        spec = ds.element_spec
-        rows = host_batch_size or _batch_multiple(partitioner)
-        zero = {k: np.zeros((rows,) + tuple(s.shape[1:]), s.dtype.as_numpy_dtype)
-                for k, s in spec.items()}
+        zero = {k: np.zeros((host_batch_size or multiple,) + tuple(s.shape[1:]),
+                            s.dtype.as_numpy_dtype) for k, s in ds.element_spec.items()}
       batch = zero
     n = len(batch["decoder_target_tokens"])
-    multiple = _batch_multiple(partitioner)
     full = host_batch_size or -(-n // multiple) * multiple
     if full != n:  # a short last batch: pad with rows of zero weight
       batch = {k: np.concatenate([v, np.zeros((full - n,) + v.shape[1:], v.dtype)])

@@ -33,11 +33,15 @@ def trained(tmp_path_factory):
   return task_json, ckpt_lib.step_dir(model_dir, STEPS)
 
 
-def _eval(trained, out: Path, *extra: str) -> tuple[list[dict], dict]:
+def _run_eval(trained, out: Path, *extra: str) -> int:
   task_json, ckpt = trained
-  assert run_binary("eval", ["--gin_file=runs/eval.gin", *model_flags(task_json, TASK),
+  return run_binary("eval", ["--gin_file=runs/eval.gin", *model_flags(task_json, TASK),
                              f"--gin.CHECKPOINT_PATH='{ckpt}'", f"--gin.EVAL_OUTPUT_DIR='{out}'",
-                             *extra]) == 0
+                             *extra])
+
+
+def _eval(trained, out: Path, *extra: str) -> tuple[list[dict], dict]:
+  assert _run_eval(trained, out, *extra) == 0
   rows = [json.loads(l) for l in (out / f"{TASK}-{STEPS}.jsonl").read_text().splitlines()]
   metrics = json.loads((out / f"{TASK}-metrics.jsonl").read_text().splitlines()[-1])
   return rows, metrics
@@ -53,10 +57,7 @@ def test_greedy_eval_writes_the_decoded_strings(trained, tmp_path):
 def test_eval_on_a_split_the_task_lacks_fails_naming_its_splits(trained, tmp_path, capsys):
   """seqio skips a task without the split (or without metrics) with an info log; the run
   used to end with exit 0 and no metrics, and a pipeline's eval stage would cache that."""
-  task_json, ckpt = trained
-  rc = run_binary("eval", ["--gin_file=runs/eval.gin", *model_flags(task_json, TASK),
-                           f"--gin.CHECKPOINT_PATH='{ckpt}'",
-                           f"--gin.EVAL_OUTPUT_DIR='{tmp_path}'", "--gin.EVAL_SPLIT='valdation'"])
+  rc = _run_eval(trained, tmp_path, "--gin.EVAL_SPLIT='valdation'")
   err = capsys.readouterr().err
   assert rc == 2, err
   assert (f"field 'EVAL_SPLIT': nothing to evaluate in '{TASK}' on split 'valdation'" in err
@@ -67,10 +68,7 @@ def test_eval_on_a_split_the_task_lacks_fails_naming_its_splits(trained, tmp_pat
 def test_eval_with_an_lm_converter_on_a_task_with_inputs_is_refused(trained, tmp_path, capsys):
   """The LM converter drops a text-to-text task's inputs: decoding would start after the
   target, and the metrics would mean nothing."""
-  task_json, ckpt = trained
-  rc = run_binary("eval", ["--gin_file=runs/eval.gin", *model_flags(task_json, TASK),
-                           f"--gin.CHECKPOINT_PATH='{ckpt}'",
-                           f"--gin.EVAL_OUTPUT_DIR='{tmp_path}'", "--gin.FEATURE_CONVERTER='lm'"])
+  rc = _run_eval(trained, tmp_path, "--gin.FEATURE_CONVERTER='lm'")
   err = capsys.readouterr().err
   assert rc == 2, err
   assert f"FEATURE_CONVERTER='lm' reads only 'targets', but {TASK} has 'inputs'" in err, err

@@ -4,6 +4,7 @@ All return optax objects; gin binds them by name in `gin/models/*.gin` (`OPTIMIZ
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -83,7 +84,8 @@ def adafactor(*, learning_rate: Schedule | float, factored: bool = True,
               multiply_by_parameter_scale: bool = True, momentum: float | None = None,
               weight_decay_exponent: float | None = 2.0,
               global_norm_clip: float | None = 1.0, min_dim_size_to_factor: int = 128,
-              epsilon: float = 1e-30) -> optax.GradientTransformation:
+              epsilon: float = 1e-30,
+              stacked_layers_key: str | None = "layers") -> optax.GradientTransformation:
   """Adafactor with PaLM's settings by default (PaLM paper, section 5).
 
   Per step k = 1, 2, ... and parameter W with gradient G (after global-norm clipping):
@@ -93,6 +95,13 @@ def adafactor(*, learning_rate: Schedule | float, factored: bool = True,
     U = G / sqrt(V), clipped to RMS(U) <= clipping_threshold (update clipping 1.0)
     ΔW = -lr(k-1) · max(RMS(W), 1e-3) · U  (parameter scaling)
          - lr(k-1)^weight_decay_exponent · W  (decoupled weight decay)
+
+  Parameters stacked along a leading ``layers`` axis (the model's ``nn.scan`` puts every
+  layer's matrices in one array) are a stack of separate matrices, as in PaLM, which does not
+  stack them: their second moments are factored, their update clipped and scaled, per layer
+  (t5x's Adafactor does the same where its ``logical_factor_rules`` map ``layers`` to
+  ``batch``). Whole-array statistics would let one layer's large update shrink every
+  other's, and scale each layer's step by the RMS of all of them.
 
   Args:
     learning_rate: a schedule (step -> lr, step counted from 0) or a constant.
@@ -106,10 +115,13 @@ def adafactor(*, learning_rate: Schedule | float, factored: bool = True,
     global_norm_clip: clip the gradients' global norm first (PaLM: 1.0); None disables it.
     min_dim_size_to_factor: smaller matrices keep a full second moment.
     epsilon: added to G² (PaLM/t5x: 1e-30).
+    stacked_layers_key: parameters below a dict key of this name have a leading axis of
+      stacked layers (the model's scan is named ``layers``); None: every array is one matrix.
   Returns:
-    The optax transformation. Its state is that of `adafactor_chain` (optax's global-norm
-    clip, optax's adafactor, the lr² decay); its update computes the same step in fewer
-    passes over memory (`_adafactor_update`).
+    The optax transformation. Its state has the structure of `adafactor_chain`'s (optax's
+    global-norm clip, optax's adafactor, the lr² decay), with the second moments of stacked
+    parameters held per layer; its update computes the step in fewer passes over memory
+    (`_adafactor_update`). Without stacked parameters both compute the same step.
   """
   settings = dict(learning_rate=learning_rate, factored=factored,
                   decay_exponent=decay_exponent, clipping_threshold=clipping_threshold,
@@ -119,13 +131,43 @@ def adafactor(*, learning_rate: Schedule | float, factored: bool = True,
                   min_dim_size_to_factor=min_dim_size_to_factor, epsilon=epsilon)
   chain = adafactor_chain(**settings)
   settings["schedule"] = _as_schedule(settings.pop("learning_rate"))
+  stacked = functools.partial(_stacked_axes, key=stacked_layers_key)
+
+  def init(params):
+    state = list(chain.init(params))
+    index = 1 if global_norm_clip else 0
+    inner = list(state[index])
+
+    def moments(path, p):
+      nb = stacked(path, p)
+      axes = _factored_axes(p.shape[nb:], factored, min_dim_size_to_factor)
+      one = jnp.zeros((1,), p.dtype)
+      if axes is None:
+        return one, one, jnp.zeros_like(p)
+      col_axis, row_axis = axes[0] + nb, axes[1] + nb
+      drop = lambda axis: jnp.zeros(p.shape[:axis] + p.shape[axis + 1:], p.dtype)
+      return drop(row_axis), drop(col_axis), one
+
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    vr, vc, v = zip(*[moments(path, p) for path, p in leaves]) if leaves else ((), (), ())
+    unflat = lambda xs: jax.tree.unflatten(treedef, list(xs))
+    inner[0] = inner[0]._replace(v_row=unflat(vr), v_col=unflat(vc), v=unflat(v))
+    state[index] = tuple(inner)
+    return tuple(state)
 
   def update(grads, state, params=None, **extra_args):
     del extra_args  # accepted as optax's chains accept them; Adafactor uses none
     if params is None:
       raise ValueError("adafactor needs the parameters (parameter scaling, weight decay).")
-    return _adafactor_update(grads, state, params, **settings)
-  return optax.GradientTransformation(chain.init, update)
+    return _adafactor_update(grads, state, params, stacked=stacked, **settings)
+  return optax.GradientTransformation(init, update)
+
+
+def _stacked_axes(path, leaf, *, key: str | None) -> int:
+  """1 where the leaf at `path` is a stack of layers (below a dict key `key`), else 0."""
+  if key is None or getattr(leaf, "ndim", 0) < 2:
+    return 0
+  return int(any(getattr(k, "key", None) == key for k in path))
 
 
 def _as_schedule(learning_rate: Schedule | float) -> Schedule:
@@ -170,8 +212,12 @@ def _factored_axes(shape: tuple[int, ...], factored: bool,
 
 def _adafactor_update(grads, state, params, *, schedule, global_norm_clip, decay_exponent,
                       clipping_threshold, multiply_by_parameter_scale, momentum,
-                      weight_decay_exponent, factored, min_dim_size_to_factor, epsilon):
+                      weight_decay_exponent, factored, min_dim_size_to_factor, epsilon,
+                      stacked):
   """One step of `adafactor`'s chain, on its state, in as few passes over memory as it needs.
+
+  A leaf for which ``stacked(path, leaf)`` is 1 is a stack of matrices along its first axis:
+  its factoring, update clipping and parameter scale are per matrix.
 
   The chain of optax transformations materialises or re-reads the update between its links
   (a global-norm select, the second moments, the update's RMS, the parameters' RMS, the
@@ -206,7 +252,10 @@ def _adafactor_update(grads, state, params, *, schedule, global_norm_clip, decay
     decay_rate = jnp.asarray(schedule(decay_state[0].count)) ** weight_decay_exponent
 
   leaves, treedef = jax.tree.flatten(grads)
-  p_leaves = treedef.flatten_up_to(params)
+  p_with_paths = treedef.flatten_up_to(
+      jax.tree.unflatten(treedef, jax.tree_util.tree_flatten_with_path(params)[0]))
+  p_paths = [path for path, _ in p_with_paths]
+  p_leaves = [p for _, p in p_with_paths]
   vr_leaves = treedef.flatten_up_to(fstate.v_row)
   vc_leaves = treedef.flatten_up_to(fstate.v_col)
   v_leaves = treedef.flatten_up_to(fstate.v)
@@ -220,8 +269,13 @@ def _adafactor_update(grads, state, params, *, schedule, global_norm_clip, decay
   # such array of palm_small's MLP kernels costs ~3 ms more per step). Accelerators fuse
   # sibling reductions themselves.
   on_cpu = jax.default_backend() == "cpu"
-  for g, p, vr, vc, v, m in zip(leaves, p_leaves, vr_leaves, vc_leaves, v_leaves, m_leaves):
+  for path, g, p, vr, vc, v, m in zip(p_paths, leaves, p_leaves, vr_leaves, vc_leaves,
+                                     v_leaves, m_leaves):
     dtype = p.dtype
+    nb = stacked(path, p)
+    # The axes of one matrix: statistics over all of them when the leaf is one matrix.
+    per = None if nb == 0 else tuple(range(nb, p.ndim))
+    keep = dict(axis=per, keepdims=nb > 0)
     s = None if scale is None else scale.astype(g.dtype)
     clipped = (lambda x: x) if s is None else (lambda x: x * s)
 
@@ -232,9 +286,9 @@ def _adafactor_update(grads, state, params, *, schedule, global_norm_clip, decay
       m = jnp.mean(jnp.square(x), axis=axis)
       return m if s is None else jnp.where(s > 0, (s * m) * s, 0.0).astype(m.dtype)
 
-    axes = _factored_axes(p.shape, factored, min_dim_size_to_factor)
+    axes = _factored_axes(p.shape[nb:], factored, min_dim_size_to_factor)
     if axes is not None:
-      col_axis, row_axis = axes
+      col_axis, row_axis = axes[0] + nb, axes[1] + nb
       aliases = list(jax.lax.optimization_barrier((g,) * 3) if on_cpu else (g,) * 3)
       # mean((s G)² + ε) over an axis = mean((s G)²) + ε: one reduction per axis.
       new_vr = beta * vr + (1 - beta) * (
@@ -254,10 +308,11 @@ def _adafactor_update(grads, state, params, *, schedule, global_norm_clip, decay
       g_for_rms = aliases.pop()
       if s is None:
         sum_u_squared = lambda: jnp.sum(
-            jnp.square(g_for_rms) * jnp.square(row) * jnp.square(col), dtype=jnp.float32)
+            jnp.square(g_for_rms) * jnp.square(row) * jnp.square(col), dtype=jnp.float32,
+            **keep)
       else:
         sum_u_squared = lambda: jnp.sum(
-            jnp.square(g_for_rms * (row * s)) * jnp.square(col), dtype=jnp.float32)
+            jnp.square(g_for_rms * (row * s)) * jnp.square(col), dtype=jnp.float32, **keep)
       new_v = v
     else:
       new_v = (beta * v + (1 - beta) * (jnp.square(clipped(g)) + epsilon)).astype(dtype)
@@ -265,14 +320,14 @@ def _adafactor_update(grads, state, params, *, schedule, global_norm_clip, decay
       # The RMS of this u itself, which XLA then writes out once. (From an alias, s would
       # have to be broadcast inside the reduction, which XLA writes out in full too, or
       # factored out as 1/s², which overflows for tiny s.) Unfactored parameters are small.
-      sum_u_squared = lambda: jnp.sum(jnp.square(u), dtype=jnp.float32)
+      sum_u_squared = lambda: jnp.sum(jnp.square(u), dtype=jnp.float32, **keep)
       new_vr, new_vc = vr, vc
     if clipping_threshold is not None:  # the RMS in float32 whatever the parameters' dtype
-      rms = jnp.sqrt(sum_u_squared() / g.size)
+      rms = jnp.sqrt(sum_u_squared() / (g.size // g.shape[0] if nb else g.size))
       u = u / jnp.maximum(1.0, rms / clipping_threshold).astype(u.dtype)
     u = u * jnp.asarray(lr, u.dtype)
     if multiply_by_parameter_scale:
-      u = u * _rms_at_least(p, 1e-3).astype(u.dtype)
+      u = u * _rms_at_least(p, 1e-3, **keep).astype(u.dtype)
     if momentum is not None:
       u = momentum * m + (1 - momentum) * u
       out_m.append(u)
@@ -297,10 +352,11 @@ def _adafactor_update(grads, state, params, *, schedule, global_norm_clip, decay
   return unflat(out_u), clip_state + (tuple(inner),) + decay_state
 
 
-def _rms_at_least(x: jax.Array, floor: float) -> jax.Array:
-  """max(RMS(x), floor): `optax.safe_root_mean_squares`'s value without its gradient-safe
-  select over x, which XLA:CPU writes out in full (a pass per parameter per step)."""
-  return jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(x))), floor)
+def _rms_at_least(x: jax.Array, floor: float, axis=None, keepdims: bool = False) -> jax.Array:
+  """max(RMS(x), floor) (over `axis`): `optax.safe_root_mean_squares`'s value without its
+  gradient-safe select over x, which XLA:CPU writes out in full (a pass per parameter per
+  step)."""
+  return jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(x), axis=axis, keepdims=keepdims)), floor)
 
 
 def adamw(*, learning_rate: Schedule | float, b1: float = 0.9, b2: float = 0.99,

@@ -241,13 +241,67 @@ def test_adafactor_bfloat16_parameters_update_like_the_chain():
                              rtol=2e-2, atol=1e-4)
 
 
-def test_adafactor_update_writes_out_only_the_new_parameters_and_moments():
+@pytest.mark.parametrize("seed", [0, 1])
+def test_adafactor_on_stacked_layers_steps_each_layer_as_its_own_matrix(seed):
+  # The model stacks its layers' matrices along a leading axis (under "layers"). PaLM keeps
+  # them apart: the chain run on the layers taken apart is the reference for the stacked
+  # update, over four steps, with layers of very different scales (their parameter scales,
+  # their update clipping, their factored moments differ).
+  layer_shapes = {"mlp": (130, 260), "wo": (260, 130), "q": (130, 2, 16), "norm": (130,)}
+  rng = np.random.default_rng(seed)
+  n = 3
+  scales = np.array([0.01, 1.0, 30.0])
+  stacked = {"layers": {k: jnp.asarray(rng.normal(size=(n,) + s)
+                                       * scales.reshape((n,) + (1,) * len(s)), jnp.float32)
+                        for k, s in layer_shapes.items()},
+             "emb": jnp.asarray(rng.normal(size=(300, 130)), jnp.float32)}
+  grads_seq = []
+  for i in range(4):
+    g = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), stacked)
+    # One layer's gradients 100x the others' on one step: its update is RMS-clipped.
+    g["layers"] = jax.tree.map(lambda x: x.at[i % n].multiply(100.0), g["layers"])
+    grads_seq.append(g)
+
+  def apart(tree):
+    out = {"emb": tree["emb"]}
+    for k, x in tree["layers"].items():
+      for i in range(n):
+        out[f"{k}_{i}"] = x[i]
+    return out
+
+  settings = {"learning_rate": lambda step: 0.05 / (1.0 + step)}
+  got, got_state = _run_with_state(optimizers.adafactor(**settings), stacked, grads_seq)
+  want, want_state = _run_with_state(optimizers.adafactor_chain(**settings), apart(stacked),
+                                     [apart(g) for g in grads_seq])
+  for k, x in apart(got).items():  # float32 rounding: relative to the layer's scale
+    np.testing.assert_allclose(x, want[k], rtol=2e-5, atol=1e-7 * float(jnp.max(jnp.abs(x))),
+                               err_msg=k)
+  moments, want_moments = got_state[1][0], want_state[1][0]
+  for field in ("v_row", "v_col", "v"):
+    for k in layer_shapes:
+      per_layer = np.stack([getattr(want_moments, field)[f"{k}_{i}"] for i in range(n)])
+      if per_layer.shape[1:] == (1,):  # a placeholder: the moment is held the other way
+        assert getattr(moments, field)["layers"][k].shape == (1,)
+        continue
+      np.testing.assert_allclose(getattr(moments, field)["layers"][k], per_layer,
+                                 rtol=2e-5, atol=1e-30, err_msg=f"{field} {k}")
+  assert moments.v_row["layers"]["mlp"].shape == (n, 130)  # factored within each layer
+  # Statistics over the whole stack (stacked_layers_key=None) take a different step.
+  whole = _run(optimizers.adafactor(stacked_layers_key=None, **settings), stacked, grads_seq)
+  assert not np.allclose(whole["layers"]["mlp"], got["layers"]["mlp"], rtol=1e-3)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_adafactor_update_writes_out_only_the_new_parameters_and_moments(stacked):
   # Memory passes, checked in the compiled update of one factored and one unfactored
   # parameter (as ``train`` compiles it): the only arrays of a factored parameter's size
   # that the step writes are the new parameters (a G², an outer product of the factors, a
   # broadcast or the update written out in full would be another); an unfactored one's
-  # step writes its new second moment and its update too.
+  # step writes its new second moment and its update too. Stacked layers (per-layer
+  # statistics) or not.
   params = {"w": jnp.ones((4, 256, 512)), "q": jnp.ones((4, 256, 8, 16))}
+  if stacked:
+    params = {"layers": params}
   grads = jax.tree.map(lambda p: p * 0.5, params)
   for global_norm_clip in (1.0, None):  # with and without a clipping factor s
     tx = optimizers.adafactor(learning_rate=0.1, global_norm_clip=global_norm_clip)

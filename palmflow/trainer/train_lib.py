@@ -337,6 +337,7 @@ def make_eval_step(model: DecoderOnlyModel) -> Callable:
   def eval_fn(params, batch):
     _, stats = model.loss_fn(params, batch)
     return {"cross_ent_loss_sum": stats["cross_ent_loss_sum"],
+            "z_loss_sum": stats["z_loss_sum"],
             "accuracy_numerator": stats["accuracy_numerator"],
             "weights": stats["accuracy_denominator"]}
   return eval_fn
@@ -354,13 +355,18 @@ def evaluate_loss(eval_fn, params, ds, partitioner: Partitioner, *, max_batches:
                   host_batch_size: int | None = None) -> dict:
   """Token-level loss and accuracy over up to `max_batches` batches of `ds`.
 
+  Per target token, as the training metrics of the same names: ``loss`` (cross-entropy,
+  label smoothing included, plus z-loss, as the model trains on), ``cross_ent_loss``,
+  ``z_loss`` and ``accuracy``.
+
   A short last batch is padded with rows of zero weight: to `host_batch_size` rows when
   given (every process then feeds the same shapes), else to a multiple of the local
   devices. With several processes, whose shards of the split may hold different numbers
   of batches, all run as many steps as the longest (the others feed batches of zero
   weight): every process must take part in every step's collectives.
   """
-  tot = {"cross_ent_loss_sum": 0.0, "accuracy_numerator": 0.0, "weights": 0.0}
+  tot = {"cross_ent_loss_sum": 0.0, "z_loss_sum": 0.0, "accuracy_numerator": 0.0,
+         "weights": 0.0}
   batches = [b for _, b in zip(range(max_batches), ds.as_numpy_iterator())]
   steps = len(batches)
   if jax.process_count() > 1:
@@ -387,7 +393,9 @@ def evaluate_loss(eval_fn, params, ds, partitioner: Partitioner, *, max_batches:
   if not tot["weights"]:
     return {}  # no target token: no loss or accuracy to report (not 0 and 0)
   w = tot["weights"]
-  return {"loss": tot["cross_ent_loss_sum"] / w, "accuracy": tot["accuracy_numerator"] / w}
+  return {"loss": (tot["cross_ent_loss_sum"] + tot["z_loss_sum"]) / w,
+          "cross_ent_loss": tot["cross_ent_loss_sum"] / w, "z_loss": tot["z_loss_sum"] / w,
+          "accuracy": tot["accuracy_numerator"] / w}
 
 
 def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,

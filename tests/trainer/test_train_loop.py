@@ -123,7 +123,11 @@ def test_metrics_jsonl_and_tensorboard_have_loss_accuracy_lr_grad_norm_tokens_an
   assert tensorboard_tags(model_dir / "train") >= {"loss", "accuracy", "learning_rate",
                                                    "grad_norm", "tokens_per_second", "mfu"}
   eval_dir = model_dir / "training_eval" / TASK
-  assert {"loss", "accuracy"} <= set(read_metrics(eval_dir / "metrics.jsonl")[-1])
+  last_eval = read_metrics(eval_dir / "metrics.jsonl")[-1]
+  assert {"loss", "accuracy", "cross_ent_loss", "z_loss"} <= set(last_eval)
+  # The loss the model trains on, as in training: cross-entropy plus z-loss, per token.
+  assert last_eval["z_loss"] > 0
+  assert last_eval["loss"] == pytest.approx(last_eval["cross_ent_loss"] + last_eval["z_loss"])
   assert list(eval_dir.glob("events.out.tfevents.*"))
   assert "Mesh: data=8 x model=1" in (model_dir / "model-info.txt").read_text()
   # Standard rules: vocab -> model (of size 1 here), embed replicated.

@@ -69,9 +69,9 @@ def build(p: beam.Pipeline, args) -> None:
           | "CountIn" >> beam.ParDo(_Count("in"))
           | "Progress" >> Progress("corpus", "documents read"))
   rejected = []
-  if args.normalize:
-    from pipelines.transforms.clean import Normalize
-    docs = docs | "Normalize" >> Normalize(form=args.normalize)
+  # NULs removed and newlines unified whatever the Unicode form ('' skips only the form).
+  from pipelines.transforms.clean import Normalize
+  docs = docs | "Normalize" >> Normalize(form=args.normalize or None)
   filters = json.loads(args.filters or "{}")
   if filters:
     from pipelines.transforms.clean import Filter, FilterConfig
@@ -126,7 +126,8 @@ def parse_args(argv=None):
   parser.add_argument("--sources", required=True, help="JSON list of source specs")
   parser.add_argument("--output_dir", required=True)
   parser.add_argument("--num_shards", type=int, default=4)
-  parser.add_argument("--normalize", default="NFC", help="Unicode form, or '' for none")
+  parser.add_argument("--normalize", default="NFC",
+                      help="Unicode form, or '' for none (NULs are removed either way)")
   parser.add_argument("--filters", default="", help="JSON FilterConfig fields")
   parser.add_argument("--dedup", default="none", choices=["none", "exact", "near",
                                                           "exact+near"])

@@ -18,7 +18,8 @@ class CorpusSettings:
   sources: list[dict[str, Any]] = setting(
       doc="named sources, e.g. {name: stdlib, format: python_stdlib} or {name: books, "
           "format: text, path: 'data/*.txt.gz', unit: file}; formats: " + ", ".join(FORMATS))
-  normalize: str = setting("NFC", doc="Unicode normalization form (NFC, NFKC, ...; '' = none)")
+  normalize: str = setting("NFC", doc="Unicode normalization form (NFC, NFKC, ...; '' = none); "
+                           "NULs are removed and newlines unified either way")
   filters: dict[str, Any] = setting(
       default_factory=dict, doc="FilterConfig fields: min_chars, max_chars, "
       "min_alpha_fraction, max_repeated_line_fraction, max_line_length")

@@ -83,3 +83,29 @@ def test_a_corpus_with_no_document_left_stops_there_naming_the_stage(tmp_path):
   assert e.value.exit_code == 4
   planned = executor.plan(pipeline, store)
   assert planned[0].action != "reuse"                 # not published, so not cached
+
+
+def test_normalize_none_keeps_the_unicode_form_but_still_removes_nuls(tmp_path):
+  """``normalize: ''`` skips the Unicode normal form only: NULs are removed and newlines
+  unified as with a form (they used to be kept with it)."""
+  (tmp_path / "a.txt").write_bytes(
+      "Cafe\u0301 au lait, with a NUL \x00 in the middle of a line.\r\nnext line\n\n"
+      "Another paragraph of text.\n".encode("utf-8"))
+  (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
+      pipeline: raw_text
+      stages:
+        corpus:
+          kind: corpus
+          settings:
+            sources: [{name: s, format: text, path: a.txt, unit: paragraph}]
+            normalize: ''
+            num_shards: 1
+      """))
+  store = Store(tmp_path / "store")
+  pipeline = spec.load(tmp_path / "p.yaml")
+  planned, _ = executor.run(pipeline, store, log=lambda m: None)
+  d = store.stage_dir("corpus", planned[0].fingerprint)
+  texts = sorted(json.loads(l)["text"] for f in d.glob("documents.jsonl-*")
+                 for l in f.read_text().splitlines())
+  assert texts == ["Another paragraph of text.",
+                   "Cafe\u0301 au lait, with a NUL  in the middle of a line.\nnext line"]

@@ -142,10 +142,26 @@ def run(pipeline: spec_lib.Pipeline, store: Store, *,
   log(f"pipeline '{pipeline.name}' ({pipeline.path}), store {store.root}")
   executed: list[str] = []
   done = {p.name for p in planned if p.action == "reuse"}
+
+  def upstream(ref: str) -> kinds_lib.Upstream:
+    u = by_name[ref]
+    return kinds_lib.Upstream(name=ref, kind=u.kind, fingerprint=u.fingerprint,
+                              path=store.stage_dir(ref, u.fingerprint),
+                              manifest=store.manifest(ref, u.fingerprint))
+
+  def inputs_of(st) -> dict:
+    return {slot: ([upstream(r) for r in ref] if isinstance(ref, list) else upstream(ref))
+            for slot, ref in st.inputs.items()}
+
   try:
     for i, p in enumerate(planned):
       if p.action == "reuse":
         log(f"stage {p.name}: up to date ({p.fingerprint}), reused")
+        st = pipeline.stages[p.name]
+        kind = registry[st.kind]
+        if kind.advisory:  # its warnings follow the advisory settings as they are now
+          for w in kind.advise(st.settings, inputs_of(st)):
+            log(f"  {p.name}: WARNING: {w}")
         continue
       if only is not None and p.name not in only:
         log(f"stage {p.name}: would run but is not selected (--only); skipped")
@@ -160,14 +176,7 @@ def run(pipeline: spec_lib.Pipeline, store: Store, *,
       kind = registry[st.kind]
       log(f"stage {p.name} ({st.kind}) {p.fingerprint}: running ({'; '.join(p.reasons)})")
       out_dir = store.prepare(p.name, p.fingerprint, resumable=kind.resumable)
-
-      def upstream(ref: str) -> kinds_lib.Upstream:
-        u = by_name[ref]
-        return kinds_lib.Upstream(name=ref, kind=u.kind, fingerprint=u.fingerprint,
-                                  path=store.stage_dir(ref, u.fingerprint),
-                                  manifest=store.manifest(ref, u.fingerprint))
-      inputs = {slot: ([upstream(r) for r in ref] if isinstance(ref, list) else upstream(ref))
-                for slot, ref in st.inputs.items()}
+      inputs = inputs_of(st)
       all_up = {}
       stack = list(st.upstream_names())
       while stack:

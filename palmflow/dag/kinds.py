@@ -74,6 +74,22 @@ class StageKind(abc.ABC):
   resumable: ClassVar[bool] = False  # a partial output dir is resumed rather than wiped
   runs_beam: ClassVar[bool] = False  # runs Beam jobs (through `stages.common.beam_args`)
   doc: ClassVar[str] = ""
+  # Settings that change what the stage warns about, not what it writes (e.g. a mixture's
+  # planned run): left out of the identity, so changing one reruns nothing downstream;
+  # `advise` checks them again whenever the stage is reused.
+  advisory: ClassVar[tuple[str, ...]] = ()
+
+  def advise(self, settings: Any, inputs: Mapping[str, Any]) -> list[str]:
+    """Warnings about the `advisory` settings, for a finished stage that is reused.
+
+    Args:
+      settings: the validated settings dataclass.
+      inputs: slot -> `Upstream` (or a list of them), as `StageContext.inputs`.
+    Returns:
+      Warning messages (the executor logs them).
+    """
+    del settings, inputs
+    return []
 
   def identity(self, settings: Any, *, base_dir: Path) -> dict:
     """The semantic settings that define this stage's output (hashed into its fingerprint).
@@ -85,7 +101,7 @@ class StageKind(abc.ABC):
       A JSON-able dict. Placement (runner, machine, bucket) never belongs here.
     """
     del base_dir
-    return dataclasses.asdict(settings)
+    return {k: v for k, v in dataclasses.asdict(settings).items() if k not in self.advisory}
 
   def check_inputs(self, settings: Any, inputs: Mapping[str, Any]) -> None:
     """Checks settings that refer to the stage's inputs, when the pipeline file is loaded.

@@ -19,7 +19,10 @@ A source missing from `rates` gets 1.
 
 With `planned_train_steps` and `planned_batch_size`, each source's expected examples are
 share × steps × batch size; a source expected to get fewer than `min_examples_per_source`
-is reported as a warning in the stage log and in the manifest summary's `warnings`.
+is reported as a warning in the stage log and in the manifest summary's `warnings`. These
+three settings are advisory: they are not part of the stage's identity (changing the plan
+reruns neither the mixture nor the training that reads it), and a reused mixture checks
+them again, logging its warnings for the plan as it now is.
 
 The stage writes `task.json` (`"type": "mixture"`, the component task specs and the seqio
 rates) and produces a `task`: a train stage takes it as `data` like a single task. The
@@ -130,6 +133,13 @@ def starvation_report(components, seqio_rates, *, steps: int | None, batch: int 
   return rows, warnings
 
 
+def _components(inputs) -> list[tuple[str, dict, dict]]:
+  """(stage name, task spec, blocks stats) of each mixed input, in order."""
+  ups = inputs["tasks"]
+  ups = ups if isinstance(ups, list) else [ups]
+  return [(u.name, u.manifest["summary"]["task"], _stats(u)) for u in ups]
+
+
 def _common(components, key: str, *, what: str, stage: str):
   values = {repr(spec.get(key)) for _, spec, _ in components}
   if len(values) > 1:
@@ -147,6 +157,14 @@ class Mixture(StageKind):
   settings_cls = MixtureSettings
   slots = {"tasks": Slot(("task",), many=True, doc="the task-producing stages to mix (list)")}
   doc = "seqio Mixture of several tasks by rate (examples, tokens or token shares)"
+  advisory = ("planned_train_steps", "planned_batch_size", "min_examples_per_source")
+
+  def advise(self, settings, inputs):
+    components = _components(inputs)
+    rates = source_rates(components, rates=dict(settings.rates), rate_by=settings.rate_by)
+    return starvation_report(components, rates, steps=settings.planned_train_steps,
+                             batch=settings.planned_batch_size,
+                             min_examples=settings.min_examples_per_source)[1]
 
   def check_inputs(self, settings, inputs):
     names = inputs.get("tasks") or []
@@ -159,10 +177,8 @@ class Mixture(StageKind):
   def run(self, ctx):
     from palmflow.stages.blocks import task_name
     s = ctx.settings
-    ups = ctx.inputs["tasks"]
-    ups = ups if isinstance(ups, list) else [ups]
     # rates naming no input, and a stage listed twice, were refused when the file loaded
-    components = [(u.name, u.manifest["summary"]["task"], _stats(u)) for u in ups]
+    components = _components(ctx.inputs)
     try:
       rates = source_rates(components, rates=dict(s.rates), rate_by=s.rate_by)
     except ValueError as e:

@@ -146,6 +146,30 @@ def test_starvation_warning(store):
   assert manifests["mix"]["summary"]["warnings"] == []
 
 
+def test_a_new_plan_reruns_nothing_and_its_warnings_follow_it(store):
+  # The planned run is advisory: changing it keeps every fingerprint (nothing reruns, the
+  # training that reads the mixture would not either), and the reused mixtures check the
+  # new plan: the starved source now gets enough, the other mixture's plan starves one.
+  root, st, manifests, _ = store
+  raw = pipeline_dict(
+      mix={"rates": {"blocks_a": 3, "blocks_b": 1}, "rate_by": "examples",
+           "planned_train_steps": 1, "planned_batch_size": 2},
+      mix_tokens={"rates": {"blocks_a": 2}, "rate_by": "tokens"},
+      mix_share={"rates": {"blocks_a": 3, "blocks_b": 1}, "rate_by": "token_share"},
+      mix_starved={"rates": {"blocks_a": 1000, "blocks_b": 1}, "planned_train_steps": 1000,
+                   "planned_batch_size": 8, "min_examples_per_source": 1})
+  path = root / "replanned.yaml"
+  path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+  logs = []
+  planned, ran = executor.run(spec_lib.load(path), st, log=logs.append)
+  assert ran == []
+  assert {p.name: p.fingerprint for p in planned} == {
+      n: m["fingerprint"] for n, m in manifests.items()}
+  warnings = [l for l in logs if "WARNING" in l]
+  assert len(warnings) == 1, logs
+  assert "mix: WARNING: source 'blocks_b' would get 0.50 examples" in warnings[0]
+
+
 def test_train_stage_takes_the_mixture_as_data(store):
   from palmflow.dag.kinds import StageContext, Upstream
   from palmflow.stages.train import Train, TrainSettings

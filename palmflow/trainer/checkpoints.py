@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +44,25 @@ class SaveCheckpointConfig:
     dtype: "float32" or "bfloat16" for saved parameters.
     save_dataset: t5x's flag, accepted for its gin files; the data position (batches
       consumed, in `meta`) is always saved, so resuming never repeats or skips data.
+    checkpoint_steps: further steps to save at, besides every `period` steps (e.g. the
+      steps of a learning-rate schedule's changes). keep-N counts them as any other.
   """
 
   period: int = 1000
   keep: int | None = None
   dtype: str = "float32"
   save_dataset: bool = True
+  checkpoint_steps: tuple[int, ...] | None = None
 
   def __post_init__(self):
+    steps = self.checkpoint_steps
+    if steps is not None:
+      if isinstance(steps, (str, bytes)) or not all(
+          isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 1
+          for x in (steps if isinstance(steps, (list, tuple, set, frozenset)) else [steps])):
+        raise ConfigError(f"checkpoint_steps must be a list of steps >= 1, not {steps!r}",
+                          field="SaveCheckpointConfig.checkpoint_steps")
+      object.__setattr__(self, "checkpoint_steps", tuple(sorted(int(x) for x in steps)))
     if self.period < 1:
       raise ConfigError(f"period must be >= 1, not {self.period}",
                         field="SaveCheckpointConfig.period (CHECKPOINT_PERIOD)")
@@ -61,6 +73,11 @@ class SaveCheckpointConfig:
       raise ConfigError(f"dtype must be float32 or bfloat16, not {self.dtype!r}",
                         field="SaveCheckpointConfig.dtype")
 
+  def saves_at(self, step: int, total_steps: int) -> bool:
+    """Whether the run saves a checkpoint after `step` (periodic, listed, or the last)."""
+    return (step % self.period == 0 or step == total_steps
+            or step in (self.checkpoint_steps or ()))
+
 
 @dataclasses.dataclass(frozen=True)
 class RestoreCheckpointConfig:
@@ -70,11 +87,20 @@ class RestoreCheckpointConfig:
     path: a `checkpoint_<step>` directory (INITIAL_CHECKPOINT_PATH), or None.
     mode: "specific" (that checkpoint) or "latest" (newest under `path`).
     restore_optimizer_state: also restore optimizer state (needs the same optimizer).
-    strict: check the checkpoint's parameter names and shapes against the model before
-      restoring, so that a mismatch is an error naming the parameter. False skips the check
-      (orbax's restore then fails on any difference, with its own message); a partial
-      restore (ignoring extra checkpoint parameters) is not supported.
+    strict: every model parameter (but those `assignment_map` maps to None) must be in the
+      checkpoint and every checkpoint parameter must be used, else an error names the
+      first that is not. False: a partial restore; model parameters the checkpoint lacks
+      keep their fresh initialization, unused checkpoint parameters are left on disk
+      (both listed in a warning). A shape that differs is an error either way.
     fallback_to_scratch: start from scratch if `path` has no checkpoint.
+    assignment_map: t5x's renaming, a sequence of (regex, replacement) pairs over the model's
+      parameter names as model-info.txt writes them (``layers/mlp/wi``). The first regex that
+      matches the whole name gives the checkpoint name to restore it from
+      (``re.Match.expand``: ``\\1`` and ``\\g<name>`` refer to groups); a replacement None
+      restores nothing into it (fresh initialization). Names no regex matches restore from
+      the same name.
+    dtype: the dtype restored parameters are cast to (e.g. 'bfloat16' for inference); None
+      keeps the model's parameter dtype.
   """
 
   path: str | None = None
@@ -82,11 +108,48 @@ class RestoreCheckpointConfig:
   restore_optimizer_state: bool = False
   strict: bool = True
   fallback_to_scratch: bool = False
+  assignment_map: tuple[tuple[str, str | None], ...] | None = None
+  dtype: str | None = None
 
   def __post_init__(self):
     if self.mode not in ("specific", "latest"):
       raise ConfigError(f"mode must be 'specific' or 'latest', not {self.mode!r}",
-                        field="RestoreCheckpointConfig.mode")
+                        field="RestoreCheckpointConfig.mode",
+                        hint="'all' (every checkpoint) is not supported: evaluate each "
+                             "checkpoint_<step> with its own CHECKPOINT_PATH")
+    if self.dtype is not None and self.dtype not in ("float32", "bfloat16", "float16"):
+      raise ConfigError(f"dtype must be None, float32, bfloat16 or float16, not "
+                        f"{self.dtype!r}", field="RestoreCheckpointConfig.dtype")
+    if self.assignment_map is not None:
+      field = "RestoreCheckpointConfig.assignment_map"
+      rules = []
+      for rule in self.assignment_map:
+        if (not isinstance(rule, (tuple, list)) or len(rule) != 2
+            or not isinstance(rule[0], str) or not isinstance(rule[1], (str, type(None)))):
+          raise ConfigError(f"each rule must be a (regex, replacement or None) pair, not "
+                            f"{rule!r}", field=field,
+                            hint=r"e.g. ((r'layers/mlp/(.*)', r'layers/ffn/\1'), "
+                                 r"(r'embedding', None))")
+        try:
+          re.compile(rule[0])
+        except re.error as e:
+          raise ConfigError(f"the regex {rule[0]!r} does not compile: {e}",
+                            field=field) from None
+        rules.append((rule[0], rule[1]))
+      object.__setattr__(self, "assignment_map", tuple(rules))
+    if self.restore_optimizer_state and (self.assignment_map or not self.strict):
+      raise ConfigError("restore_optimizer_state restores the optimizer state of the same "
+                        "parameters: not with assignment_map or strict = False",
+                        field="RestoreCheckpointConfig.restore_optimizer_state",
+                        hint="restore the parameters only (restore_optimizer_state = False)")
+
+  def source_of(self, name: str) -> str | None:
+    """The checkpoint parameter that model parameter `name` restores from (None: none)."""
+    for pattern, replacement in self.assignment_map or ():
+      m = re.fullmatch(pattern, name)
+      if m:
+        return None if replacement is None else m.expand(replacement)
+    return name
 
 
 def _handlers() -> dict:
@@ -293,16 +356,120 @@ def _embedding_name(abstract_params) -> str:
   return names[0] if names else "embedding"
 
 
+def _restore_plan(cfg: RestoreCheckpointConfig, abstract_params, saved, *,
+                  path: str) -> dict[str, str | None]:
+  """Model parameter name -> the checkpoint parameter it restores from (None: keeps its
+  initialization), after `cfg`'s assignment_map and strictness.
+
+  Raises:
+    ConfigError: a shape differs; with strict, a parameter is missing or unused.
+  """
+  model, ckpt = _flat(abstract_params), _flat(_metadata_tree(saved))
+  plan = {name: cfg.source_of(name) for name in model}
+  renamed = " (after assignment_map)" if cfg.assignment_map else ""
+  for name, src in plan.items():
+    if src is not None and src in ckpt:
+      ss, es = tuple(ckpt[src].shape), tuple(model[name].shape)
+      if ss != es:
+        what = name if src == name else f"{name} (from checkpoint parameter {src})"
+        raise ConfigError(f"parameter {what} has shape {ss} in the checkpoint but {es} in "
+                          "the model", path=path, field="INITIAL_CHECKPOINT_PATH",
+                          hint="map it elsewhere, or to None to train it from scratch, with "
+                               "RestoreCheckpointConfig.assignment_map")
+  missing = sorted(n for n, src in plan.items() if src is not None and src not in ckpt)
+  unused = sorted(set(ckpt) - {src for src in plan.values() if src is not None})
+  hint = ("set RestoreCheckpointConfig.strict = False to restore what matches (the rest "
+          "keeps its initialization), or map names with assignment_map")
+  if missing:
+    if cfg.strict:
+      raise ConfigError(f"parameter {missing[0]} of the model is not in the checkpoint"
+                        f"{renamed}: it would restore from {plan[missing[0]]}"
+                        + (f" ({len(missing) - 1} more)" if len(missing) > 1 else ""),
+                        path=path, field="INITIAL_CHECKPOINT_PATH", hint=hint)
+    log.warning("%d model parameters are not in %s and keep their initialization: %s",
+                len(missing), path, ", ".join(missing))
+    for n in missing:
+      plan[n] = None
+  if unused:
+    if cfg.strict:
+      raise ConfigError(f"checkpoint parameter {unused[0]} is not used by the model"
+                        f"{renamed}" + (f" ({len(unused) - 1} more)" if len(unused) > 1
+                                        else ""),
+                        path=path, field="INITIAL_CHECKPOINT_PATH", hint=hint)
+    log.warning("%d parameters of %s are not restored (the model does not use them): %s",
+                len(unused), path, ", ".join(unused))
+  skipped = sorted(n for n, src in plan.items() if src is None and n not in missing)
+  if skipped:
+    log.info("assignment_map: %d parameters keep their initialization: %s", len(skipped),
+             ", ".join(skipped))
+  return plan
+
+
+def _nest(flat: dict[str, Any]) -> dict:
+  """{'a/b': x} -> {'a': {'b': x}} (the inverse of `_flat` for trees of dicts)."""
+  out: dict = {}
+  for name, leaf in flat.items():
+    *parents, last = name.split("/")
+    node = out
+    for k in parents:
+      node = node.setdefault(k, {})
+    node[last] = leaf
+  return out
+
+
+def _restore_renamed(directory: Path, step: int, plan: dict[str, str | None],
+                     abstract_params, init_params, dtype) -> Any:
+  """The model's parameters: each from its checkpoint parameter in `plan` (placed as the
+  model's, cast to `dtype`), or from `init_params` where the plan says None."""
+  model = _flat(abstract_params)
+  target = {}
+  for name, src in plan.items():
+    if src is not None and src not in target:
+      a = model[name]
+      target[src] = jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=a.sharding)
+  restored = {}
+  if target:
+    nested = _nest(target)
+    # A tree checkpoint handler reads the params item as saved by the standard handler,
+    # and can restore part of it (the standard handler restores all or nothing).
+    mngr = ocp.CheckpointManager(
+        Path(directory).resolve(),
+        options=ocp.CheckpointManagerOptions(step_prefix=PREFIX, read_only=True,
+                                             create=False),
+        item_handlers={"params": ocp.PyTreeCheckpointHandler()})
+    try:
+      out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
+          nested, restore_args=ocp.checkpoint_utils.construct_restore_args(nested),
+          partial_restore=True)))
+    finally:
+      mngr.close()
+    restored = _flat(out["params"])
+  init = _flat(init_params) if init_params is not None else {}
+  leaves = []
+  for name in model:
+    src = plan[name]
+    if src is None:
+      if name not in init:
+        raise ConfigError(f"parameter {name} is not restored and no initialization was "
+                          "given", field="RestoreCheckpointConfig.assignment_map")
+      leaves.append(init[name].astype(dtype) if dtype else init[name])
+    else:
+      leaves.append(jax.device_put(restored[src], model[name].sharding))
+  return jax.tree.unflatten(jax.tree.structure(abstract_params), leaves)
+
+
 def restore_initial(cfg: RestoreCheckpointConfig, abstract_params, abstract_opt_state, *,
-                    vocab_digest: str | None = None):
+                    vocab_digest: str | None = None, init_params=None):
   """Restores from `cfg.path` (INITIAL_CHECKPOINT_PATH).
 
   Args:
-    cfg: where and what to restore.
+    cfg: where and what to restore (its assignment_map, strictness and dtype too).
     abstract_params: ShapeDtypeStructs (with shardings) of the model's parameters.
     abstract_opt_state: the same for the optimizer state (used if restore_optimizer_state).
     vocab_digest: the digest of the vocabulary the run uses; a checkpoint trained with
       another one is refused (its embedding would be meaningless).
+    init_params: the freshly initialized parameters, for those the checkpoint does not
+      provide (assignment_map to None, or missing with strict = False).
   Returns:
     (step, params, opt_state or None), or None with fallback_to_scratch and no checkpoint.
   Raises:
@@ -331,17 +498,30 @@ def restore_initial(cfg: RestoreCheckpointConfig, abstract_params, abstract_opt_
   try:
     meta = mngr.item_metadata(step)
     saved = meta["params"] if meta is not None and "params" in meta else None
-    if cfg.strict:
-      if saved is None:
-        raise ConfigError("the checkpoint has no parameter metadata", path=str(cfg.path),
-                          field="INITIAL_CHECKPOINT_PATH")
-      check_shapes(saved, abstract_params, path=str(cfg.path))
-    items = {"params": ocp.args.StandardRestore(abstract_params), "meta": ocp.args.JsonRestore()}
+    if saved is None:
+      raise ConfigError("the checkpoint has no parameter metadata", path=str(cfg.path),
+                        field="INITIAL_CHECKPOINT_PATH",
+                        hint="its save did not finish or it is not a palmflow checkpoint")
+    if cfg.strict and not cfg.assignment_map:
+      check_shapes(saved, abstract_params, path=str(cfg.path))  # its messages, name by name
+    plan = _restore_plan(cfg, abstract_params, saved, path=str(cfg.path))
+    whole = all(src == name for name, src in plan.items()) and len(plan) == len(
+        _flat(_metadata_tree(saved)))
+    target = abstract_params
+    if cfg.dtype:
+      target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, cfg.dtype,
+                                                           sharding=a.sharding), target)
+    items = {"meta": ocp.args.JsonRestore()}
+    if whole:
+      items["params"] = ocp.args.StandardRestore(target)
     if cfg.restore_optimizer_state:
       items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
-    out = mngr.restore(step, args=ocp.args.Composite(**items))
+    out = dict(mngr.restore(step, args=ocp.args.Composite(**items)))
   finally:
     mngr.close()
+  if not whole:
+    out["params"] = _restore_renamed(directory, step, plan, abstract_params, init_params,
+                                     cfg.dtype)
   saved_vocab = (out.get("meta") or {}).get("vocab_sha256")
   if vocab_digest and saved_vocab and saved_vocab != vocab_digest:
     raise ConfigError(

@@ -316,7 +316,7 @@ def restore_train_state(checkpointer: ckpt_lib.Checkpointer, params, opt_state, 
     return step, params, opt_state, consumed
   if restore_cfg is not None and restore_cfg.path:
     got = ckpt_lib.restore_initial(restore_cfg, abstract_of(params), abstract_of(opt_state),
-                                   vocab_digest=vocab_digest)
+                                   vocab_digest=vocab_digest, init_params=params)
     if got is not None:
       step, params, init_opt = got
       if step >= total_steps:
@@ -553,7 +553,7 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
       t_pause = time.time()
       if step % eval_period == 0 or step == total_steps:
         last_eval = run_eval(step, params) or last_eval
-      periodic = step % checkpoint_cfg.period == 0 or step == total_steps
+      periodic = checkpoint_cfg.saves_at(step, total_steps)
       if periodic:
         save(step)
       paused += time.time() - t_pause

@@ -32,7 +32,8 @@ def pretrained(tmp_path_factory):
       "include 'runs/pretrain.gin'\n"
       "include 'models/palm_tiny.gin'\n"
       "VOCAB_SIZE = 64\nBATCH_SIZE = 8\nFEATURE_CONVERTER = 'prefix_lm'\n"
-      "CHECKPOINT_PERIOD = 2\n")
+      "CHECKPOINT_PERIOD = 2\n"
+      "checkpoints.SaveCheckpointConfig.checkpoint_steps = [3]\n")
   model_dir = root / "pretrain"
   rc = run_binary("train", [
       "--gin_file=my_experiment.gin", f"--gin_search_paths={configs}",
@@ -50,7 +51,8 @@ def _metric_steps(model_dir: Path) -> list[int]:
 
 def test_gin_files_bindings_and_search_paths(pretrained):
   _, _, model_dir = pretrained
-  assert ckpt_lib.finished_steps(model_dir) == [2, 4]          # CHECKPOINT_PERIOD from the file
+  # CHECKPOINT_PERIOD and checkpoint_steps from the file
+  assert ckpt_lib.finished_steps(model_dir) == [2, 3, 4]
   assert _metric_steps(model_dir) == [1, 2, 3, 4]               # the --gin_bindings override
   config = (model_dir / "config.gin").read_text()
   for line in ("TRAIN_STEPS = 4", "VOCAB_SIZE = 64", "BATCH_SIZE = 8",
@@ -125,6 +127,26 @@ def test_fine_tuning_with_another_vocabulary_size_names_the_parameter(pretrained
   err = capsys.readouterr().err
   assert ("parameter embedding has shape (64, 128) in the checkpoint but (128, 128) in the "
           "model" in err), err
+
+
+def test_an_assignment_map_trains_a_resized_embedding_from_scratch(pretrained, tmp_path):
+  """t5x's assignment_map through gin: the embedding (another size now) is not restored and
+  starts from its initialization; every other parameter is the checkpoint's."""
+  assert _finetune(
+      pretrained, tmp_path, "--gin.TRAIN_STEPS=5", "--gin.VOCAB_SIZE=128",
+      "--gin_bindings=checkpoints.RestoreCheckpointConfig.assignment_map = "
+      "[('embedding', None)]",
+      "--gin_bindings=checkpoints.RestoreCheckpointConfig.strict = False") == 0
+  _, _, pre = pretrained
+  before = ckpt_lib._flat(ckpt_lib.load_params(ckpt_lib.step_dir(pre, 4)))
+  after = ckpt_lib._flat(ckpt_lib.load_params(ckpt_lib.step_dir(tmp_path, 5)))
+  assert before["embedding"].shape == (64, 128) and after["embedding"].shape == (128, 128)
+  assert set(before) == set(after)
+  # One fine-tuning step moved the restored parameters a little, not to somewhere else.
+  for name in before:
+    if name != "embedding":
+      rel = abs(after[name] - before[name]).max() / (abs(before[name]).max() + 1e-12)
+      assert 0 < rel < 0.1, (name, rel)
 
 
 def test_fine_tuning_with_another_vocabulary_names_the_embedding(pretrained, tmp_path, capsys):

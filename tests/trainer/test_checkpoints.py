@@ -209,6 +209,59 @@ def test_bfloat16_checkpoints_restore_into_float32(tmp_path, mesh):
   assert got["embedding"].dtype == jnp.float32 and float(got["embedding"][0, 0]) == 1.5
 
 
+def test_assignment_map_renames_and_leaves_parameters_to_their_initialization(tmp_path, mesh,
+                                                                               caplog):
+  _save_steps(tmp_path, mesh, [3])
+  path = str(tmp_path / "checkpoint_3")
+  saved, _ = _state(mesh, 3.0)
+  init, _ = _state(mesh, -1.0)
+  # The model calls the MLP "ffn", and its embedding is trained from scratch.
+  model = {"embedding": init["embedding"], "layers": {"ffn": init["layers"]["mlp"]}}
+  cfg = ckpt_lib.RestoreCheckpointConfig(path=path, strict=False, assignment_map=[
+      (r"layers/ffn/(.*)", r"layers/mlp/\1"), ("embedding", None)])
+  caplog.set_level(logging.INFO, logger=ckpt_lib.log.name)
+  step, got, _ = ckpt_lib.restore_initial(cfg, _abstract(model), None, init_params=model)
+  assert step == 3
+  for k in ("wi", "wo"):
+    np.testing.assert_array_equal(got["layers"]["ffn"][k], saved["layers"]["mlp"][k])
+    assert got["layers"]["ffn"][k].sharding == model["layers"]["ffn"][k].sharding
+  np.testing.assert_array_equal(got["embedding"], init["embedding"])
+  assert "keep their initialization: embedding" in caplog.text
+  # strict: the checkpoint's embedding is then unused, which is named.
+  strict = ckpt_lib.RestoreCheckpointConfig(path=path, assignment_map=cfg.assignment_map)
+  with pytest.raises(ConfigError, match="checkpoint parameter embedding is not used by the "
+                                        "model \\(after assignment_map\\)"):
+    ckpt_lib.restore_initial(strict, _abstract(model), None, init_params=model)
+  # A renamed parameter whose shape differs names both names.
+  wrong = ckpt_lib.RestoreCheckpointConfig(path=path, strict=False, assignment_map=[
+      ("layers/ffn/wi", "layers/mlp/wo"), ("layers/ffn/wo", "layers/mlp/wi")])
+  with pytest.raises(ConfigError, match=r"parameter layers/ffn/wi \(from checkpoint parameter "
+                                        r"layers/mlp/wo\) has shape \(8, 4\) in the checkpoint "
+                                        r"but \(4, 8\)"):
+    ckpt_lib.restore_initial(wrong, _abstract(model), None, init_params=model)
+
+
+def test_a_partial_restore_keeps_what_the_checkpoint_lacks_and_skips_what_it_has_more(
+    tmp_path, mesh, caplog):
+  _save_steps(tmp_path, mesh, [3])
+  saved, _ = _state(mesh, 3.0)
+  init, _ = _state(mesh, -1.0)
+  model = {"embedding": init["embedding"],
+           "layers": {"mlp": {"wi": init["layers"]["mlp"]["wi"],
+                              "wi_gate": init["layers"]["mlp"]["wi"]}}}
+  cfg = ckpt_lib.RestoreCheckpointConfig(path=str(tmp_path / "checkpoint_3"), strict=False,
+                                         dtype="bfloat16")
+  _, got, _ = ckpt_lib.restore_initial(cfg, _abstract(model), None, init_params=model)
+  assert got["embedding"].dtype == jnp.bfloat16       # RestoreCheckpointConfig.dtype
+  np.testing.assert_array_equal(got["embedding"].astype(jnp.float32), saved["embedding"])
+  np.testing.assert_array_equal(got["layers"]["mlp"]["wi"].astype(jnp.float32),
+                                saved["layers"]["mlp"]["wi"])
+  np.testing.assert_array_equal(got["layers"]["mlp"]["wi_gate"].astype(jnp.float32),
+                                init["layers"]["mlp"]["wi"])
+  assert "1 model parameters are not in" in caplog.text and "wi_gate" in caplog.text
+  assert "are not restored (the model does not use them): layers/mlp/wo" in caplog.text
+
+
 def test_config_validation():
   with pytest.raises(ConfigError, match="CHECKPOINTS_TO_KEEP"):
     ckpt_lib.SaveCheckpointConfig(keep=0)
@@ -216,6 +269,18 @@ def test_config_validation():
     ckpt_lib.SaveCheckpointConfig(period=0)
   with pytest.raises(ConfigError, match="mode"):
     ckpt_lib.RestoreCheckpointConfig(path="x", mode="all")
+  with pytest.raises(ConfigError, match="checkpoint_steps"):
+    ckpt_lib.SaveCheckpointConfig(checkpoint_steps=[0, 5])
+  cfg = ckpt_lib.SaveCheckpointConfig(period=10, checkpoint_steps=[7, 3])
+  assert [s for s in range(1, 26) if cfg.saves_at(s, 25)] == [3, 7, 10, 20, 25]
+  with pytest.raises(ConfigError, match="assignment_map.*pair"):
+    ckpt_lib.RestoreCheckpointConfig(path="x", assignment_map=["layers/.*"])
+  with pytest.raises(ConfigError, match="does not compile"):
+    ckpt_lib.RestoreCheckpointConfig(path="x", assignment_map=[("layers/(", None)])
+  with pytest.raises(ConfigError, match="restore_optimizer_state"):
+    ckpt_lib.RestoreCheckpointConfig(path="x", restore_optimizer_state=True, strict=False)
+  with pytest.raises(ConfigError, match="dtype"):
+    ckpt_lib.RestoreCheckpointConfig(path="x", dtype="int8")
 
 
 def test_a_checkpoint_of_another_configuration_stops_the_resume_and_is_kept(tmp_path, mesh):

@@ -115,8 +115,8 @@ class RestoreCheckpointConfig:
     if self.mode not in ("specific", "latest"):
       raise ConfigError(f"mode must be 'specific' or 'latest', not {self.mode!r}",
                         field="RestoreCheckpointConfig.mode",
-                        hint="'all' (every checkpoint) is not supported: evaluate each "
-                             "checkpoint_<step> with its own CHECKPOINT_PATH")
+                        hint="'all' is for evaluation: the eval binary's CHECKPOINT_MODE = "
+                             "'all' evaluates every checkpoint of a run")
     if self.dtype is not None and self.dtype not in ("float32", "bfloat16", "float16"):
       raise ConfigError(f"dtype must be None, float32, bfloat16 or float16, not "
                         f"{self.dtype!r}", field="RestoreCheckpointConfig.dtype")

@@ -259,12 +259,17 @@ def evaluate(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Part
              mode: str = "predict", max_decode_length: int | None = None,
              num_examples: int | None = None, json_write_n_results: int | None = None,
              feature_converter: str = "prefix_lm", temperature: float = 0.0, top_k: int = 0,
-             seed: int = 0, module: str | None = None) -> dict[str, Any]:
-  """Evaluates a checkpoint on a task's split with its seqio metrics.
+             seed: int = 0, module: str | None = None,
+             checkpoint_mode: str = "specific") -> dict[str, Any]:
+  """Evaluates a checkpoint (or each of a run's) on a task's split with its seqio metrics.
 
   Args:
     model: the model (its optimizer is unused).
-    checkpoint_path: CHECKPOINT_PATH, a `checkpoint_<step>` directory.
+    checkpoint_path: CHECKPOINT_PATH, a `checkpoint_<step>` directory, or with
+      `checkpoint_mode` 'latest' or 'all' a directory of them (a MODEL_DIR).
+    checkpoint_mode: CHECKPOINT_MODE, t5x's restore modes: 'specific' (CHECKPOINT_PATH
+      itself), 'latest' (the newest finished checkpoint under it), 'all' (every finished
+      one, oldest first: predictions and a metrics line per step).
     partitioner: mesh and rules.
     mixture_or_task_name: MIXTURE_OR_TASK_NAME.
     task_feature_lengths: e.g. {"inputs": 128, "targets": 8}.
@@ -279,8 +284,12 @@ def evaluate(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Part
     temperature, top_k, seed: sampling (temperature 0 is greedy; top_k 0 keeps all tokens).
     module: modules to import for task registration.
   Returns:
-    {"step", "metrics": {task: {name: value}}, "predictions_files": {task: path}, "mode"}.
+    {"step", "metrics": {task: {name: value}}, "predictions_files": {task: path}, "mode"}
+    of the last checkpoint evaluated, and "steps": {step: metrics} of each.
   """
+  if checkpoint_mode not in ("specific", "latest", "all"):
+    raise ConfigError(f"CHECKPOINT_MODE must be 'specific', 'latest' or 'all', not "
+                      f"{checkpoint_mode!r}", field="CHECKPOINT_MODE")
   if mode not in EVAL_MODES:
     raise ConfigError(f"mode must be one of {EVAL_MODES} for evaluation, not {mode!r}",
                       field="INFERENCE_MODE", hint="scores are written by the infer binary "
@@ -289,8 +298,7 @@ def evaluate(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Part
   data_lib.check_vocabulary_fits(task, model.config.vocab_size)
   data_lib.check_converter_keeps_inputs(task, feature_converter, "FEATURE_CONVERTER")
   length = sum(task_feature_lengths.values())
-  step, params = load_params(model, checkpoint_path, partitioner, length,
-                             vocab_digest=_task_vocab_digest(task))
+  paths = _checkpoint_paths(checkpoint_path, checkpoint_mode)
   converter = data_lib.make_feature_converter(feature_converter, pack=False)
   logger_cls, captured = _capturing_logger()
   out = Path(output_dir)
@@ -313,8 +321,47 @@ def evaluate(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Part
   labels, options = (None, None)
   if mode == "rank":
     labels, options = _label_options(task, mixture_or_task_name)
+  by_step = {}
+  for path in paths:
+    step, params = load_params(model, path, partitioner, length,
+                               vocab_digest=_task_vocab_digest(task))
+    result = _evaluate_checkpoint(
+        step, params, model=model, partitioner=partitioner, evaluator=evaluator,
+        captured=captured, out=out, batch_size=batch_size, mode=mode,
+        max_decode_length=max_decode_length or task_feature_lengths["targets"],
+        labels=labels, options=options, temperature=temperature, top_k=top_k, seed=seed,
+        json_write_n_results=json_write_n_results)
+    by_step[step] = result["metrics"]
+  return dict(result, steps=by_step)
+
+
+def _checkpoint_paths(checkpoint_path: str, checkpoint_mode: str) -> list[str]:
+  """The `checkpoint_<step>` directories CHECKPOINT_PATH and CHECKPOINT_MODE name."""
+  directory, step = ckpt_lib.split_checkpoint_path(checkpoint_path)
+  if checkpoint_mode == "specific" or step is not None:
+    if checkpoint_mode == "all":
+      raise ConfigError("CHECKPOINT_MODE 'all' evaluates every checkpoint under a "
+                        "directory, but CHECKPOINT_PATH names one checkpoint",
+                        path=str(checkpoint_path), field="CHECKPOINT_PATH",
+                        hint="point CHECKPOINT_PATH at the run's MODEL_DIR")
+    return [str(checkpoint_path)]
+  steps = ckpt_lib.finished_steps(directory)
+  if not steps:
+    raise ConfigError("no finished checkpoint_<step> in this directory",
+                      path=str(checkpoint_path), field="CHECKPOINT_PATH",
+                      hint="point CHECKPOINT_PATH at a run's MODEL_DIR")
+  if checkpoint_mode == "latest":
+    steps = steps[-1:]
+  return [str(ckpt_lib.step_dir(directory, s)) for s in steps]
+
+
+def _evaluate_checkpoint(step, params, *, model, partitioner, evaluator, captured, out,
+                         batch_size, mode, max_decode_length, labels, options, temperature,
+                         top_k, seed, json_write_n_results) -> dict[str, Any]:
+  """One checkpoint's metrics, predictions file and metrics line."""
+  captured.clear()
   fns = ModelFns(model=model, params=params, partitioner=partitioner, batch_size=batch_size,
-                 mode=mode, max_decode_length=max_decode_length or task_feature_lengths["targets"],
+                 mode=mode, max_decode_length=max_decode_length,
                  label_options=options, temperature=temperature, top_k=top_k, seed=seed)
   metrics_future, _ = evaluator.evaluate(
       compute_metrics=True, step=step, predict_fn=fns.predict, score_fn=fns.score,
@@ -328,7 +375,8 @@ def evaluate(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Part
     inf, targets = got.get("inferences", {}), got.get("targets") or []
     examples = list(evaluator.cached_task_datasets[t.name].as_numpy_iterator())
     path = out / f"{t.name}-{step}.jsonl"
-    with open(path, "w", encoding="utf-8") as f:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
       for i, ex in enumerate(examples[:json_write_n_results]):
         row = {"inputs": _text(ex.get("inputs_pretokenized", ex.get("inputs", b"")))}
         for key in ("prediction", "score"):
@@ -339,6 +387,7 @@ def evaluate(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Part
         if mode == "rank" and i in fns.option_scores:
           row["label_scores"] = dict(zip(labels, fns.option_scores[i]))
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
     with open(out / f"{t.name}-metrics.jsonl", "a", encoding="utf-8") as f:
       f.write(json.dumps({"step": step, **metrics.get(t.name, {})}) + "\n")
     files[t.name] = str(path)

@@ -27,7 +27,7 @@ def trained(tmp_path_factory):
   rc = run_binary("train", [
       "--gin_file=runs/pretrain.gin", *model_flags(task_json, TASK),
       f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={STEPS}",
-      "--gin.FEATURE_CONVERTER='prefix_lm'", f"--gin.CHECKPOINT_PERIOD={STEPS}",
+      "--gin.FEATURE_CONVERTER='prefix_lm'", f"--gin.CHECKPOINT_PERIOD={STEPS // 2}",
       "--gin.LR_FACTORS='constant'", "--gin.BASE_LEARNING_RATE=0.05"])
   assert rc == 0
   return task_json, ckpt_lib.step_dir(model_dir, STEPS)
@@ -52,6 +52,30 @@ def test_greedy_eval_writes_the_decoded_strings(trained, tmp_path):
   assert [(r["inputs"], r["prediction"], r["target"]) for r in rows] == \
       [(a, b, b) for a, b in PAIRS]
   assert metrics["step"] == STEPS and metrics["accuracy"] == 100.0
+
+
+def test_checkpoint_mode_all_evaluates_each_checkpoint_and_latest_the_newest(trained, tmp_path,
+                                                                              capsys):
+  task_json, ckpt = trained
+  model_dir = ckpt.parent
+  common = ["--gin_file=runs/eval.gin", *model_flags(task_json, TASK),
+            f"--gin.CHECKPOINT_PATH='{model_dir}'"]
+  assert run_binary("eval", common + [f"--gin.EVAL_OUTPUT_DIR='{tmp_path / 'all'}'",
+                                      "--gin.CHECKPOINT_MODE='all'"]) == 0
+  lines = (tmp_path / "all" / f"{TASK}-metrics.jsonl").read_text().splitlines()
+  metrics = [json.loads(l) for l in lines]
+  assert [m["step"] for m in metrics] == [STEPS // 2, STEPS]
+  assert metrics[-1]["accuracy"] == 100.0
+  assert sorted(p.name for p in (tmp_path / "all").glob(f"{TASK}-*[0-9].jsonl")) == sorted(
+      [f"{TASK}-{STEPS // 2}.jsonl", f"{TASK}-{STEPS}.jsonl"])
+  assert run_binary("eval", common + [f"--gin.EVAL_OUTPUT_DIR='{tmp_path / 'latest'}'",
+                                      "--gin.CHECKPOINT_MODE='latest'"]) == 0
+  lines = (tmp_path / "latest" / f"{TASK}-metrics.jsonl").read_text().splitlines()
+  assert [json.loads(l)["step"] for l in lines] == [STEPS]
+  capsys.readouterr()
+  assert _run_eval(trained, tmp_path / "one", "--gin.CHECKPOINT_MODE='all'") == 2
+  assert "CHECKPOINT_MODE 'all' evaluates every checkpoint under a directory" in (
+      capsys.readouterr().err)
 
 
 def test_eval_on_a_split_the_task_lacks_fails_naming_its_splits(trained, tmp_path, capsys):

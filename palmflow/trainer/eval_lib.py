@@ -9,6 +9,9 @@ It writes, as t5x's inference_eval: `<dir>/<task>-<step>.jsonl` (one line per ex
 prediction and target as the metrics saw them, after decoding and the task's postprocessing)
 and `<dir>/<task>-metrics.jsonl` (one line per evaluated step).
 
+With several processes (`jax.distributed`), every process reads the whole split, feeds the
+rows of each batch its devices hold and gets the whole result back; process 0 writes the files.
+
 `infer` (the infer binary) needs no metrics and writes t5x's infer layout,
 `<dir>/<task>-<mode>.jsonl-00000-of-00001`, one JSON per example:
   - `predict`: {"inputs": {...}, "prediction": "decoded text"}
@@ -145,17 +148,31 @@ class ModelFns:
         temperature=temperature, top_k=top_k))
     self.option_scores: dict[int, list[float]] = {}
 
+  def _call(self, fn, padded: dict, **kwargs) -> np.ndarray:
+    """`fn(params, batch)` on a whole (padded) batch, as a numpy array on every process.
+
+    Every process reads the same examples; each feeds the rows of the batch its devices
+    hold (`Partitioner.data_layout`), and the result, spread over the processes, is
+    gathered whole on each.
+    """
+    if jax.process_count() == 1:
+      return np.asarray(fn(self._params, self._partitioner.shard_batch(padded), **kwargs))
+    from jax.experimental import multihost_utils
+    index, count = self._partitioner.data_layout(self._batch_size)
+    rows = self._batch_size // count
+    mine = {k: v[index * rows:(index + 1) * rows] for k, v in padded.items()}
+    got = fn(self._params, self._partitioner.shard_batch(mine), **kwargs)
+    return np.asarray(multihost_utils.process_allgather(got, tiled=True))
+
   def _score_rows(self, prefixes, options, length) -> np.ndarray:
     b = self._batch_size
     rows, n = option_batch(prefixes, options, length), len(prefixes)
     padded, _ = _pad_rows(rows, b)
-    got = self._score(self._params, self._partitioner.shard_batch(padded))
-    return np.asarray(got)[:n]
+    return self._call(self._score, padded)[:n]
 
   def _decode(self, bi: int, padded: dict) -> np.ndarray:
     rng = jax.random.fold_in(jax.random.PRNGKey(self._seed), bi)
-    got = self._predict(self._params, self._partitioner.shard_batch(padded), rng=rng)
-    return np.asarray(got)
+    return self._call(self._predict, padded, rng=rng)
 
   def _rank(self, idx, feats) -> np.ndarray:
     length = feats["decoder_target_tokens"].shape[1]
@@ -187,7 +204,7 @@ class ModelFns:
     out = []
     for idx, feats in _batches(ds, self._batch_size):
       padded, n = _pad_rows(feats, self._batch_size)
-      s = np.asarray(self._score(self._params, self._partitioner.shard_batch(padded)))[:n]
+      s = self._call(self._score, padded)[:n]
       out.extend(zip(idx, s.tolist()))
       _progress(len(out))
     return out
@@ -370,11 +387,15 @@ def _evaluate_checkpoint(step, params, *, model, partitioner, evaluator, capture
   metrics = {t: {k: float(getattr(v, "value", v)) for k, v in m.items()}
              for t, m in metrics.items()}
   files = {}
+  writes = jax.process_index() == 0  # every process computed the same; one writes
   for t in evaluator.eval_tasks:
     got = captured.get(t.name, {})
     inf, targets = got.get("inferences", {}), got.get("targets") or []
     examples = list(evaluator.cached_task_datasets[t.name].as_numpy_iterator())
     path = out / f"{t.name}-{step}.jsonl"
+    files[t.name] = str(path)
+    if not writes:
+      continue
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
       for i, ex in enumerate(examples[:json_write_n_results]):
@@ -390,7 +411,6 @@ def _evaluate_checkpoint(step, params, *, model, partitioner, evaluator, capture
     tmp.replace(path)
     with open(out / f"{t.name}-metrics.jsonl", "a", encoding="utf-8") as f:
       f.write(json.dumps({"step": step, **metrics.get(t.name, {})}) + "\n")
-    files[t.name] = str(path)
   log.info("eval at step %d: %s", step, metrics)
   return {"step": step, "metrics": metrics, "predictions_files": files, "mode": mode}
 

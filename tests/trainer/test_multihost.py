@@ -7,7 +7,8 @@ loss curves agree to rtol 1e-4 and every parameter is placed as the logical axis
 The multi-host test (marked slow) starts two processes of 4 CPU devices each, joined through
 `jax.distributed` (coordinator on localhost, gloo collectives, set up by the binaries'
 `gin_utils.setup_runtime`); each process feeds its half of the global batch, and the loss curve
-matches the single-process 2x4 run. This file is also the worker script:
+matches the single-process 2x4 run. On the 2x4 mesh the workers then run inference (scores and
+greedy predictions) and write what one process writes. This file is also the worker script:
 
     python tests/trainer/test_multihost.py --worker --port P --process_index I --model_dir D
 """
@@ -38,13 +39,37 @@ def register_progressions(name: str) -> None:
                                      split_sizes={"validation": 9})
 
 
-def train_tiny(partitioner, model_dir) -> dict:
-  """6 steps of the tiny model (8 heads, d_ff 128, vocab 64: divisible by every mesh axis)."""
-  from palmflow.trainer import checkpoints, data, lm, models, optimizers, train_lib
+def tiny_model():
+  """The tiny model (8 heads, d_ff 128, vocab 64: divisible by every mesh axis)."""
+  from palmflow.trainer import lm, models, optimizers
   config = models.PaLMConfig(vocab_size=VOCAB, num_layers=2, d_model=64, num_heads=8,
                              head_dim=8, d_ff=128)
-  model = lm.DecoderOnlyModel(config=config,
-                              optimizer=optimizers.adafactor(learning_rate=0.05))
+  return lm.DecoderOnlyModel(config=config,
+                             optimizer=optimizers.adafactor(learning_rate=0.05))
+
+
+def infer_tiny(partitioner, model_dir, out_dir) -> None:
+  """The infer binary's library on the trained checkpoint: scores and 4 decoded tokens of
+  the 9 validation examples, batches of 8 (the second one padded)."""
+  from palmflow.trainer import checkpoints, eval_lib
+  for mode in ("score", "predict"):
+    eval_lib.infer(model=tiny_model(), partitioner=partitioner,
+                   checkpoint_path=str(checkpoints.step_dir(model_dir, STEPS)),
+                   mixture_or_task_name=TASK, task_feature_lengths={"targets": LENGTH},
+                   output_dir=str(out_dir), mode=mode, split="validation", batch_size=BATCH,
+                   max_decode_length=4, feature_converter="lm")
+
+
+def infer_rows(out_dir) -> dict[str, list[dict]]:
+  return {mode: [json.loads(l) for l in (pathlib.Path(out_dir) / f"{TASK}-{mode}.jsonl-00000-"
+                                         "of-00001").read_text().splitlines()]
+          for mode in ("score", "predict")}
+
+
+def train_tiny(partitioner, model_dir) -> dict:
+  """6 steps of the tiny model."""
+  from palmflow.trainer import checkpoints, data, train_lib
+  model = tiny_model()
   cfg = data.DatasetConfig(mixture_or_task_name=TASK, task_feature_lengths={"targets": LENGTH},
                            batch_size=BATCH, shuffle=False, seed=0, feature_converter="lm")
   eval_cfg = dataclasses.replace(cfg, split="validation")
@@ -75,6 +100,7 @@ def worker(argv) -> None:
   for flag in ("--port", "--process_index", "--model_dir"):
     parser.add_argument(flag, required=True)
   parser.add_argument("--mesh", default="fully_sharded")
+  parser.add_argument("--infer_dir", default=None)
   a = parser.parse_args(argv)
   import jax
   from palmflow.trainer import gin_utils, partitioning
@@ -88,8 +114,10 @@ def worker(argv) -> None:
   register_progressions(TASK)
   shape, rules = {"fully_sharded": ((2, 4), partitioning.FULLY_SHARDED_RULES),
                   "model_parallel": ((1, 8), partitioning.MODEL_PARALLEL_RULES)}[a.mesh]
-  result = train_tiny(partitioning.Partitioner(mesh_shape=shape, logical_axis_rules=rules),
-                      a.model_dir)
+  partitioner = partitioning.Partitioner(mesh_shape=shape, logical_axis_rules=rules)
+  result = train_tiny(partitioner, a.model_dir)
+  if a.infer_dir:
+    infer_tiny(partitioner, a.model_dir, a.infer_dir)
   if jax.process_index() == 0:
     (pathlib.Path(a.model_dir) / "worker_result.json").write_text(json.dumps(
         {"process_count": jax.process_count(), "specs": result["param_partition_specs"]}))
@@ -224,7 +252,9 @@ def test_two_processes_match_the_single_process_loss(mesh_runs, tmp_path, mesh):
     log = open(tmp_path / f"worker{i}.log", "w")
     procs.append((subprocess.Popen(
         [sys.executable, __file__, "--worker", "--port", str(port), "--process_index", str(i),
-         "--model_dir", str(model_dir), "--mesh", mesh], env=env, cwd=REPO, stdout=log,
+         "--model_dir", str(model_dir), "--mesh", mesh,
+         *(["--infer_dir", str(tmp_path / "infer")] if mesh == "fully_sharded" else [])],
+        env=env, cwd=REPO, stdout=log,
         stderr=subprocess.STDOUT), log))
   try:
     codes = [p.wait(timeout=420) for p, _ in procs]
@@ -243,3 +273,14 @@ def test_two_processes_match_the_single_process_loss(mesh_runs, tmp_path, mesh):
   worker_result = json.loads((model_dir / "worker_result.json").read_text())
   assert worker_result["process_count"] == 2
   assert worker_result["specs"] == mesh_runs[mesh][2]["param_partition_specs"]
+  if mesh == "fully_sharded":
+    # Inference on two processes (each feeding half of every batch, the outputs gathered
+    # whole) gives the single process's scores and predictions, written once.
+    partitioner, single_dir, _ = mesh_runs[mesh]
+    infer_tiny(partitioner, single_dir, tmp_path / "infer_single")
+    got, want = infer_rows(tmp_path / "infer"), infer_rows(tmp_path / "infer_single")
+    assert len(got["score"]) == 9
+    np.testing.assert_allclose([r["score"] for r in got["score"]],
+                               [r["score"] for r in want["score"]], rtol=1e-4)
+    assert got["predict"] == want["predict"]
+    assert [r["inputs"] for r in got["score"]] == [r["inputs"] for r in want["score"]]

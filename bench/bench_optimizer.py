@@ -2,9 +2,10 @@
 
 Both are the same optimizer (PaLM's Adafactor: global-norm clip, factored second moments,
 update clipping, parameter scaling, lr² decay); the chain is optax's transformations one
-after the other, the fused one computes the step in fewer passes over memory. The fused one
-timed is the one that trains (per-layer statistics for the stacked layers); the agreement
-check runs it with whole-array statistics, as the chain has them. In one process, on the parameter shapes of a gin model, this times one update plus
+after the other, the fused one computes the step in fewer passes over memory. The fused
+one timed is the one that trains (per-layer statistics for the stacked layers); the
+agreement check runs it with whole-array statistics, as the chain has them. In one
+process, on the parameter shapes of a gin model, this times one update plus
 `optax.apply_updates` (jitted, state donated) of each, alternating in rounds, and, as a
 floor, one elementwise pass ``p - lr * g`` over the same parameters. It prints each one's
 median and best time, the round-by-round median ratio fused / chain, and the largest

@@ -43,7 +43,7 @@ def stage_identity(pipeline: spec_lib.Pipeline, name: str) -> dict:
   st = pipeline.stages[name]
   kind = kinds_lib.registry()[st.kind]
   try:
-    return kind.identity(st.settings, base_dir=pipeline.base_dir)
+    identity = kind.identity(_advisory_defaults(kind, st.settings), base_dir=pipeline.base_dir)
   except OSError as e:  # a missing file, a folder where a file was expected, no permission
     raise ConfigError(str(e), path=str(pipeline.path), line=st.line, stage=name,
                       field="settings",
@@ -53,6 +53,21 @@ def stage_identity(pipeline: spec_lib.Pipeline, name: str) -> dict:
       raise
     raise ConfigError(str(e), path=str(pipeline.path), line=st.line, stage=name,
                       field="settings") from None
+  return identity
+
+
+def _advisory_defaults(kind, settings):
+  """`settings` with the kind's advisory settings at their defaults: they do not change
+  the output, and with their defaults in it a stage keeps the fingerprint it had before
+  they were advisory, when it was run with them unset."""
+  if not kind.advisory:
+    return settings
+  defaults = {}
+  for f in dataclasses.fields(settings):
+    if f.name in kind.advisory:
+      defaults[f.name] = (f.default_factory() if f.default is dataclasses.MISSING
+                          else f.default)
+  return dataclasses.replace(settings, **defaults)
 
 
 def plan(pipeline: spec_lib.Pipeline, store: Store) -> list[PlannedStage]:

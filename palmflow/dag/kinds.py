@@ -75,8 +75,9 @@ class StageKind(abc.ABC):
   runs_beam: ClassVar[bool] = False  # runs Beam jobs (through `stages.common.beam_args`)
   doc: ClassVar[str] = ""
   # Settings that change what the stage warns about, not what it writes (e.g. a mixture's
-  # planned run): left out of the identity, so changing one reruns nothing downstream;
-  # `advise` checks them again whenever the stage is reused.
+  # planned run): the identity holds their defaults whatever they are set to (see
+  # `executor.stage_identity`), so changing one reruns nothing downstream; `advise` checks
+  # them again whenever the stage is reused.
   advisory: ClassVar[tuple[str, ...]] = ()
 
   def advise(self, settings: Any, inputs: Mapping[str, Any]) -> list[str]:
@@ -101,7 +102,7 @@ class StageKind(abc.ABC):
       A JSON-able dict. Placement (runner, machine, bucket) never belongs here.
     """
     del base_dir
-    return {k: v for k, v in dataclasses.asdict(settings).items() if k not in self.advisory}
+    return dataclasses.asdict(settings)
 
   def check_inputs(self, settings: Any, inputs: Mapping[str, Any]) -> None:
     """Checks settings that refer to the stage's inputs, when the pipeline file is loaded.

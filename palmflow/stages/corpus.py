@@ -125,6 +125,10 @@ class Corpus(StageKind):
                         else path_identity(base_dir, pattern))
       srcs.append(s)
     ident["sources"] = srcs
+    if not settings.normalize:
+      # Since NULs are removed and newlines unified without a Unicode form too, corpora
+      # built with normalize '' before then (which kept both) are not reused.
+      ident["cleaned_without_form"] = True
     return ident
 
   def run(self, ctx):

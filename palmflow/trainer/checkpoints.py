@@ -57,10 +57,11 @@ class SaveCheckpointConfig:
   def __post_init__(self):
     steps = self.checkpoint_steps
     if steps is not None:
-      if isinstance(steps, (str, bytes)) or not all(
-          isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 1
-          for x in (steps if isinstance(steps, (list, tuple, set, frozenset)) else [steps])):
-        raise ConfigError(f"checkpoint_steps must be a list of steps >= 1, not {steps!r}",
+      steps = list(steps) if isinstance(steps, (list, tuple, set, frozenset)) else [steps]
+      if not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 1
+                 for x in steps):
+        raise ConfigError(f"checkpoint_steps must be a list of steps >= 1, not "
+                          f"{self.checkpoint_steps!r}",
                           field="SaveCheckpointConfig.checkpoint_steps")
       object.__setattr__(self, "checkpoint_steps", tuple(sorted(int(x) for x in steps)))
     if self.period < 1:
@@ -97,10 +98,13 @@ class RestoreCheckpointConfig:
       parameter names as model-info.txt writes them (``layers/mlp/wi``). The first regex that
       matches the whole name gives the checkpoint name to restore it from
       (``re.Match.expand``: ``\\1`` and ``\\g<name>`` refer to groups); a replacement None
-      restores nothing into it (fresh initialization). Names no regex matches restore from
-      the same name.
-    dtype: the dtype restored parameters are cast to (e.g. 'bfloat16' for inference); None
-      keeps the model's parameter dtype.
+      restores nothing into it (fresh initialization; the checkpoint's parameter of that name
+      then counts as used). Names no regex matches restore from the same name. A rule that
+      matches no model parameter is an error with strict (a typo), a warning without.
+    dtype: the dtype restored parameters are cast to; None keeps the model's parameter dtype.
+      Training refuses another dtype than its parameters' (its optimizer state is theirs);
+      eval and infer take theirs from `eval_lib.evaluate/infer.restore_dtype` (e.g.
+      'bfloat16': half the memory).
   """
 
   path: str | None = None
@@ -367,6 +371,15 @@ def _restore_plan(cfg: RestoreCheckpointConfig, abstract_params, saved, *,
   model, ckpt = _flat(abstract_params), _flat(_metadata_tree(saved))
   plan = {name: cfg.source_of(name) for name in model}
   renamed = " (after assignment_map)" if cfg.assignment_map else ""
+  idle = [pattern for pattern, _ in cfg.assignment_map or ()
+          if not any(re.fullmatch(pattern, name) for name in model)]
+  if idle:
+    message = (f"assignment_map rule {idle[0]!r} matches no parameter of the model"
+               + (f" ({len(idle) - 1} more)" if len(idle) > 1 else ""))
+    if cfg.strict:
+      raise ConfigError(message, path=path, field="RestoreCheckpointConfig.assignment_map",
+                        hint="rules match the model's names as model-info.txt lists them")
+    log.warning("%s", message)
   for name, src in plan.items():
     if src is not None and src in ckpt:
       ss, es = tuple(ckpt[src].shape), tuple(model[name].shape)
@@ -377,7 +390,11 @@ def _restore_plan(cfg: RestoreCheckpointConfig, abstract_params, saved, *,
                           hint="map it elsewhere, or to None to train it from scratch, with "
                                "RestoreCheckpointConfig.assignment_map")
   missing = sorted(n for n, src in plan.items() if src is not None and src not in ckpt)
-  unused = sorted(set(ckpt) - {src for src in plan.values() if src is not None})
+  # A checkpoint parameter is used when restored, or when the model parameter of its name
+  # is left to its initialization on purpose (mapped to None).
+  used = {src for src in plan.values() if src is not None}
+  used |= {name for name, src in plan.items() if src is None}
+  unused = sorted(set(ckpt) - used)
   hint = ("set RestoreCheckpointConfig.strict = False to restore what matches (the rest "
           "keeps its initialization), or map names with assignment_map")
   if missing:
@@ -406,7 +423,8 @@ def _restore_plan(cfg: RestoreCheckpointConfig, abstract_params, saved, *,
 
 
 def _nest(flat: dict[str, Any]) -> dict:
-  """{'a/b': x} -> {'a': {'b': x}} (the inverse of `_flat` for trees of dicts)."""
+  """{'a/b': x} -> {'a': {'b': x}} (the inverse of `_flat` for trees of dicts whose keys
+  hold no '/', as flax parameters are)."""
   out: dict = {}
   for name, leaf in flat.items():
     *parents, last = name.split("/")
@@ -445,16 +463,21 @@ def _restore_renamed(directory: Path, step: int, plan: dict[str, str | None],
       mngr.close()
     restored = _flat(out["params"])
   init = _flat(init_params) if init_params is not None else {}
-  leaves = []
+  leaves, taken = [], set()
   for name in model:
     src = plan[name]
+    want = dtype or model[name].dtype
     if src is None:
       if name not in init:
         raise ConfigError(f"parameter {name} is not restored and no initialization was "
                           "given", field="RestoreCheckpointConfig.assignment_map")
-      leaves.append(init[name].astype(dtype) if dtype else init[name])
+      leaves.append(init[name].astype(want))
     else:
-      leaves.append(jax.device_put(restored[src], model[name].sharding))
+      x = restored[src].astype(want)
+      # Several parameters restored from one checkpoint parameter get buffers of their own:
+      # the train step donates its parameters, and one buffer cannot be donated twice.
+      leaves.append(jax.device_put(x, model[name].sharding, may_alias=src not in taken))
+      taken.add(src)
   return jax.tree.unflatten(jax.tree.structure(abstract_params), leaves)
 
 

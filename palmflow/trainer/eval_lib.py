@@ -45,8 +45,9 @@ EOS_ID = 1
 
 
 def load_params(model: DecoderOnlyModel, checkpoint_path: str, partitioner: Partitioner,
-                length: int, *, vocab_digest: str | None = None):
-  """(step, params) restored from a `checkpoint_<step>` directory, sharded as the rules say.
+                length: int, *, vocab_digest: str | None = None, dtype: str | None = None):
+  """(step, params) restored from a `checkpoint_<step>` directory, sharded as the rules say
+  (cast to `dtype`, unless None).
 
   Raises:
     ConfigError: the checkpoint's shapes or vocabulary differ from the model's (naming the
@@ -60,7 +61,7 @@ def load_params(model: DecoderOnlyModel, checkpoint_path: str, partitioner: Part
   target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, shardings)
   step, params, _ = ckpt_lib.restore_initial(
-      ckpt_lib.RestoreCheckpointConfig(path=checkpoint_path), target, None,
+      ckpt_lib.RestoreCheckpointConfig(path=checkpoint_path, dtype=dtype), target, None,
       vocab_digest=vocab_digest)
   return step, params
 
@@ -147,6 +148,11 @@ class ModelFns:
         model.predict_batch, max_decode_length=max_decode_length, eos_id=EOS_ID,
         temperature=temperature, top_k=top_k))
     self.option_scores: dict[int, list[float]] = {}
+
+  def set_params(self, params) -> None:
+    """Evaluates other parameters (another checkpoint) with the same compiled functions."""
+    self._params = params
+    self.option_scores = {}
 
   def _call(self, fn, padded: dict, **kwargs) -> np.ndarray:
     """`fn(params, batch)` on a whole (padded) batch, as a numpy array on every process.
@@ -277,7 +283,8 @@ def evaluate(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Part
              num_examples: int | None = None, json_write_n_results: int | None = None,
              feature_converter: str = "prefix_lm", temperature: float = 0.0, top_k: int = 0,
              seed: int = 0, module: str | None = None,
-             checkpoint_mode: str = "specific") -> dict[str, Any]:
+             checkpoint_mode: str = "specific",
+             restore_dtype: str | None = None) -> dict[str, Any]:
   """Evaluates a checkpoint (or each of a run's) on a task's split with its seqio metrics.
 
   Args:
@@ -300,6 +307,8 @@ def evaluate(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Part
     feature_converter: "prefix_lm" (text-to-text) or "lm".
     temperature, top_k, seed: sampling (temperature 0 is greedy; top_k 0 keeps all tokens).
     module: modules to import for task registration.
+    restore_dtype: cast the restored parameters to this dtype (e.g. 'bfloat16': half the
+      memory); None keeps the model's.
   Returns:
     {"step", "metrics": {task: {name: value}}, "predictions_files": {task: path}, "mode"}
     of the last checkpoint evaluated, and "steps": {step: metrics} of each.
@@ -338,16 +347,21 @@ def evaluate(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Part
   labels, options = (None, None)
   if mode == "rank":
     labels, options = _label_options(task, mixture_or_task_name)
-  by_step = {}
+  by_step, fns = {}, None
   for path in paths:
     step, params = load_params(model, path, partitioner, length,
-                               vocab_digest=_task_vocab_digest(task))
-    result = _evaluate_checkpoint(
-        step, params, model=model, partitioner=partitioner, evaluator=evaluator,
-        captured=captured, out=out, batch_size=batch_size, mode=mode,
-        max_decode_length=max_decode_length or task_feature_lengths["targets"],
-        labels=labels, options=options, temperature=temperature, top_k=top_k, seed=seed,
-        json_write_n_results=json_write_n_results)
+                               vocab_digest=_task_vocab_digest(task), dtype=restore_dtype)
+    if fns is None:  # compiled once, for every checkpoint
+      fns = ModelFns(model=model, params=params, partitioner=partitioner,
+                     batch_size=batch_size, mode=mode,
+                     max_decode_length=max_decode_length or task_feature_lengths["targets"],
+                     label_options=options, temperature=temperature, top_k=top_k, seed=seed)
+    fns.set_params(params)
+    del params  # one checkpoint's parameters in memory at a time
+    result = _evaluate_checkpoint(step, fns, evaluator=evaluator, captured=captured,
+                                  out=out, mode=mode, labels=labels,
+                                  json_write_n_results=json_write_n_results)
+    fns.set_params(None)
     by_step[step] = result["metrics"]
   return dict(result, steps=by_step)
 
@@ -363,6 +377,9 @@ def _checkpoint_paths(checkpoint_path: str, checkpoint_mode: str) -> list[str]:
                         hint="point CHECKPOINT_PATH at the run's MODEL_DIR")
     return [str(checkpoint_path)]
   steps = ckpt_lib.finished_steps(directory)
+  if jax.process_count() > 1:  # every process evaluates the same checkpoints (collectives)
+    from jax.experimental import multihost_utils
+    steps = _broadcast_steps(steps, multihost_utils)
   if not steps:
     raise ConfigError("no finished checkpoint_<step> in this directory",
                       path=str(checkpoint_path), field="CHECKPOINT_PATH",
@@ -372,14 +389,38 @@ def _checkpoint_paths(checkpoint_path: str, checkpoint_mode: str) -> list[str]:
   return [str(ckpt_lib.step_dir(directory, s)) for s in steps]
 
 
-def _evaluate_checkpoint(step, params, *, model, partitioner, evaluator, captured, out,
-                         batch_size, mode, max_decode_length, labels, options, temperature,
-                         top_k, seed, json_write_n_results) -> dict[str, Any]:
+def _broadcast_steps(steps: list[int], multihost_utils) -> list[int]:
+  """Process 0's list of checkpoint steps, on every process (a run still saving could show
+  the processes different lists)."""
+  count = int(multihost_utils.broadcast_one_to_all(np.asarray(len(steps), np.int32)))
+  padded = np.zeros(count, np.int64)
+  if jax.process_index() == 0:
+    padded[:] = steps
+  return [int(x) for x in multihost_utils.broadcast_one_to_all(padded)] if count else []
+
+
+def _append_metrics_line(path: Path, step: int, metrics: dict) -> None:
+  """Adds the metrics line of `step` to `path`, replacing one of the same step (a rerun in
+  the same EVAL_OUTPUT_DIR), written atomically."""
+  lines = []
+  if path.exists():
+    for line in path.read_text(encoding="utf-8").splitlines():
+      try:
+        if json.loads(line).get("step") == step:
+          continue
+      except json.JSONDecodeError:
+        pass  # not ours to judge: kept as it is
+      lines.append(line)
+  lines.append(json.dumps({"step": step, **metrics}))
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+  tmp.replace(path)
+
+
+def _evaluate_checkpoint(step, fns, *, evaluator, captured, out, mode, labels,
+                         json_write_n_results) -> dict[str, Any]:
   """One checkpoint's metrics, predictions file and metrics line."""
   captured.clear()
-  fns = ModelFns(model=model, params=params, partitioner=partitioner, batch_size=batch_size,
-                 mode=mode, max_decode_length=max_decode_length,
-                 label_options=options, temperature=temperature, top_k=top_k, seed=seed)
   metrics_future, _ = evaluator.evaluate(
       compute_metrics=True, step=step, predict_fn=fns.predict, score_fn=fns.score,
       predict_with_aux_fn=fns.predict_with_aux)
@@ -409,8 +450,7 @@ def _evaluate_checkpoint(step, params, *, model, partitioner, evaluator, capture
           row["label_scores"] = dict(zip(labels, fns.option_scores[i]))
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
     tmp.replace(path)
-    with open(out / f"{t.name}-metrics.jsonl", "a", encoding="utf-8") as f:
-      f.write(json.dumps({"step": step, **metrics.get(t.name, {})}) + "\n")
+    _append_metrics_line(out / f"{t.name}-metrics.jsonl", step, metrics.get(t.name, {}))
   log.info("eval at step %d: %s", step, metrics)
   return {"step": step, "metrics": metrics, "predictions_files": files, "mode": mode}
 
@@ -420,7 +460,8 @@ def infer(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Partiti
           mode: str = "predict", split: str = "validation", batch_size: int = 32,
           max_decode_length: int | None = None, num_examples: int | None = None,
           feature_converter: str = "prefix_lm", temperature: float = 0.0, top_k: int = 0,
-          seed: int = 0, module: str | None = None) -> dict[str, Any]:
+          seed: int = 0, module: str | None = None,
+          restore_dtype: str | None = None) -> dict[str, Any]:
   """Predictions or scores of a checkpoint on every task of a mixture (t5x's infer).
 
   Args:
@@ -438,6 +479,7 @@ def infer(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Partiti
     feature_converter: "prefix_lm" (text-to-text) or "lm".
     temperature, top_k, seed: sampling (temperature 0 is greedy).
     module: modules to import for task registration.
+    restore_dtype: as for `evaluate`.
   Returns:
     {"step", "mode", "files": {task: path}, "examples": {task: count}}.
   """
@@ -448,7 +490,7 @@ def infer(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Partiti
   data_lib.check_converter_keeps_inputs(top, feature_converter, "FEATURE_CONVERTER")
   length = sum(task_feature_lengths.values())
   step, params = load_params(model, checkpoint_path, partitioner, length,
-                             vocab_digest=_task_vocab_digest(top))
+                             vocab_digest=_task_vocab_digest(top), dtype=restore_dtype)
   converter = data_lib.make_feature_converter(feature_converter, pack=False)
   fns = ModelFns(model=model, params=params, partitioner=partitioner, batch_size=batch_size,
                  mode="predict", max_decode_length=max_decode_length or task_feature_lengths["targets"],

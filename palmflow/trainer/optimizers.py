@@ -165,7 +165,7 @@ def adafactor(*, learning_rate: Schedule | float, factored: bool = True,
 
 def _stacked_axes(path, leaf, *, key: str | None) -> int:
   """1 where the leaf at `path` is a stack of layers (below a dict key `key`), else 0."""
-  if key is None or getattr(leaf, "ndim", 0) < 2:
+  if key is None or getattr(leaf, "ndim", 0) < 1:
     return 0
   return int(any(getattr(k, "key", None) == key for k in path))
 

@@ -355,9 +355,10 @@ def evaluate_loss(eval_fn, params, ds, partitioner: Partitioner, *, max_batches:
                   host_batch_size: int | None = None) -> dict:
   """Token-level loss and accuracy over up to `max_batches` batches of `ds`.
 
-  Per target token, as the training metrics of the same names: ``loss`` (cross-entropy,
-  label smoothing included, plus z-loss, as the model trains on), ``cross_ent_loss``,
-  ``z_loss`` and ``accuracy``.
+  Per target token: ``loss`` (cross-entropy, label smoothing included, plus z-loss: what the
+  model trains on), ``cross_ent_loss``, ``z_loss`` and ``accuracy``. The training metrics of
+  these names are the same with the default LOSS_NORMALIZING_FACTOR
+  ('NUM_REAL_TARGET_TOKENS'); with another, the training ``loss`` is divided by it instead.
 
   A short last batch is padded with rows of zero weight: to `host_batch_size` rows when
   given (every process then feeds the same shapes), else to a multiple of the local
@@ -440,6 +441,14 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
   if model.optimizer is None:
     raise ConfigError("the model has no optimizer", field="OPTIMIZER",
                       hint="bind OPTIMIZER in the model gin file (see gin/models/palm_base.gin)")
+  if (restore_cfg is not None and restore_cfg.dtype
+      and restore_cfg.dtype != model.config.param_dtype):
+    raise ConfigError(
+        f"restoring parameters as {restore_cfg.dtype} into a model whose parameters are "
+        f"{model.config.param_dtype}: the optimizer state follows the parameters' dtype",
+        field="RestoreCheckpointConfig.dtype",
+        hint="leave it None (a bfloat16 checkpoint restores into float32 parameters); the "
+             "compute dtype is the precision policy's (gin/precision/*.gin)")
   for name, value, macro in (("num_microbatches", num_microbatches, "NUM_MICROBATCHES"),
                              ("eval_period", eval_period, "EVAL_PERIOD"),
                              ("log_every", log_every, "LOG_EVERY")):

@@ -149,6 +149,16 @@ def test_an_assignment_map_trains_a_resized_embedding_from_scratch(pretrained, t
       assert 0 < rel < 0.1, (name, rel)
 
 
+def test_restoring_parameters_in_another_dtype_for_training_is_refused(pretrained, tmp_path,
+                                                                         capsys):
+  assert _finetune(pretrained, tmp_path, "--gin.TRAIN_STEPS=5",
+                   "--gin_bindings=checkpoints.RestoreCheckpointConfig.dtype = 'bfloat16'") == 2
+  err = capsys.readouterr().err
+  assert ("field 'RestoreCheckpointConfig.dtype': restoring parameters as bfloat16 into a "
+          "model whose parameters are float32" in err), err
+  assert not ckpt_lib.finished_steps(tmp_path)
+
+
 def test_fine_tuning_with_another_vocabulary_names_the_embedding(pretrained, tmp_path, capsys):
   other = make_task(tmp_path / "other", TASK + "_other_vocab",
                     pairs=[(b, a) for a, b in PAIRS], extra_vocab_text="zebra quartz jumps")

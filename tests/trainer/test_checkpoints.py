@@ -227,11 +227,22 @@ def test_assignment_map_renames_and_leaves_parameters_to_their_initialization(tm
     assert got["layers"]["ffn"][k].sharding == model["layers"]["ffn"][k].sharding
   np.testing.assert_array_equal(got["embedding"], init["embedding"])
   assert "keep their initialization: embedding" in caplog.text
-  # strict: the checkpoint's embedding is then unused, which is named.
+  # strict: the same (the checkpoint's embedding was left out on purpose, so it counts as
+  # used), but a rule that matches nothing (a typo) is an error, and a parameter the
+  # checkpoint does not have after renaming is named.
   strict = ckpt_lib.RestoreCheckpointConfig(path=path, assignment_map=cfg.assignment_map)
-  with pytest.raises(ConfigError, match="checkpoint parameter embedding is not used by the "
-                                        "model \\(after assignment_map\\)"):
-    ckpt_lib.restore_initial(strict, _abstract(model), None, init_params=model)
+  _, got, _ = ckpt_lib.restore_initial(strict, _abstract(model), None, init_params=model)
+  np.testing.assert_array_equal(got["layers"]["ffn"]["wo"], saved["layers"]["mlp"]["wo"])
+  typo = ckpt_lib.RestoreCheckpointConfig(path=path, assignment_map=[
+      (r"layers/fnn/(.*)", r"layers/mlp/\1"), ("embedding", None)])
+  with pytest.raises(ConfigError, match="assignment_map rule 'layers/fnn/\\(.\\*\\)' matches "
+                                        "no parameter of the model"):
+    ckpt_lib.restore_initial(typo, _abstract(model), None, init_params=model)
+  with pytest.raises(ConfigError, match="parameter layers/ffn/wi of the model is not in the "
+                                        "checkpoint \\(after assignment_map\\)"):
+    ckpt_lib.restore_initial(
+        ckpt_lib.RestoreCheckpointConfig(path=path, assignment_map=[("embedding", None)]),
+        _abstract(model), None, init_params=model)
   # A renamed parameter whose shape differs names both names.
   wrong = ckpt_lib.RestoreCheckpointConfig(path=path, strict=False, assignment_map=[
       ("layers/ffn/wi", "layers/mlp/wo"), ("layers/ffn/wo", "layers/mlp/wi")])
@@ -239,6 +250,27 @@ def test_assignment_map_renames_and_leaves_parameters_to_their_initialization(tm
                                         r"layers/mlp/wo\) has shape \(8, 4\) in the checkpoint "
                                         r"but \(4, 8\)"):
     ckpt_lib.restore_initial(wrong, _abstract(model), None, init_params=model)
+
+
+def test_two_parameters_restored_from_one_get_buffers_of_their_own(tmp_path, mesh):
+  """The train step donates its parameters: two leaves sharing one buffer could not both be
+  donated (XLA refuses to donate a buffer twice)."""
+  _save_steps(tmp_path, mesh, [3])
+  saved, _ = _state(mesh, 3.0)
+  init, _ = _state(mesh, -1.0)
+  wi = init["layers"]["mlp"]["wi"]
+  model = {"embedding": init["embedding"], "layers": {"mlp": {"wi": wi, "wi_copy": wi,
+                                                              "wo": init["layers"]["mlp"]["wo"]}}}
+  cfg = ckpt_lib.RestoreCheckpointConfig(path=str(tmp_path / "checkpoint_3"), assignment_map=[
+      ("layers/mlp/wi_copy", "layers/mlp/wi")])
+  _, got, _ = ckpt_lib.restore_initial(cfg, _abstract(model), None, init_params=model)
+  mlp = got["layers"]["mlp"]
+  np.testing.assert_array_equal(mlp["wi_copy"], saved["layers"]["mlp"]["wi"])
+  np.testing.assert_array_equal(mlp["wi"], saved["layers"]["mlp"]["wi"])
+  step = jax.jit(lambda p: jax.tree.map(lambda x: x + 1.0, p), donate_argnums=0)
+  out = step(got)  # raised "Attempt to donate the same buffer twice" when they shared one
+  np.testing.assert_array_equal(out["layers"]["mlp"]["wi_copy"],
+                                saved["layers"]["mlp"]["wi"] + 1.0)
 
 
 def test_a_partial_restore_keeps_what_the_checkpoint_lacks_and_skips_what_it_has_more(
@@ -271,6 +303,9 @@ def test_config_validation():
     ckpt_lib.RestoreCheckpointConfig(path="x", mode="all")
   with pytest.raises(ConfigError, match="checkpoint_steps"):
     ckpt_lib.SaveCheckpointConfig(checkpoint_steps=[0, 5])
+  with pytest.raises(ConfigError, match="checkpoint_steps"):
+    ckpt_lib.SaveCheckpointConfig(checkpoint_steps="5")
+  assert ckpt_lib.SaveCheckpointConfig(checkpoint_steps=5).checkpoint_steps == (5,)
   cfg = ckpt_lib.SaveCheckpointConfig(period=10, checkpoint_steps=[7, 3])
   assert [s for s in range(1, 26) if cfg.saves_at(s, 25)] == [3, 7, 10, 20, 25]
   with pytest.raises(ConfigError, match="assignment_map.*pair"):

@@ -72,6 +72,11 @@ def test_checkpoint_mode_all_evaluates_each_checkpoint_and_latest_the_newest(tra
                                       "--gin.CHECKPOINT_MODE='latest'"]) == 0
   lines = (tmp_path / "latest" / f"{TASK}-metrics.jsonl").read_text().splitlines()
   assert [json.loads(l)["step"] for l in lines] == [STEPS]
+  # Evaluating a step again in the same directory replaces its metrics line.
+  assert run_binary("eval", common + [f"--gin.EVAL_OUTPUT_DIR='{tmp_path / 'all'}'",
+                                      "--gin.CHECKPOINT_MODE='latest'"]) == 0
+  lines = (tmp_path / "all" / f"{TASK}-metrics.jsonl").read_text().splitlines()
+  assert [json.loads(l)["step"] for l in lines] == [STEPS // 2, STEPS]
   capsys.readouterr()
   assert _run_eval(trained, tmp_path / "one", "--gin.CHECKPOINT_MODE='all'") == 2
   assert "CHECKPOINT_MODE 'all' evaluates every checkpoint under a directory" in (

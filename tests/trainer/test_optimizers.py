@@ -247,7 +247,8 @@ def test_adafactor_on_stacked_layers_steps_each_layer_as_its_own_matrix(seed):
   # them apart: the chain run on the layers taken apart is the reference for the stacked
   # update, over four steps, with layers of very different scales (their parameter scales,
   # their update clipping, their factored moments differ).
-  layer_shapes = {"mlp": (130, 260), "wo": (260, 130), "q": (130, 2, 16), "norm": (130,)}
+  layer_shapes = {"mlp": (130, 260), "wo": (260, 130), "q": (130, 2, 16), "norm": (130,),
+                  "gain": ()}
   rng = np.random.default_rng(seed)
   n = 3
   scales = np.array([0.01, 1.0, 30.0])

@@ -237,7 +237,7 @@ class Report(StageKind):
           md.append("")
     if loss_series:
       draw_curves({**loss_series, **eval_loss}, out / "loss.png", title="loss",
-                  ylabel="cross-entropy + z-loss (train), cross-entropy (eval)")
+                  ylabel="cross-entropy + z-loss per token")
       images.append(("Loss curves", "loss.png"))
     if acc_series:
       draw_curves({**acc_series, **eval_acc}, out / "accuracy.png",

@@ -74,7 +74,7 @@ def test_whole_dag_end_to_end(tmp_path, capsys):
   assert 0.0 <= ev["metrics"]["accuracy"] <= 100.0 and ev["mode"] == "rank"
   rep = store.stage_dir("report", plan["report"].fingerprint)
   text = (rep / "report.md").read_text()
-  for img in ("dag.png", "loss.png", "accuracy.png", "metrics.png"):
+  for img in ("dag.png", "loss.png", "accuracy.png", "task_metrics.png", "metrics.png"):
     assert (rep / img).stat().st_size > 1000 and img in text
   assert "packing efficiency" in text and "accuracy" in text
 

@@ -167,6 +167,7 @@ class Report(StageKind):
     md.append(f"\nTotal stage time: {sum(u.manifest.get('duration_s', 0) for u in ups.values()):.0f} s.\n")
     images = []
     loss_series, acc_series, eval_loss, eval_acc = {}, {}, {}, {}
+    task_metric_series = {}  # training's inference evaluation: a task metric per step
     metric_bars = {}
     for n in order:
       u, m = ups[n], ups[n].manifest
@@ -213,6 +214,11 @@ class Report(StageKind):
           er = _read_jsonl(d / "metrics.jsonl")
           eval_loss[f"{n} (eval)"] = [(r["step"], r["loss"]) for r in er]
           eval_acc[f"{n} (eval)"] = [(r["step"], 100 * r["accuracy"]) for r in er]
+        for f in sorted((u.path / "inference_eval").glob("*-metrics.jsonl")):
+          rows_ = _read_jsonl(f)
+          for key in sorted({k for r in rows_ for k in r} - {"step"}):
+            task_metric_series[f"{n}: {key}"] = [(r["step"], r[key]) for r in rows_
+                                                 if isinstance(r.get(key), (int, float))]
         first = rows[0]["loss"] if rows else float("nan")
         last = rows[-1]["loss"] if rows else float("nan")
         md += [f"## Training: `{n}`", "", f"Steps {summ.get('start_step', 0)} → "
@@ -243,6 +249,11 @@ class Report(StageKind):
       draw_curves({**acc_series, **eval_acc}, out / "accuracy.png",
                   title="token accuracy", ylabel="%")
       images.append(("Token accuracy", "accuracy.png"))
+    if task_metric_series:
+      draw_curves(task_metric_series, out / "task_metrics.png",
+                  title="task metrics on the model's predictions during training",
+                  ylabel="metric")
+      images.append(("Task metrics during training", "task_metrics.png"))
     if metric_bars:
       draw_bars(metric_bars, out / "metrics.png", title="evaluation metrics")
       images.append(("Evaluation metrics", "metrics.png"))

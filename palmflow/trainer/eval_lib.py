@@ -316,54 +316,98 @@ def evaluate(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Part
   if checkpoint_mode not in ("specific", "latest", "all"):
     raise ConfigError(f"CHECKPOINT_MODE must be 'specific', 'latest' or 'all', not "
                       f"{checkpoint_mode!r}", field="CHECKPOINT_MODE")
-  if mode not in EVAL_MODES:
-    raise ConfigError(f"mode must be one of {EVAL_MODES} for evaluation, not {mode!r}",
-                      field="INFERENCE_MODE", hint="scores are written by the infer binary "
-                      "(INFER_MODE = 'score')" if mode == "score" else None)
-  task = data_lib.get_task_or_mixture(mixture_or_task_name, module)
-  data_lib.check_vocabulary_fits(task, model.config.vocab_size)
-  data_lib.check_converter_keeps_inputs(task, feature_converter, "FEATURE_CONVERTER")
-  length = sum(task_feature_lengths.values())
   paths = _checkpoint_paths(checkpoint_path, checkpoint_mode)
-  converter = data_lib.make_feature_converter(feature_converter, pack=False)
-  logger_cls, captured = _capturing_logger()
-  out = Path(output_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  evaluator = seqio.Evaluator(
-      mixture_or_task_name=mixture_or_task_name, feature_converter=converter,
-      eval_split=split, sequence_length=dict(task_feature_lengths), num_examples=num_examples,
-      use_memory_cache=True, seed=seed, logger_cls=[logger_cls], log_dir=str(out))
-  if not evaluator.eval_tasks:
-    # seqio skips such tasks with an info log, and the run would "succeed" with no metrics.
-    why = "; ".join(
-        f"{t.name}: splits {sorted(t.splits)}, "
-        f"{len(t.metric_fns) + len(getattr(t, 'metric_objs', None) or [])} metric(s)"
-        for t in seqio.get_subtasks(task))
-    raise ConfigError(
-        f"nothing to evaluate in {mixture_or_task_name!r} on split {split!r}: a task needs "
-        f"that split and at least one metric ({why})", field="EVAL_SPLIT",
-        hint="choose a split the task has; a task without metrics (e.g. pretraining blocks) "
-        "is evaluated during training (TRAIN_EVAL_MIXTURE_OR_TASK_NAME), not by eval")
-  labels, options = (None, None)
-  if mode == "rank":
-    labels, options = _label_options(task, mixture_or_task_name)
-  by_step, fns = {}, None
+  evaluator = InferenceEvaluator(
+      model=model, partitioner=partitioner, mixture_or_task_name=mixture_or_task_name,
+      task_feature_lengths=task_feature_lengths, output_dir=output_dir, split=split,
+      batch_size=batch_size, mode=mode, max_decode_length=max_decode_length,
+      num_examples=num_examples, json_write_n_results=json_write_n_results,
+      feature_converter=feature_converter, temperature=temperature, top_k=top_k, seed=seed,
+      module=module)
+  length = sum(task_feature_lengths.values())
+  by_step = {}
   for path in paths:
     step, params = load_params(model, path, partitioner, length,
-                               vocab_digest=_task_vocab_digest(task), dtype=restore_dtype)
-    if fns is None:  # compiled once, for every checkpoint
-      fns = ModelFns(model=model, params=params, partitioner=partitioner,
-                     batch_size=batch_size, mode=mode,
-                     max_decode_length=max_decode_length or task_feature_lengths["targets"],
-                     label_options=options, temperature=temperature, top_k=top_k, seed=seed)
-    fns.set_params(params)
+                               vocab_digest=evaluator.vocab_digest, dtype=restore_dtype)
+    result = evaluator.evaluate(step, params)
     del params  # one checkpoint's parameters in memory at a time
-    result = _evaluate_checkpoint(step, fns, evaluator=evaluator, captured=captured,
-                                  out=out, mode=mode, labels=labels,
-                                  json_write_n_results=json_write_n_results)
-    fns.set_params(None)
     by_step[step] = result["metrics"]
   return dict(result, steps=by_step)
+
+
+class InferenceEvaluator:
+  """A task's seqio metrics on the model's predictions (or ranked label options), for any
+  parameters: the eval binary's, and the trainer's inference evaluation every EVAL_PERIOD
+  (t5x's ``infer_eval`` dataset and ``inference_eval/`` files in MODEL_DIR).
+
+  The task, its examples and the compiled model functions are set up once; `evaluate` writes
+  ``<task>-<step>.jsonl`` and a ``<task>-metrics.jsonl`` line per step under `output_dir`.
+  Arguments as `evaluate`'s.
+
+  Raises:
+    ConfigError: an unknown mode, a vocabulary larger than the model's, a converter that
+      drops the task's inputs, or nothing to evaluate (no such split, no metrics).
+  """
+
+  def __init__(self, *, model: DecoderOnlyModel, partitioner: Partitioner,
+               mixture_or_task_name: str, task_feature_lengths: dict[str, int],
+               output_dir: str, split: str = "validation", batch_size: int = 32,
+               mode: str = "predict", max_decode_length: int | None = None,
+               num_examples: int | None = None, json_write_n_results: int | None = None,
+               feature_converter: str = "prefix_lm", temperature: float = 0.0,
+               top_k: int = 0, seed: int = 0, module: str | None = None):
+    if mode not in EVAL_MODES:
+      raise ConfigError(f"mode must be one of {EVAL_MODES} for evaluation, not {mode!r}",
+                        field="INFERENCE_MODE", hint="scores are written by the infer binary "
+                        "(INFER_MODE = 'score')" if mode == "score" else None)
+    task = data_lib.get_task_or_mixture(mixture_or_task_name, module)
+    data_lib.check_vocabulary_fits(task, model.config.vocab_size)
+    data_lib.check_converter_keeps_inputs(task, feature_converter, "FEATURE_CONVERTER")
+    self.vocab_digest = _task_vocab_digest(task)
+    converter = data_lib.make_feature_converter(feature_converter, pack=False)
+    logger_cls, self._captured = _capturing_logger()
+    self._out = Path(output_dir)
+    self._out.mkdir(parents=True, exist_ok=True)
+    self._evaluator = seqio.Evaluator(
+        mixture_or_task_name=mixture_or_task_name, feature_converter=converter,
+        eval_split=split, sequence_length=dict(task_feature_lengths),
+        num_examples=num_examples, use_memory_cache=True, seed=seed,
+        logger_cls=[logger_cls], log_dir=str(self._out))
+    if not self._evaluator.eval_tasks:
+      # seqio skips such tasks with an info log, and the run would "succeed" with no metrics.
+      why = "; ".join(
+          f"{t.name}: splits {sorted(t.splits)}, "
+          f"{len(t.metric_fns) + len(getattr(t, 'metric_objs', None) or [])} metric(s)"
+          for t in seqio.get_subtasks(task))
+      raise ConfigError(
+          f"nothing to evaluate in {mixture_or_task_name!r} on split {split!r}: a task needs "
+          f"that split and at least one metric ({why})", field="EVAL_SPLIT",
+          hint="choose a split the task has; a task without metrics (e.g. pretraining "
+          "blocks) is evaluated during training (TRAIN_EVAL_MIXTURE_OR_TASK_NAME), not by "
+          "eval")
+    self._labels, options = (None, None)
+    if mode == "rank":
+      self._labels, options = _label_options(task, mixture_or_task_name)
+    self._mode, self._json_write_n_results = mode, json_write_n_results
+    self._fns_args = dict(
+        model=model, partitioner=partitioner, batch_size=batch_size, mode=mode,
+        max_decode_length=max_decode_length or task_feature_lengths["targets"],
+        label_options=options, temperature=temperature, top_k=top_k, seed=seed)
+    self._fns = None
+
+  def evaluate(self, step: int, params) -> dict[str, Any]:
+    """{"step", "metrics": {task: {name: value}}, "predictions_files": {task: path},
+    "mode"} of `params` at `step`; the files are written (by process 0)."""
+    if self._fns is None:  # compiled once, for every step evaluated
+      self._fns = ModelFns(params=params, **self._fns_args)
+    self._fns.set_params(params)
+    try:
+      return _evaluate_checkpoint(step, self._fns, evaluator=self._evaluator,
+                                  captured=self._captured, out=self._out, mode=self._mode,
+                                  labels=self._labels,
+                                  json_write_n_results=self._json_write_n_results)
+    finally:
+      self._fns.set_params(None)  # the parameters are not kept alive here
 
 
 def _checkpoint_paths(checkpoint_path: str, checkpoint_mode: str) -> list[str]:

@@ -12,7 +12,8 @@ Multi-host (one command per host; add --gin_file=partitioning/model_parallel.gin
 
 Writes MODEL_DIR/config.gin (the parsed configuration), model-info.txt (every parameter's
 shape and partition spec), checkpoint_<step>/, train/ and training_eval/ metrics
-(metrics.jsonl and TensorBoard events).
+(metrics.jsonl and TensorBoard events), and inference_eval/ (the task's metrics on the
+model's predictions, with INFER_EVAL_MIXTURE_OR_TASK_NAME).
 """
 
 from __future__ import annotations

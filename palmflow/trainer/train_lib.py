@@ -409,7 +409,10 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
           learning_rate_fn: Callable | None = None,
           precision: precision_lib.PrecisionPolicy | None = None,
           peak_flops_per_second: float | None = None,
-          stop_after_steps: int | None = None) -> dict[str, Any]:
+          stop_after_steps: int | None = None,
+          infer_eval_dataset_cfg: data_lib.DatasetConfig | None = None,
+          infer_eval_mode: str = "predict", evaluator_num_examples: int | None = None,
+          json_write_n_results: int | None = None) -> dict[str, Any]:
   """Trains `model` until step `total_steps`, checkpointing into `model_dir`.
 
   Args:
@@ -419,6 +422,13 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
     model_dir: MODEL_DIR (checkpoints, metrics, model-info.txt).
     total_steps: TRAIN_STEPS, an absolute step.
     train_eval_dataset_cfg: data for periodic loss/accuracy evaluation (None: none).
+    infer_eval_dataset_cfg: a task (or mixture) with metrics to evaluate on the model's
+      predictions every `eval_period` steps, as the eval binary does (t5x's inference
+      evaluation): ``inference_eval/<task>-<step>.jsonl`` and ``<task>-metrics.jsonl`` in
+      MODEL_DIR. None: none.
+    infer_eval_mode: INFERENCE_MODE, 'predict' (decode) or 'rank' (label options).
+    evaluator_num_examples: EVALUATOR_NUM_EXAMPLES, the examples evaluated (None: all).
+    json_write_n_results: JSON_WRITE_N_RESULTS, predictions written per step (None: all).
     checkpoint_cfg: save period, keep-N, dtype.
     restore_cfg: INITIAL_CHECKPOINT_PATH and how to restore it.
     num_microbatches: gradient accumulation; the same update as the whole batch.
@@ -435,7 +445,8 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
     stop_after_steps: stop (after a checkpoint) once this many steps ran in this call
       (for tests of interruption; None runs to `total_steps`).
   Returns:
-    {"step", "train": last train metrics, "eval": last eval metrics, "num_params",
+    {"step", "train": last train metrics, "eval": last eval metrics, "infer_eval": the last
+     inference evaluation's {task: {metric: value}}, "num_params",
      "param_partition_specs": {parameter path: mesh axes of the trained array}}.
   """
   if model.optimizer is None:
@@ -490,6 +501,17 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
       eval_writer = MetricsWriter(model_dir / "training_eval" /
                                   train_eval_dataset_cfg.mixture_or_task_name)
       _truncate_metrics(eval_writer.dir / "metrics.jsonl", start_step)
+    infer_evaluator = None
+    if infer_eval_dataset_cfg is not None:
+      from palmflow.trainer import eval_lib
+      c = infer_eval_dataset_cfg
+      infer_evaluator = eval_lib.InferenceEvaluator(
+          model=model, partitioner=partitioner, mixture_or_task_name=c.mixture_or_task_name,
+          task_feature_lengths=dict(c.task_feature_lengths),
+          output_dir=str(model_dir / "inference_eval"), split=c.split,
+          batch_size=c.batch_size, mode=infer_eval_mode, num_examples=evaluator_num_examples,
+          json_write_n_results=json_write_n_results, feature_converter=c.feature_converter,
+          seed=c.seed, module=c.module)
 
     step_fn = partition_train_step(
         partitioner, make_train_step(model, tx, num_microbatches=num_microbatches,
@@ -526,7 +548,7 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
                          "vocab_sha256": vocab_digest})
 
     step = start_step
-    last_train, last_eval = {}, {}
+    last_train, last_eval, last_infer_eval = {}, {}, {}
     progress = Progress(start=start_step, total=total_steps, every=log_every, desc="train")
     tokens_per_batch = cfg.batch_size * length
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
@@ -562,6 +584,8 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
       t_pause = time.time()
       if step % eval_period == 0 or step == total_steps:
         last_eval = run_eval(step, params) or last_eval
+        if infer_evaluator is not None:
+          last_infer_eval = infer_evaluator.evaluate(step, params)["metrics"]
       periodic = checkpoint_cfg.saves_at(step, total_steps)
       if periodic:
         save(step)
@@ -572,6 +596,7 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
         break
     progress.close()
     return {"step": step, "train": last_train, "eval": last_eval,
+            "infer_eval": last_infer_eval,
             "num_params": n_params, "param_partition_specs": _partition_specs(params)}
   finally:
     checkpointer.close()

@@ -114,6 +114,23 @@ def test_train_steps_is_absolute_when_fine_tuning(pretrained, tmp_path, caplog):
   assert meta["data_batches_consumed"] == 2          # fine-tuning data started afresh at 4
 
 
+def test_fine_tuning_evaluates_the_predictions_every_eval_period(pretrained, tmp_path):
+  """t5x's inference evaluation in finetune.gin: the task's metrics on decoded predictions
+  every EVAL_PERIOD steps and at the end, in MODEL_DIR/inference_eval/."""
+  assert _finetune(pretrained, tmp_path, "--gin.TRAIN_STEPS=6", "--gin.EVAL_PERIOD=5",
+                   "--gin.JSON_WRITE_N_RESULTS=3") == 0
+  out = tmp_path / "inference_eval"
+  lines = (out / f"{TASK}-metrics.jsonl").read_text().splitlines()
+  metrics = [json.loads(l) for l in lines]
+  assert [m["step"] for m in metrics] == [5, 6]
+  assert all(0 <= m["accuracy"] <= 100 for m in metrics), metrics
+  rows = [json.loads(l) for l in (out / f"{TASK}-6.jsonl").read_text().splitlines()]
+  assert len(rows) == 3                                   # JSON_WRITE_N_RESULTS
+  assert {"inputs", "prediction", "target"} <= set(rows[0])
+  result = json.loads((tmp_path / "train_result.json").read_text())
+  assert result["infer_eval"][TASK]["accuracy"] == metrics[-1]["accuracy"]
+
+
 def test_train_steps_not_beyond_the_checkpoint_is_an_error(pretrained, tmp_path, capsys):
   assert _finetune(pretrained, tmp_path, "--gin.TRAIN_STEPS=4") == 2
   err = capsys.readouterr().err

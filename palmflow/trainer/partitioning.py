@@ -110,6 +110,7 @@ class Partitioner:
       mesh_shape: tuple[int, int] | None = None,
       logical_axis_rules: LogicalRules = STANDARD_RULES,
       devices: Sequence[jax.Device] | None = None,
+      model_parallel_submesh: tuple[int, ...] | None = None,
   ) -> None:
     """Builds the mesh.
 
@@ -120,16 +121,34 @@ class Partitioner:
         mesh_shape: (data, model) sizes whose product is the number of devices.
         logical_axis_rules: (logical name, mesh axis or None) pairs, in priority order.
         devices: the devices to use; default all devices of all processes.
+        model_parallel_submesh: t5x's alternative to num_partitions, the TPU submesh
+            (x, y, z, cores) of one model replica: its product is the ``model`` axis size
+            (the device order is jax's, topology-aware on TPU).
 
     Raises:
         ValueError: if the mesh does not fit the devices or the rules name unknown mesh axes.
     """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
-    if num_partitions is not None and mesh_shape is not None:
-      raise ConfigError("give num_partitions or mesh_shape, not both",
-                        field="Partitioner.num_partitions / mesh_shape",
-                        hint="set NUM_PARTITIONS or MESH_SHAPE, and the other to None")
+    given = [name for name, v in (("num_partitions", num_partitions),
+                                  ("mesh_shape", mesh_shape),
+                                  ("model_parallel_submesh", model_parallel_submesh))
+             if v is not None]
+    if len(given) > 1:
+      raise ConfigError(f"give one of num_partitions, mesh_shape and model_parallel_submesh, "
+                        f"not {' and '.join(given)}",
+                        field="Partitioner." + " / ".join(given),
+                        hint="set NUM_PARTITIONS, MESH_SHAPE or MODEL_PARALLEL_SUBMESH, and "
+                             "the others to None")
+    if model_parallel_submesh is not None:
+      sub = tuple(model_parallel_submesh) if isinstance(
+          model_parallel_submesh, (list, tuple)) else (model_parallel_submesh,)
+      if not sub or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
+                            and d >= 1 for d in sub):
+        raise ConfigError(f"model_parallel_submesh must be a tuple of sizes >= 1, e.g. "
+                          f"(1, 1, 1, 2), not {model_parallel_submesh!r}",
+                          field="Partitioner.model_parallel_submesh (MODEL_PARALLEL_SUBMESH)")
+      num_partitions = math.prod(int(d) for d in sub)
     if mesh_shape is None:
       num_partitions = 1 if num_partitions is None else num_partitions
       if num_partitions == -1:

@@ -144,6 +144,14 @@ def test_num_partitions_and_mesh_errors():
     partitioning.Partitioner(num_partitions=3, devices=CPUS[:8])
   with pytest.raises(ValueError, match="'replica'"):
     partitioning.Partitioner(logical_axis_rules=(("batch", "replica"),), devices=CPUS[:8])
+  # t5x's model_parallel_submesh: its product is the model axis.
+  assert partitioning.Partitioner(model_parallel_submesh=(1, 1, 2, 2),
+                                  devices=CPUS[:8]).mesh.shape == {"data": 2, "model": 4}
+  with pytest.raises(ValueError, match="not num_partitions and model_parallel_submesh"):
+    partitioning.Partitioner(num_partitions=2, model_parallel_submesh=(1, 1, 1, 2),
+                             devices=CPUS[:8])
+  with pytest.raises(ValueError, match="model_parallel_submesh must be a tuple"):
+    partitioning.Partitioner(model_parallel_submesh=(1, 0), devices=CPUS[:8])
 
 
 def test_partition_passes_compiler_options_to_xla():

@@ -137,16 +137,23 @@ class ModelFns:
   def __init__(self, *, model: DecoderOnlyModel, params, partitioner: Partitioner,
                batch_size: int, mode: str, max_decode_length: int,
                label_options: list[list[int]] | None = None, temperature: float = 0.0,
-               top_k: int = 0, seed: int = 0):
+               top_k: int = 0, seed: int = 0, num_beams: int = 1):
     if mode == "rank" and not label_options:
       raise ValueError("rank mode needs label options")
+    if isinstance(num_beams, bool) or not isinstance(num_beams, (int, np.integer)) \
+        or num_beams < 1:
+      raise ConfigError(f"the number of beams must be an int >= 1, not {num_beams!r}",
+                        field="DECODE_NUM_BEAMS")
+    if num_beams > 1 and temperature > 0:
+      raise ConfigError("beam search is deterministic: DECODE_TEMPERATURE must be 0 with "
+                        f"DECODE_NUM_BEAMS={num_beams}", field="DECODE_NUM_BEAMS")
     self._params, self._partitioner = params, partitioner
     self._batch_size, self._mode, self._options = batch_size, mode, label_options
     self._seed = seed
     self._score = partitioner.partition(model.score_batch)
     self._predict = partitioner.partition(functools.partial(
         model.predict_batch, max_decode_length=max_decode_length, eos_id=EOS_ID,
-        temperature=temperature, top_k=top_k))
+        temperature=temperature, top_k=top_k, num_beams=int(num_beams)))
     self.option_scores: dict[int, list[float]] = {}
 
   def set_params(self, params) -> None:
@@ -284,7 +291,7 @@ def evaluate(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Part
              feature_converter: str = "prefix_lm", temperature: float = 0.0, top_k: int = 0,
              seed: int = 0, module: str | None = None,
              checkpoint_mode: str = "specific",
-             restore_dtype: str | None = None) -> dict[str, Any]:
+             restore_dtype: str | None = None, num_beams: int = 1) -> dict[str, Any]:
   """Evaluates a checkpoint (or each of a run's) on a task's split with its seqio metrics.
 
   Args:
@@ -309,6 +316,7 @@ def evaluate(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Part
     module: modules to import for task registration.
     restore_dtype: cast the restored parameters to this dtype (e.g. 'bfloat16': half the
       memory); None keeps the model's.
+    num_beams: DECODE_NUM_BEAMS; > 1 decodes by beam search (with temperature 0).
   Returns:
     {"step", "metrics": {task: {name: value}}, "predictions_files": {task: path}, "mode"}
     of the last checkpoint evaluated, and "steps": {step: metrics} of each.
@@ -323,7 +331,7 @@ def evaluate(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Part
       batch_size=batch_size, mode=mode, max_decode_length=max_decode_length,
       num_examples=num_examples, json_write_n_results=json_write_n_results,
       feature_converter=feature_converter, temperature=temperature, top_k=top_k, seed=seed,
-      module=module)
+      module=module, num_beams=num_beams)
   length = sum(task_feature_lengths.values())
   by_step = {}
   for path in paths:
@@ -355,7 +363,8 @@ class InferenceEvaluator:
                mode: str = "predict", max_decode_length: int | None = None,
                num_examples: int | None = None, json_write_n_results: int | None = None,
                feature_converter: str = "prefix_lm", temperature: float = 0.0,
-               top_k: int = 0, seed: int = 0, module: str | None = None):
+               top_k: int = 0, seed: int = 0, module: str | None = None,
+               num_beams: int = 1):
     if mode not in EVAL_MODES:
       raise ConfigError(f"mode must be one of {EVAL_MODES} for evaluation, not {mode!r}",
                         field="INFERENCE_MODE", hint="scores are written by the infer binary "
@@ -392,7 +401,8 @@ class InferenceEvaluator:
     self._fns_args = dict(
         model=model, partitioner=partitioner, batch_size=batch_size, mode=mode,
         max_decode_length=max_decode_length or task_feature_lengths["targets"],
-        label_options=options, temperature=temperature, top_k=top_k, seed=seed)
+        label_options=options, temperature=temperature, top_k=top_k, seed=seed,
+        num_beams=num_beams)
     self._fns = None
 
   def evaluate(self, step: int, params) -> dict[str, Any]:
@@ -505,7 +515,7 @@ def infer(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Partiti
           max_decode_length: int | None = None, num_examples: int | None = None,
           feature_converter: str = "prefix_lm", temperature: float = 0.0, top_k: int = 0,
           seed: int = 0, module: str | None = None,
-          restore_dtype: str | None = None) -> dict[str, Any]:
+          restore_dtype: str | None = None, num_beams: int = 1) -> dict[str, Any]:
   """Predictions or scores of a checkpoint on every task of a mixture (t5x's infer).
 
   Args:
@@ -523,7 +533,7 @@ def infer(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Partiti
     feature_converter: "prefix_lm" (text-to-text) or "lm".
     temperature, top_k, seed: sampling (temperature 0 is greedy).
     module: modules to import for task registration.
-    restore_dtype: as for `evaluate`.
+    restore_dtype, num_beams: as for `evaluate`.
   Returns:
     {"step", "mode", "files": {task: path}, "examples": {task: count}}.
   """
@@ -537,8 +547,9 @@ def infer(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Partiti
                              vocab_digest=_task_vocab_digest(top), dtype=restore_dtype)
   converter = data_lib.make_feature_converter(feature_converter, pack=False)
   fns = ModelFns(model=model, params=params, partitioner=partitioner, batch_size=batch_size,
-                 mode="predict", max_decode_length=max_decode_length or task_feature_lengths["targets"],
-                 temperature=temperature, top_k=top_k, seed=seed)
+                 mode="predict",
+                 max_decode_length=max_decode_length or task_feature_lengths["targets"],
+                 temperature=temperature, top_k=top_k, seed=seed, num_beams=num_beams)
   out = Path(output_dir)
   if jax.process_index() == 0:
     out.mkdir(parents=True, exist_ok=True)

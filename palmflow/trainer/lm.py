@@ -119,8 +119,10 @@ class DecoderOnlyModel:
 
   def predict_batch(self, params, batch: Batch, *, max_decode_length: int,
                     eos_id: int = 1, temperature: float = 0.0, top_k: int = 0,
-                    rng: jax.Array | None = None) -> jax.Array:
-    """Decodes after each example's prefix (greedy, or temperature sampling with top-k).
+                    rng: jax.Array | None = None, num_beams: int = 1,
+                    length_penalty_alpha: float = 0.6) -> jax.Array:
+    """Decodes after each example's prefix (greedy, temperature sampling with top-k, or beam
+    search with `num_beams` > 1: see `_beam_search`).
 
     The prefix is where `decoder_causal_attention` is 1 (prefix LM: the inputs, attended
     bidirectionally as in training); without it (LM) the whole non-padding target sequence is
@@ -144,6 +146,12 @@ class DecoderOnlyModel:
       plen = plen.astype(jnp.int32)
     idx = jnp.arange(length)[None, :]
     buf = jnp.where(idx < plen[:, None], tokens, 0)
+    if num_beams > 1:
+      if temperature > 0:
+        raise ValueError("beam search is deterministic: use temperature 0 with num_beams > 1")
+      return self._beam_search(params, buf, plen, mask, num_beams=num_beams,
+                               max_decode_length=max_decode_length, eos_id=eos_id,
+                               alpha=length_penalty_alpha)
     rng = jax.random.PRNGKey(0) if rng is None else rng
 
     def step(i, carry):
@@ -171,3 +179,57 @@ class DecoderOnlyModel:
     done = jnp.zeros((b,), bool)
     _, out, _, _ = jax.lax.fori_loop(0, max_decode_length, step, (buf, out, done, rng))
     return out
+
+  def _beam_search(self, params, buf: jax.Array, plen: jax.Array, mask: jax.Array | None, *,
+                   num_beams: int, max_decode_length: int, eos_id: int,
+                   alpha: float) -> jax.Array:
+    """Beam search: the `num_beams` most likely continuations of each prefix, step by step;
+    the one returned has the best log-likelihood divided by t5x's length penalty
+    ((5 + length) / 6) ** alpha (alpha 0: the most likely one).
+
+    A beam that has emitted EOS stays in the beam with its score (it continues with padding
+    at no cost), so finished and unfinished hypotheses compete for the same places.
+    """
+    b, length = buf.shape
+    k = num_beams
+    bk = b * k
+    buf = jnp.repeat(buf, k, axis=0)
+    plen = jnp.repeat(plen, k)
+    mask = None if mask is None else jnp.repeat(mask, k, axis=0)
+    idx = jnp.arange(length)[None, :]
+    # Only the first beam of each example is live at first, so the first step's k best
+    # tokens all continue it.
+    scores = jnp.tile(jnp.asarray([0.0] + [-jnp.inf] * (k - 1), jnp.float32), (b, 1))
+    out = jnp.zeros((b, k, max_decode_length), jnp.int32)
+    done = jnp.zeros((b, k), bool)
+
+    def step(i, carry):
+      buf, out, done, scores = carry
+      logits = self.module.apply({"params": params}, buf, causal_attention_mask=mask)
+      pos = jnp.clip(plen - 1 + i, 0, length - 1)
+      last = jnp.take_along_axis(logits, pos[:, None, None], axis=1)[:, 0, :]
+      logp = jax.nn.log_softmax(last.astype(jnp.float32), axis=-1).reshape(b, k, -1)
+      vocab = logp.shape[-1]
+      pad_only = jnp.full((vocab,), -jnp.inf, jnp.float32).at[0].set(0.0)
+      cand = scores[..., None] + jnp.where(done[..., None], pad_only, logp)
+      top, flat = jax.lax.top_k(cand.reshape(b, k * vocab), k)
+      src, tok = flat // vocab, (flat % vocab).astype(jnp.int32)
+      done = jnp.take_along_axis(done, src, axis=1)
+      tok = jnp.where(done, 0, tok)
+      out = jnp.take_along_axis(out, src[..., None], axis=1).at[:, :, i].set(tok)
+      rows = (src + jnp.arange(b)[:, None] * k).reshape(bk)
+      buf, pos = buf[rows], pos[rows]
+      write = jnp.clip(pos + 1, 0, length - 1)
+      live = (~done).reshape(bk)
+      buf = jnp.where((idx == write[:, None]) & live[:, None] & (pos + 1 < length)[:, None],
+                      tok.reshape(bk)[:, None], buf)
+      done = done | (tok == eos_id)
+      return buf, out, done, top
+
+    _, out, done, scores = jax.lax.fori_loop(0, max_decode_length, step,
+                                             (buf, out, done, scores))
+    is_eos = out == eos_id
+    lengths = jnp.where(jnp.any(is_eos, -1), jnp.argmax(is_eos, -1) + 1, max_decode_length)
+    penalty = ((5.0 + lengths.astype(jnp.float32)) / 6.0) ** alpha
+    best = jnp.argmax(scores / penalty, axis=-1)
+    return jnp.take_along_axis(out, best[:, None, None], axis=1)[:, 0]

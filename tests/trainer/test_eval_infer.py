@@ -206,6 +206,15 @@ def test_infer_writes_t5x_layout(trained, tiny_model, tmp_path):
   result = json.loads((tmp_path / "infer_result.json").read_text())
   assert result["step"] == STEPS and result["examples"] == {TASK: len(PAIRS)}
   assert (tmp_path / "config.gin").exists()
+  # Beam search finds the memorized answers too; it does not sample.
+  beam_dir = tmp_path / "beam"
+  assert run_binary("infer", common + ["--gin.DECODE_NUM_BEAMS=4",
+                                       f"--gin.INFER_OUTPUT_DIR='{beam_dir}'"]) == 0
+  beamed = [json.loads(l) for l in
+            (beam_dir / f"{TASK}-predict.jsonl-00000-of-00001").read_text().splitlines()]
+  assert [(r["inputs"]["inputs_pretokenized"], r["prediction"]) for r in beamed] == PAIRS
+  assert run_binary("infer", common + ["--gin.DECODE_NUM_BEAMS=4",
+                                       "--gin.DECODE_TEMPERATURE=1.0"]) == 2
 
 
 def test_lm_decoding_continues_after_the_last_token(tiny_model):

@@ -1,0 +1,102 @@
+"""Beam search (`DecoderOnlyModel.predict_batch` with num_beams > 1) on a small random model,
+against greedy decoding and against scoring every possible continuation."""
+from __future__ import annotations
+
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from palmflow.trainer import lm, models
+
+VOCAB, LENGTH, STEPS = 8, 8, 3
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+  config = models.PaLMConfig(vocab_size=VOCAB, num_layers=1, d_model=16, num_heads=2,
+                             head_dim=8, d_ff=32)
+  model = lm.DecoderOnlyModel(config=config)
+  # A seed for which greedy decoding misses the most likely continuation of two prefixes.
+  params = nn.unbox(model.init(jax.random.PRNGKey(5), batch_size=1, length=LENGTH))["params"]
+  return model, params
+
+
+def _prefix_batch(prefixes: list[list[int]]) -> dict:
+  """LM batches: decoding continues after each prefix (causal attention)."""
+  targets = np.zeros((len(prefixes), LENGTH), np.int32)
+  for i, p in enumerate(prefixes):
+    targets[i, :len(p)] = p
+  inputs = np.concatenate([np.zeros((len(prefixes), 1), np.int32), targets[:, :-1]], 1)
+  return {"decoder_input_tokens": inputs, "decoder_target_tokens": targets}
+
+
+def _log_likelihoods(model, params, prefix: list[int], continuations) -> dict:
+  """{continuation: log p(continuation | prefix)}, token by token with the model itself (one
+  jitted call over all of them)."""
+  conts = [tuple(c) for c in continuations]
+  x = np.zeros((len(conts), LENGTH), np.int32)
+  for i, c in enumerate(conts):
+    seq = list(prefix) + list(c)
+    x[i, 1:len(seq)] = seq[:-1]
+  logits = jax.jit(lambda p, x: model.module.apply({"params": p}, x))(params, x)
+  logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), -1))
+  n = len(prefix)
+  return {c: float(sum(logp[i, n + j, t] for j, t in enumerate(c)))
+          for i, c in enumerate(conts)}
+
+
+PREFIXES = [[2, 5], [3], [7, 4, 6], [5, 5]]
+
+
+def _decode(model, params, **kw):
+  fn = jax.jit(lambda p, b: model.predict_batch(p, b, max_decode_length=STEPS, **kw))
+  return np.asarray(fn(params, _prefix_batch(PREFIXES)))
+
+
+def test_one_beam_is_greedy(model_and_params):
+  model, params = model_and_params
+  np.testing.assert_array_equal(_decode(model, params, num_beams=1),
+                                _decode(model, params, num_beams=1, eos_id=1))
+  np.testing.assert_array_equal(_decode(model, params, num_beams=1, eos_id=-1),
+                                _decode(model, params, eos_id=-1))
+
+
+def test_wide_enough_beams_find_the_most_likely_continuation(model_and_params):
+  # Without an EOS (eos_id outside the vocabulary) and with VOCAB ** (STEPS - 1) beams,
+  # beam search keeps every prefix of every length and so must return the continuation
+  # with the highest log-likelihood of all VOCAB ** STEPS; greedy decoding does not always.
+  model, params = model_and_params
+  beams = _decode(model, params, num_beams=VOCAB ** (STEPS - 1), eos_id=-1,
+                  length_penalty_alpha=0.0)
+  greedy = _decode(model, params, eos_id=-1)
+  worse = 0
+  for i, prefix in enumerate(PREFIXES):
+    scored = _log_likelihoods(model, params, prefix,
+                              itertools.product(range(VOCAB), repeat=STEPS))
+    best = max(scored, key=scored.get)
+    assert tuple(beams[i]) == best, (prefix, beams[i], best)
+    assert scored[tuple(greedy[i])] <= scored[best] + 1e-5
+    worse += scored[tuple(greedy[i])] < scored[best] - 1e-4
+  assert worse >= 1  # the model is one where beam search matters
+
+
+def test_beams_stop_at_eos_and_pad_after_it(model_and_params):
+  model, params = model_and_params
+  # EOS = the greedy first token of the first example, so that its best beam ends at once.
+  eos = int(_decode(model, params, eos_id=-1)[0, 0])
+  out = _decode(model, params, num_beams=4, eos_id=eos)
+  for row in out:
+    hits = np.nonzero(row == eos)[0]
+    if len(hits):
+      assert not row[hits[0] + 1:].any(), row
+
+
+def test_beam_search_refuses_sampling(model_and_params):
+  model, params = model_and_params
+  with pytest.raises(ValueError, match="beam search is deterministic"):
+    model.predict_batch(params, _prefix_batch(PREFIXES), max_decode_length=2, num_beams=2,
+                        temperature=1.0)

@@ -214,11 +214,14 @@ class Report(StageKind):
           er = _read_jsonl(d / "metrics.jsonl")
           eval_loss[f"{n} (eval)"] = [(r["step"], r["loss"]) for r in er]
           eval_acc[f"{n} (eval)"] = [(r["step"], 100 * r["accuracy"]) for r in er]
-        for f in sorted((u.path / "inference_eval").glob("*-metrics.jsonl")):
-          rows_ = _read_jsonl(f)
+        metric_files = sorted((u.path / "inference_eval").glob("*-metrics.jsonl"))
+        for f in metric_files:
+          rows_ = sorted(_read_jsonl(f), key=lambda r: r.get("step", 0))
+          task = f.name[:-len("-metrics.jsonl")]
+          where = n if len(metric_files) == 1 else f"{n}, {task}"
           for key in sorted({k for r in rows_ for k in r} - {"step"}):
-            task_metric_series[f"{n}: {key}"] = [(r["step"], r[key]) for r in rows_
-                                                 if isinstance(r.get(key), (int, float))]
+            task_metric_series[f"{where}: {key}"] = [
+                (r["step"], r[key]) for r in rows_ if isinstance(r.get(key), (int, float))]
         first = rows[0]["loss"] if rows else float("nan")
         last = rows[-1]["loss"] if rows else float("nan")
         md += [f"## Training: `{n}`", "", f"Steps {summ.get('start_step', 0)} → "

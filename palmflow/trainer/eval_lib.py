@@ -2,7 +2,8 @@
 
 `evaluate` (the eval binary) runs seqio's Evaluator with the task's metrics:
   - mode `predict`: greedy decoding after each example's inputs (or temperature sampling,
-    optionally top-k, with `temperature` > 0);
+    optionally top-k, with `temperature` > 0, or beam search with `num_beams` > 1 and
+    t5x's length penalty alpha 0.6);
   - mode `rank`: classification by log-likelihood: every label option of the task is scored
     after the inputs and the most likely one is the prediction (robust for small models).
 It writes, as t5x's inference_eval: `<dir>/<task>-<step>.jsonl` (one line per example: inputs,
@@ -343,6 +344,10 @@ def evaluate(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Part
   return dict(result, steps=by_step)
 
 
+class NothingToEvaluate(ConfigError):
+  """The task (or mixture) has no task with the split and a metric."""
+
+
 class InferenceEvaluator:
   """A task's seqio metrics on the model's predictions (or ranked label options), for any
   parameters: the eval binary's, and the trainer's inference evaluation every EVAL_PERIOD
@@ -352,9 +357,13 @@ class InferenceEvaluator:
   ``<task>-<step>.jsonl`` and a ``<task>-metrics.jsonl`` line per step under `output_dir`.
   Arguments as `evaluate`'s.
 
+  `fields` names the settings in messages: {"split", "converter"} -> macro names (the eval
+  binary's EVAL_SPLIT and FEATURE_CONVERTER by default).
+
   Raises:
     ConfigError: an unknown mode, a vocabulary larger than the model's, a converter that
-      drops the task's inputs, or nothing to evaluate (no such split, no metrics).
+      drops the task's inputs or packs examples; NothingToEvaluate: no task of it has the
+      split and a metric.
   """
 
   def __init__(self, *, model: DecoderOnlyModel, partitioner: Partitioner,
@@ -364,14 +373,20 @@ class InferenceEvaluator:
                num_examples: int | None = None, json_write_n_results: int | None = None,
                feature_converter: str = "prefix_lm", temperature: float = 0.0,
                top_k: int = 0, seed: int = 0, module: str | None = None,
-               num_beams: int = 1):
+               num_beams: int = 1, use_cached: bool = False,
+               fields: dict[str, str] | None = None):
+    fields = {"split": "EVAL_SPLIT", "converter": "FEATURE_CONVERTER", **(fields or {})}
+    if feature_converter == "blocked_lm":
+      raise ConfigError("evaluation decodes examples one by one, and 'blocked_lm' packs "
+                        "them into blocks", field=fields["converter"],
+                        hint="use 'prefix_lm' (a task with inputs) or 'lm' (targets only)")
     if mode not in EVAL_MODES:
       raise ConfigError(f"mode must be one of {EVAL_MODES} for evaluation, not {mode!r}",
                         field="INFERENCE_MODE", hint="scores are written by the infer binary "
                         "(INFER_MODE = 'score')" if mode == "score" else None)
     task = data_lib.get_task_or_mixture(mixture_or_task_name, module)
     data_lib.check_vocabulary_fits(task, model.config.vocab_size)
-    data_lib.check_converter_keeps_inputs(task, feature_converter, "FEATURE_CONVERTER")
+    data_lib.check_converter_keeps_inputs(task, feature_converter, fields["converter"])
     self.vocab_digest = _task_vocab_digest(task)
     converter = data_lib.make_feature_converter(feature_converter, pack=False)
     logger_cls, self._captured = _capturing_logger()
@@ -380,7 +395,7 @@ class InferenceEvaluator:
     self._evaluator = seqio.Evaluator(
         mixture_or_task_name=mixture_or_task_name, feature_converter=converter,
         eval_split=split, sequence_length=dict(task_feature_lengths),
-        num_examples=num_examples, use_memory_cache=True, seed=seed,
+        num_examples=num_examples, use_memory_cache=True, seed=seed, use_cached=use_cached,
         logger_cls=[logger_cls], log_dir=str(self._out))
     if not self._evaluator.eval_tasks:
       # seqio skips such tasks with an info log, and the run would "succeed" with no metrics.
@@ -388,9 +403,9 @@ class InferenceEvaluator:
           f"{t.name}: splits {sorted(t.splits)}, "
           f"{len(t.metric_fns) + len(getattr(t, 'metric_objs', None) or [])} metric(s)"
           for t in seqio.get_subtasks(task))
-      raise ConfigError(
+      raise NothingToEvaluate(
           f"nothing to evaluate in {mixture_or_task_name!r} on split {split!r}: a task needs "
-          f"that split and at least one metric ({why})", field="EVAL_SPLIT",
+          f"that split and at least one metric ({why})", field=fields["split"],
           hint="choose a split the task has; a task without metrics (e.g. pretraining "
           "blocks) is evaluated during training (TRAIN_EVAL_MIXTURE_OR_TASK_NAME), not by "
           "eval")
@@ -455,17 +470,18 @@ def _broadcast_steps(steps: list[int], multihost_utils) -> list[int]:
 
 def _append_metrics_line(path: Path, step: int, metrics: dict) -> None:
   """Adds the metrics line of `step` to `path`, replacing one of the same step (a rerun in
-  the same EVAL_OUTPUT_DIR), written atomically."""
+  the same EVAL_OUTPUT_DIR) and keeping the lines in step order, written atomically."""
   lines = []
   if path.exists():
     for line in path.read_text(encoding="utf-8").splitlines():
       try:
-        if json.loads(line).get("step") == step:
-          continue
-      except json.JSONDecodeError:
-        pass  # not ours to judge: kept as it is
-      lines.append(line)
-  lines.append(json.dumps({"step": step, **metrics}))
+        at = json.loads(line).get("step")
+      except (json.JSONDecodeError, AttributeError):
+        at = None  # not ours to judge: kept as it is
+      if at != step:
+        lines.append((at if isinstance(at, int) else -1, line))
+  lines.append((step, json.dumps({"step": step, **metrics})))
+  lines = [line for _, line in sorted(lines, key=lambda x: x[0])]
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
   tmp.replace(path)

@@ -188,7 +188,9 @@ class DecoderOnlyModel:
     ((5 + length) / 6) ** alpha (alpha 0: the most likely one).
 
     A beam that has emitted EOS stays in the beam with its score (it continues with padding
-    at no cost), so finished and unfinished hypotheses compete for the same places.
+    at no cost), so finished and unfinished hypotheses compete for the same places; at the
+    end a finished one is returned whenever there is one (as t5x does), else the best cut
+    one. Live beams never emit the padding id 0 (it would be dropped from the text).
     """
     b, length = buf.shape
     k = num_beams
@@ -211,7 +213,8 @@ class DecoderOnlyModel:
       logp = jax.nn.log_softmax(last.astype(jnp.float32), axis=-1).reshape(b, k, -1)
       vocab = logp.shape[-1]
       pad_only = jnp.full((vocab,), -jnp.inf, jnp.float32).at[0].set(0.0)
-      cand = scores[..., None] + jnp.where(done[..., None], pad_only, logp)
+      cand = scores[..., None] + jnp.where(done[..., None], pad_only, logp.at[..., 0].set(
+          -jnp.inf))
       top, flat = jax.lax.top_k(cand.reshape(b, k * vocab), k)
       src, tok = flat // vocab, (flat % vocab).astype(jnp.int32)
       done = jnp.take_along_axis(done, src, axis=1)
@@ -228,8 +231,19 @@ class DecoderOnlyModel:
 
     _, out, done, scores = jax.lax.fori_loop(0, max_decode_length, step,
                                              (buf, out, done, scores))
-    is_eos = out == eos_id
-    lengths = jnp.where(jnp.any(is_eos, -1), jnp.argmax(is_eos, -1) + 1, max_decode_length)
-    penalty = ((5.0 + lengths.astype(jnp.float32)) / 6.0) ** alpha
-    best = jnp.argmax(scores / penalty, axis=-1)
-    return jnp.take_along_axis(out, best[:, None, None], axis=1)[:, 0]
+    return pick_beam(out, scores, eos_id=eos_id, alpha=alpha)
+
+
+def pick_beam(out: jax.Array, scores: jax.Array, *, eos_id: int, alpha: float) -> jax.Array:
+  """The beam to return per example ([batch, beams, steps] tokens, [batch, beams] summed
+  log-likelihoods): the best score / ((5 + length) / 6) ** alpha among the finished beams
+  (with an EOS), or among all when none finished."""
+  steps = out.shape[-1]
+  is_eos = out == eos_id
+  lengths = jnp.where(jnp.any(is_eos, -1), jnp.argmax(is_eos, -1) + 1, steps)
+  penalty = ((5.0 + lengths.astype(jnp.float32)) / 6.0) ** alpha
+  ranked = scores / penalty
+  finished = jnp.any(is_eos, -1) & jnp.isfinite(scores)
+  ranked = jnp.where(jnp.any(finished, -1, keepdims=True) & ~finished, -jnp.inf, ranked)
+  best = jnp.argmax(ranked, axis=-1)
+  return jnp.take_along_axis(out, best[:, None, None], axis=1)[:, 0]

@@ -122,8 +122,9 @@ class Partitioner:
         logical_axis_rules: (logical name, mesh axis or None) pairs, in priority order.
         devices: the devices to use; default all devices of all processes.
         model_parallel_submesh: t5x's alternative to num_partitions, the TPU submesh
-            (x, y, z, cores) of one model replica: its product is the ``model`` axis size
-            (the device order is jax's, topology-aware on TPU).
+            (x, y, z, cores) of one model replica. Only its product is used, as the
+            ``model`` axis size; the device order is jax's (topology-aware on TPU), not the
+            submesh's shape.
 
     Raises:
         ValueError: if the mesh does not fit the devices or the rules name unknown mesh axes.
@@ -143,10 +144,10 @@ class Partitioner:
     if model_parallel_submesh is not None:
       sub = tuple(model_parallel_submesh) if isinstance(
           model_parallel_submesh, (list, tuple)) else (model_parallel_submesh,)
-      if not sub or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
-                            and d >= 1 for d in sub):
-        raise ConfigError(f"model_parallel_submesh must be a tuple of sizes >= 1, e.g. "
-                          f"(1, 1, 1, 2), not {model_parallel_submesh!r}",
+      if len(sub) != 4 or not all(isinstance(d, (int, np.integer))
+                                  and not isinstance(d, bool) and d >= 1 for d in sub):
+        raise ConfigError(f"model_parallel_submesh must be 4 sizes >= 1, (x, y, z, cores), "
+                          f"e.g. (1, 1, 1, 2), not {model_parallel_submesh!r}",
                           field="Partitioner.model_parallel_submesh (MODEL_PARALLEL_SUBMESH)")
       num_partitions = math.prod(int(d) for d in sub)
     if mesh_shape is None:

@@ -60,6 +60,34 @@ class MetricsWriter:
       self._tb.flush()
 
 
+def _inference_evaluator(cfg: data_lib.DatasetConfig, *, model, partitioner, output_dir: Path,
+                         start_step: int, **settings):
+  """The trainer's inference evaluation on `cfg`'s task (None, with a warning, for a task
+  with nothing to evaluate, as t5x skips it), after dropping what an earlier run wrote
+  beyond `start_step` (a resumed run evaluates those steps again)."""
+  from palmflow.trainer import eval_lib
+  try:
+    evaluator = eval_lib.InferenceEvaluator(
+        model=model, partitioner=partitioner, mixture_or_task_name=cfg.mixture_or_task_name,
+        task_feature_lengths=dict(cfg.task_feature_lengths), output_dir=str(output_dir),
+        split=cfg.split, batch_size=cfg.batch_size, feature_converter=cfg.feature_converter,
+        seed=cfg.seed, module=cfg.module, use_cached=cfg.use_cached,
+        fields={"split": "INFER_EVAL_SPLIT", "converter": "INFER_EVAL_FEATURE_CONVERTER"},
+        **settings)
+  except eval_lib.NothingToEvaluate as e:
+    log.warning("no inference evaluation: %s (set INFER_EVAL_MIXTURE_OR_TASK_NAME = None to "
+                "silence this)", e)
+    return None
+  if jax.process_index() == 0:
+    for f in output_dir.glob("*-metrics.jsonl"):
+      _truncate_metrics(f, start_step)
+    for f in output_dir.glob("*.jsonl"):
+      step = f.stem.rsplit("-", 1)[-1]
+      if step.isdigit() and int(step) > start_step:
+        f.unlink()
+  return evaluator
+
+
 def _truncate_metrics(path: Path, max_step: int) -> None:
   """Drops logged lines after `max_step` (a resumed run re-logs those steps).
 
@@ -503,15 +531,11 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
       _truncate_metrics(eval_writer.dir / "metrics.jsonl", start_step)
     infer_evaluator = None
     if infer_eval_dataset_cfg is not None:
-      from palmflow.trainer import eval_lib
-      c = infer_eval_dataset_cfg
-      infer_evaluator = eval_lib.InferenceEvaluator(
-          model=model, partitioner=partitioner, mixture_or_task_name=c.mixture_or_task_name,
-          task_feature_lengths=dict(c.task_feature_lengths),
-          output_dir=str(model_dir / "inference_eval"), split=c.split,
-          batch_size=c.batch_size, mode=infer_eval_mode, num_examples=evaluator_num_examples,
-          json_write_n_results=json_write_n_results, feature_converter=c.feature_converter,
-          seed=c.seed, module=c.module)
+      infer_evaluator = _inference_evaluator(
+          infer_eval_dataset_cfg, model=model, partitioner=partitioner,
+          output_dir=model_dir / "inference_eval", start_step=start_step,
+          mode=infer_eval_mode, num_examples=evaluator_num_examples,
+          json_write_n_results=json_write_n_results)
 
     step_fn = partition_train_step(
         partitioner, make_train_step(model, tx, num_microbatches=num_microbatches,
@@ -582,13 +606,15 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
       else:
         progress.update(step, {})
       t_pause = time.time()
-      if step % eval_period == 0 or step == total_steps:
+      evaluates = step % eval_period == 0 or step == total_steps
+      if evaluates:
         last_eval = run_eval(step, params) or last_eval
-        if infer_evaluator is not None:
-          last_infer_eval = infer_evaluator.evaluate(step, params)["metrics"]
       periodic = checkpoint_cfg.saves_at(step, total_steps)
       if periodic:
         save(step)
+      # After the save: a failure while decoding (memory, a metric's code) loses no step.
+      if evaluates and infer_evaluator is not None:
+        last_infer_eval = infer_evaluator.evaluate(step, params)["metrics"]
       paused += time.time() - t_pause
       if stop_after_steps is not None and ran >= stop_after_steps:
         if not periodic:

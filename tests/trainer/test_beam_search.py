@@ -59,10 +59,28 @@ def _decode(model, params, **kw):
 
 def test_one_beam_is_greedy(model_and_params):
   model, params = model_and_params
-  np.testing.assert_array_equal(_decode(model, params, num_beams=1),
-                                _decode(model, params, num_beams=1, eos_id=1))
-  np.testing.assert_array_equal(_decode(model, params, num_beams=1, eos_id=-1),
-                                _decode(model, params, eos_id=-1))
+  batch = _prefix_batch(PREFIXES)
+  plen = jnp.asarray([len(p) + 1 for p in PREFIXES], jnp.int32)
+  idx = np.arange(LENGTH)[None, :]
+  buf = jnp.where(idx < plen[:, None], batch["decoder_input_tokens"], 0)
+  for eos in (-1, 1):
+    one_beam = jax.jit(lambda p, b, e=eos: model._beam_search(
+        p, b, plen, None, num_beams=1, max_decode_length=STEPS, eos_id=e, alpha=0.6))(
+            params, buf)
+    np.testing.assert_array_equal(np.asarray(one_beam), _decode(model, params, eos_id=eos))
+
+
+def test_the_returned_beam_is_finished_when_one_is_and_length_penalized():
+  eos = 1
+  out = jnp.asarray([[[4, 5, 6], [4, eos, 0], [3, 3, eos]],      # cut, short, long
+                     [[4, 5, 6], [2, 2, 2], [3, 3, 3]]], jnp.int32)  # none finished
+  scores = jnp.asarray([[-1.0, -3.0, -3.3], [-2.0, -1.5, -np.inf]], jnp.float32)
+  # alpha 0: the more likely finished beam, not the cut one with the best score.
+  got = np.asarray(lm.pick_beam(out, scores, eos_id=eos, alpha=0.0))
+  np.testing.assert_array_equal(got, [[4, eos, 0], [2, 2, 2]])
+  # A length penalty favours the longer finished beam: -3.3 / (8/6)^a beats -3 / (7/6)^a.
+  got = np.asarray(lm.pick_beam(out, scores, eos_id=eos, alpha=2.0))
+  np.testing.assert_array_equal(got[0], [3, 3, eos])
 
 
 def test_wide_enough_beams_find_the_most_likely_continuation(model_and_params):

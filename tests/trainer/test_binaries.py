@@ -117,8 +117,9 @@ def test_train_steps_is_absolute_when_fine_tuning(pretrained, tmp_path, caplog):
 def test_fine_tuning_evaluates_the_predictions_every_eval_period(pretrained, tmp_path):
   """t5x's inference evaluation in finetune.gin: the task's metrics on decoded predictions
   every EVAL_PERIOD steps and at the end, in MODEL_DIR/inference_eval/."""
-  assert _finetune(pretrained, tmp_path, "--gin.TRAIN_STEPS=6", "--gin.EVAL_PERIOD=5",
-                   "--gin.JSON_WRITE_N_RESULTS=3") == 0
+  flags = ["--gin.TRAIN_STEPS=6", "--gin.EVAL_PERIOD=5", "--gin.JSON_WRITE_N_RESULTS=3",
+           f"--gin.INFER_EVAL_MIXTURE_OR_TASK_NAME='{TASK}'"]
+  assert _finetune(pretrained, tmp_path, *flags) == 0
   out = tmp_path / "inference_eval"
   lines = (out / f"{TASK}-metrics.jsonl").read_text().splitlines()
   metrics = [json.loads(l) for l in lines]
@@ -129,6 +130,14 @@ def test_fine_tuning_evaluates_the_predictions_every_eval_period(pretrained, tmp
   assert {"inputs", "prediction", "target"} <= set(rows[0])
   result = json.loads((tmp_path / "train_result.json").read_text())
   assert result["infer_eval"][TASK]["accuracy"] == metrics[-1]["accuracy"]
+  # What a run wrote beyond the step it resumes from is dropped (it will be evaluated again).
+  with open(out / f"{TASK}-metrics.jsonl", "a") as f:
+    f.write(json.dumps({"step": 9, "accuracy": 1.0}) + "\n")
+  (out / f"{TASK}-9.jsonl").write_text("{}\n")
+  assert _finetune(pretrained, tmp_path, *flags) == 0   # resumes at 6: nothing to train
+  lines = (out / f"{TASK}-metrics.jsonl").read_text().splitlines()
+  assert [json.loads(l)["step"] for l in lines] == [5, 6]
+  assert not (out / f"{TASK}-9.jsonl").exists() and (out / f"{TASK}-6.jsonl").exists()
 
 
 def test_train_steps_not_beyond_the_checkpoint_is_an_error(pretrained, tmp_path, capsys):
@@ -335,6 +344,23 @@ def test_run_file_headers_tell_the_truth(run_file):
   model_macros = _final_bindings(REPO / "gin" / "models" / "palm_base.gin")
   unknown = {n for n in common if "_" in n} - set(bindings) - set(model_macros)
   assert not unknown, f"{run_file.name}: header names macros no file binds: {sorted(unknown)}"
+
+
+def test_fine_tuning_evaluates_predictions_on_the_task_of_its_training_eval():
+  """The train stage trains an augmented dataset on its '<task>.augmented' twin (a train
+  split only) and points TRAIN_EVAL_MIXTURE_OR_TASK_NAME at the task itself; the inference
+  evaluation must follow it there, not to the twin."""
+  import gin
+  gin.clear_config()
+  try:
+    gin_utils.parse(["runs/finetune.gin", "models/palm_tiny.gin"],
+                    ["MIXTURE_OR_TASK_NAME = 'x.augmented'",
+                     "TRAIN_EVAL_MIXTURE_OR_TASK_NAME = 'x'"])
+    value = lambda m: gin.query_parameter(m).scoped_configurable_fn()
+    assert value("%INFER_EVAL_MIXTURE_OR_TASK_NAME") == "x"
+    assert value("%INFER_EVAL_FEATURE_CONVERTER") == "prefix_lm"
+  finally:
+    gin.clear_config()
 
 
 def test_every_run_file_has_a_required_header():

@@ -150,8 +150,9 @@ def test_num_partitions_and_mesh_errors():
   with pytest.raises(ValueError, match="not num_partitions and model_parallel_submesh"):
     partitioning.Partitioner(num_partitions=2, model_parallel_submesh=(1, 1, 1, 2),
                              devices=CPUS[:8])
-  with pytest.raises(ValueError, match="model_parallel_submesh must be a tuple"):
-    partitioning.Partitioner(model_parallel_submesh=(1, 0), devices=CPUS[:8])
+  for bad in ((1, 1, 1, 0), (2, 2)):
+    with pytest.raises(ValueError, match="model_parallel_submesh must be 4 sizes"):
+      partitioning.Partitioner(model_parallel_submesh=bad, devices=CPUS[:8])
 
 
 def test_partition_passes_compiler_options_to_xla():

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import io
 import json
+import logging
 import pathlib
 import sys
 
@@ -168,6 +169,25 @@ def test_precision_policy_must_match_the_model_dtype(tmp_path):
                     partitioner=partitioning.Partitioner(num_partitions=1),
                     model_dir=str(tmp_path), total_steps=1,
                     precision=precision.PrecisionPolicy("bfloat16"))
+
+
+def test_an_inference_evaluation_with_nothing_to_evaluate_is_skipped_with_a_warning(
+    tmp_path, caplog):
+  """As t5x: a task without metrics (here the progressions) gets no inference evaluation,
+  and training goes on; a packing converter is refused before anything runs."""
+  common = dict(model=tiny_model(), train_dataset_cfg=dataset_cfg(),
+                partitioner=partitioning.Partitioner(num_partitions=1), total_steps=1)
+  with pytest.raises(ConfigError, match="field 'INFER_EVAL_FEATURE_CONVERTER'.*packs"):
+    train_lib.train(model_dir=str(tmp_path / "blocked"), **common,
+                    infer_eval_dataset_cfg=dataclasses.replace(
+                        dataset_cfg("validation"), feature_converter="blocked_lm"))
+  caplog.set_level(logging.WARNING, logger="palmflow")
+  result = train_lib.train(model_dir=str(tmp_path / "run"), **common,
+                           infer_eval_dataset_cfg=dataset_cfg("validation"))
+  assert result["step"] == 1 and result["infer_eval"] == {}
+  assert "no inference evaluation: field 'INFER_EVAL_SPLIT': nothing to evaluate" in caplog.text
+  assert not (tmp_path / "run" / "inference_eval").exists() or not list(
+      (tmp_path / "run" / "inference_eval").glob("*.jsonl"))
 
 
 def test_model_flops_per_token_formula():

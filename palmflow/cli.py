@@ -71,8 +71,10 @@ def cmd_kinds(args) -> int:
         default = f" = {f.default_factory()!r}"
       else:
         default = "  (required)"
+      advisory = (" (advisory: warnings only, not part of the stage's identity)"
+                  if f.name in k.advisory else "")
       print(f"    {f.name}: {getattr(hints[f.name], '__name__', hints[f.name])}{default}"
-            f"  -- {f.metadata.get('doc', '')}")
+            f"  -- {f.metadata.get('doc', '')}{advisory}")
   if args.json:
     print(json.dumps({n: kinds.settings_schema(k.settings_cls)
                       for n, k in kinds.registry().items()}, indent=2))

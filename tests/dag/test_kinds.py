@@ -26,3 +26,7 @@ def test_kinds_command_lists_settings(capsys):
   assert cli.main(["kinds"]) == 0
   out = capsys.readouterr().out
   assert "block_length: int = 512" in out and "input documents: documents" in out
+  line = next(l for l in out.splitlines() if l.strip().startswith("planned_train_steps:"))
+  assert "(advisory: warnings only, not part of the stage's identity)" in line
+  line = next(l for l in out.splitlines() if l.strip().startswith("rate_by:"))
+  assert "advisory" not in line

@@ -66,7 +66,8 @@ def draw_dag(stages: dict, edges: list[tuple[str, str]], path: Path) -> None:
   for c, names in cols.items():
     for i, n in enumerate(names):
       pos[n] = (c * 2.6, -(i - (len(names) - 1) / 2) * 1.3)
-  fig, ax = plt.subplots(figsize=(max(6, 2.6 * len(cols)), 1.6 + 1.3 * max(map(len, cols.values()))))
+  fig, ax = plt.subplots(figsize=(max(6, 2.6 * len(cols)),
+                                  1.6 + 1.3 * max(map(len, cols.values()))))
   # The report reads every stage; draw only its edges from sinks to keep the picture legible.
   has_down = {a for a, b in edges if stages[b]["kind"] != "report"}
   edges = [(a, b) for a, b in edges if stages[b]["kind"] != "report" or a not in has_down]
@@ -164,7 +165,8 @@ class Report(StageKind):
       m = ups[n].manifest
       md.append(f"| {n} | {m['kind']} | `{m['fingerprint']}` | {m.get('duration_s', 0):.1f} "
                 f"| {m.get('finished', '')} | `{ups[n].path}` |")
-    md.append(f"\nTotal stage time: {sum(u.manifest.get('duration_s', 0) for u in ups.values()):.0f} s.\n")
+    total = sum(u.manifest.get('duration_s', 0) for u in ups.values())
+    md.append(f"\nTotal stage time: {total:.0f} s.\n")
     images = []
     loss_series, acc_series, eval_loss, eval_acc = {}, {}, {}, {}
     task_metric_series = {}  # training's inference evaluation: a task metric per step

@@ -11,7 +11,7 @@ the marker are never restored. A checkpoint that fails to restore (corrupt, trun
 skipped with a warning in favour of the previous one, and replaced when the run saves that
 step again.
 
-    python -c "from palmflow.trainer import checkpoints as c; print(c.describe('/run/checkpoint_400'))"
+    python -c "from palmflow.trainer.checkpoints import describe; print(describe('/m/ckpt_4'))"
 """
 from __future__ import annotations
 

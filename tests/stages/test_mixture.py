@@ -58,19 +58,25 @@ def pipeline_dict(**mixes) -> dict:
           "stages": stages}
 
 
+def four_mixtures(*, mix_plan: tuple[int, int], starved_plan: tuple[int, int]) -> dict:
+  """The pipeline with mixtures by examples (3:1), tokens, token shares and a starved one
+  (1000:1), the first and the last planned for (train steps, batch size)."""
+  plan = lambda p: {"planned_train_steps": p[0], "planned_batch_size": p[1]}
+  return pipeline_dict(
+      mix={"rates": {"blocks_a": 3, "blocks_b": 1}, "rate_by": "examples", **plan(mix_plan)},
+      mix_tokens={"rates": {"blocks_a": 2}, "rate_by": "tokens"},
+      mix_share={"rates": {"blocks_a": 3, "blocks_b": 1}, "rate_by": "token_share"},
+      mix_starved={"rates": {"blocks_a": 1000, "blocks_b": 1}, "min_examples_per_source": 1,
+                   **plan(starved_plan)})
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
   """Runs the pipeline once; returns (Store, {stage: manifest})."""
   root = tmp_path_factory.mktemp("mixtest")
   write_corpus(root / "lower.txt", 600, upper=False, seed=0)
   write_corpus(root / "upper.txt", 300, upper=True, seed=1)
-  raw = pipeline_dict(
-      mix={"rates": {"blocks_a": 3, "blocks_b": 1}, "rate_by": "examples",
-           "planned_train_steps": 1000, "planned_batch_size": 8},
-      mix_tokens={"rates": {"blocks_a": 2}, "rate_by": "tokens"},
-      mix_share={"rates": {"blocks_a": 3, "blocks_b": 1}, "rate_by": "token_share"},
-      mix_starved={"rates": {"blocks_a": 1000, "blocks_b": 1}, "planned_train_steps": 10,
-                   "planned_batch_size": 8, "min_examples_per_source": 1})
+  raw = four_mixtures(mix_plan=(1000, 8), starved_plan=(10, 8))
   path = root / "pipeline.yaml"
   path.write_text(yaml.safe_dump(raw), encoding="utf-8")
   pipeline = spec_lib.load(path)
@@ -151,13 +157,7 @@ def test_a_new_plan_reruns_nothing_and_its_warnings_follow_it(store):
   # training that reads the mixture would not either), and the reused mixtures check the
   # new plan: the starved source now gets enough, the other mixture's plan starves one.
   root, st, manifests, _ = store
-  raw = pipeline_dict(
-      mix={"rates": {"blocks_a": 3, "blocks_b": 1}, "rate_by": "examples",
-           "planned_train_steps": 1, "planned_batch_size": 2},
-      mix_tokens={"rates": {"blocks_a": 2}, "rate_by": "tokens"},
-      mix_share={"rates": {"blocks_a": 3, "blocks_b": 1}, "rate_by": "token_share"},
-      mix_starved={"rates": {"blocks_a": 1000, "blocks_b": 1}, "planned_train_steps": 1000,
-                   "planned_batch_size": 8, "min_examples_per_source": 1})
+  raw = four_mixtures(mix_plan=(1, 2), starved_plan=(1000, 8))
   path = root / "replanned.yaml"
   path.write_text(yaml.safe_dump(raw), encoding="utf-8")
   logs = []

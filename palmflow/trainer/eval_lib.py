@@ -23,6 +23,7 @@ rows of each batch its devices hold and gets the whole result back; process 0 wr
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import sys
@@ -419,20 +420,57 @@ class InferenceEvaluator:
         label_options=options, temperature=temperature, top_k=top_k, seed=seed,
         num_beams=num_beams)
     self._fns = None
+    self._examples: dict[str, list] = {}
 
   def evaluate(self, step: int, params) -> dict[str, Any]:
     """{"step", "metrics": {task: {name: value}}, "predictions_files": {task: path},
     "mode"} of `params` at `step`; the files are written (by process 0)."""
     if self._fns is None:  # compiled once, for every step evaluated
       self._fns = ModelFns(params=params, **self._fns_args)
-    self._fns.set_params(params)
+    fns = self._fns
+    fns.set_params(params)
+    self._captured.clear()
     try:
-      return _evaluate_checkpoint(step, self._fns, evaluator=self._evaluator,
-                                  captured=self._captured, out=self._out, mode=self._mode,
-                                  labels=self._labels,
-                                  json_write_n_results=self._json_write_n_results)
+      metrics_future, _ = self._evaluator.evaluate(
+          compute_metrics=True, step=step, predict_fn=fns.predict, score_fn=fns.score,
+          predict_with_aux_fn=fns.predict_with_aux)
+      metrics = {t: {k: float(getattr(v, "value", v)) for k, v in m.items()}
+                 for t, m in metrics_future.result().items()}
+      files = {}
+      for t in self._evaluator.eval_tasks:
+        path = self._out / f"{t.name}-{step}.jsonl"
+        files[t.name] = str(path)
+        if jax.process_index() == 0:  # every process computed the same; one writes
+          self._write_predictions(path, t.name, fns.option_scores)
+          _append_metrics_line(self._out / f"{t.name}-metrics.jsonl", step,
+                               metrics.get(t.name, {}))
     finally:
-      self._fns.set_params(None)  # the parameters are not kept alive here
+      fns.set_params(None)  # the parameters are not kept alive here
+    log.info("eval at step %d: %s", step, metrics)
+    return {"step": step, "metrics": metrics, "predictions_files": files, "mode": self._mode}
+
+  def _write_predictions(self, path: Path, task: str, option_scores: dict) -> None:
+    """`<task>-<step>.jsonl`: inputs, prediction (or score) and target per example, as the
+    metrics saw them, written atomically."""
+    got = self._captured.get(task, {})
+    inf, targets = got.get("inferences", {}), got.get("targets") or []
+    if task not in self._examples:  # the split's examples, read once for every step
+      self._examples[task] = list(itertools.islice(
+          self._evaluator.cached_task_datasets[task].as_numpy_iterator(),
+          self._json_write_n_results))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+      for i, ex in enumerate(self._examples[task]):
+        row = {"inputs": _text(ex.get("inputs_pretokenized", ex.get("inputs", b"")))}
+        for key in ("prediction", "score"):
+          if key in inf:
+            row[key] = _text(inf[key][i])
+        if i < len(targets):
+          row["target"] = _text(targets[i])
+        if self._mode == "rank" and i in option_scores:
+          row["label_scores"] = dict(zip(self._labels, option_scores[i]))
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
 
 
 def _checkpoint_paths(checkpoint_path: str, checkpoint_mode: str) -> list[str]:
@@ -447,8 +485,7 @@ def _checkpoint_paths(checkpoint_path: str, checkpoint_mode: str) -> list[str]:
     return [str(checkpoint_path)]
   steps = ckpt_lib.finished_steps(directory)
   if jax.process_count() > 1:  # every process evaluates the same checkpoints (collectives)
-    from jax.experimental import multihost_utils
-    steps = _broadcast_steps(steps, multihost_utils)
+    steps = _broadcast_steps(steps)
   if not steps:
     raise ConfigError("no finished checkpoint_<step> in this directory",
                       path=str(checkpoint_path), field="CHECKPOINT_PATH",
@@ -458,9 +495,10 @@ def _checkpoint_paths(checkpoint_path: str, checkpoint_mode: str) -> list[str]:
   return [str(ckpt_lib.step_dir(directory, s)) for s in steps]
 
 
-def _broadcast_steps(steps: list[int], multihost_utils) -> list[int]:
+def _broadcast_steps(steps: list[int]) -> list[int]:
   """Process 0's list of checkpoint steps, on every process (a run still saving could show
   the processes different lists)."""
+  from jax.experimental import multihost_utils
   count = int(multihost_utils.broadcast_one_to_all(np.asarray(len(steps), np.int32)))
   padded = np.zeros(count, np.int64)
   if jax.process_index() == 0:
@@ -485,44 +523,6 @@ def _append_metrics_line(path: Path, step: int, metrics: dict) -> None:
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
   tmp.replace(path)
-
-
-def _evaluate_checkpoint(step, fns, *, evaluator, captured, out, mode, labels,
-                         json_write_n_results) -> dict[str, Any]:
-  """One checkpoint's metrics, predictions file and metrics line."""
-  captured.clear()
-  metrics_future, _ = evaluator.evaluate(
-      compute_metrics=True, step=step, predict_fn=fns.predict, score_fn=fns.score,
-      predict_with_aux_fn=fns.predict_with_aux)
-  metrics = metrics_future.result()
-  metrics = {t: {k: float(getattr(v, "value", v)) for k, v in m.items()}
-             for t, m in metrics.items()}
-  files = {}
-  writes = jax.process_index() == 0  # every process computed the same; one writes
-  for t in evaluator.eval_tasks:
-    got = captured.get(t.name, {})
-    inf, targets = got.get("inferences", {}), got.get("targets") or []
-    examples = list(evaluator.cached_task_datasets[t.name].as_numpy_iterator())
-    path = out / f"{t.name}-{step}.jsonl"
-    files[t.name] = str(path)
-    if not writes:
-      continue
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-      for i, ex in enumerate(examples[:json_write_n_results]):
-        row = {"inputs": _text(ex.get("inputs_pretokenized", ex.get("inputs", b"")))}
-        for key in ("prediction", "score"):
-          if key in inf:
-            row[key] = _text(inf[key][i])
-        if i < len(targets):
-          row["target"] = _text(targets[i])
-        if mode == "rank" and i in fns.option_scores:
-          row["label_scores"] = dict(zip(labels, fns.option_scores[i]))
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    _append_metrics_line(out / f"{t.name}-metrics.jsonl", step, metrics.get(t.name, {}))
-  log.info("eval at step %d: %s", step, metrics)
-  return {"step": step, "metrics": metrics, "predictions_files": files, "mode": mode}
 
 
 def infer(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Partitioner,

@@ -221,7 +221,7 @@ class DecoderOnlyModel:
       tok = jnp.where(done, 0, tok)
       out = jnp.take_along_axis(out, src[..., None], axis=1).at[:, :, i].set(tok)
       rows = (src + jnp.arange(b)[:, None] * k).reshape(bk)
-      buf, pos = buf[rows], pos[rows]
+      buf = buf[rows]  # (pos is the same for every beam of an example)
       write = jnp.clip(pos + 1, 0, length - 1)
       live = (~done).reshape(bk)
       buf = jnp.where((idx == write[:, None]) & live[:, None] & (pos + 1 < length)[:, None],

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from palmflow.trainer import losses
+from palmflow.trainer import losses, models
 from palmflow.trainer.models import DTYPES, PaLMConfig, PaLMDecoder, logits_scale
 
 Batch = Mapping[str, jax.Array]
@@ -120,16 +120,19 @@ class DecoderOnlyModel:
   def predict_batch(self, params, batch: Batch, *, max_decode_length: int,
                     eos_id: int = 1, temperature: float = 0.0, top_k: int = 0,
                     rng: jax.Array | None = None, num_beams: int = 1,
-                    length_penalty_alpha: float = 0.6) -> jax.Array:
+                    length_penalty_alpha: float = 0.6, use_cache: bool = True) -> jax.Array:
     """Decodes after each example's prefix (greedy, temperature sampling with top-k, or beam
     search with `num_beams` > 1: see `_beam_search`).
 
     The prefix is where `decoder_causal_attention` is 1 (prefix LM: the inputs, attended
     bidirectionally as in training); without it (LM) the whole non-padding target sequence is
-    the prefix and attention stays causal. Each step re-runs the model on the buffer (no
-    cache), which is fine for the short targets of classification and QA. Sampling with
+    the prefix and attention stays causal. Decoding is cached, as in t5x: one pass over the
+    prefixes fills every layer's keys and values, then each step runs the model on one new
+    token per example against them. ``use_cache=False`` re-runs the model on the whole
+    buffer every step instead (the same tokens; kept as a reference). Sampling with
     `temperature` > 0 keeps the `top_k` most likely tokens (0: all) and is reproducible for
-    a given `rng`; top_k=1 is greedy decoding.
+    a given `rng`; top_k=1 is greedy decoding. A row whose buffer fills up before
+    `max_decode_length` tokens keeps decoding from its last position's logits.
 
     Returns:
       [batch, max_decode_length] int32 tokens: the EOS, then 0 after it.
@@ -146,41 +149,40 @@ class DecoderOnlyModel:
       plen = plen.astype(jnp.int32)
     idx = jnp.arange(length)[None, :]
     buf = jnp.where(idx < plen[:, None], tokens, 0)
+    decoder = _Decoder(self, params, mask, use_cache)
     if num_beams > 1:
       if temperature > 0:
         raise ValueError("beam search is deterministic: use temperature 0 with num_beams > 1")
-      return self._beam_search(params, buf, plen, mask, num_beams=num_beams,
+      return self._beam_search(decoder, buf, plen, num_beams=num_beams,
                                max_decode_length=max_decode_length, eos_id=eos_id,
                                alpha=length_penalty_alpha)
     rng = jax.random.PRNGKey(0) if rng is None else rng
 
-    def step(i, carry):
-      buf, out, done, rng = carry
-      logits = self.module.apply({"params": params}, buf, causal_attention_mask=mask)
-      pos = jnp.clip(plen - 1 + i, 0, length - 1)
-      last = jnp.take_along_axis(logits, pos[:, None, None], axis=1)[:, 0, :]
+    def choose(last, rng):
       rng, sub = jax.random.split(rng)
       if temperature > 0:
         scaled = last / temperature
         if top_k:
           kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]
           scaled = jnp.where(scaled < kth, -1e10, scaled)
-        nxt = jax.random.categorical(sub, scaled).astype(jnp.int32)
-      else:
-        nxt = jnp.argmax(last, axis=-1).astype(jnp.int32)
-      nxt = jnp.where(done, 0, nxt)
-      out = out.at[:, i].set(nxt)
-      write = jnp.clip(pos + 1, 0, length - 1)
-      buf = jnp.where((idx == write[:, None]) & ~done[:, None] & (pos + 1 < length)[:, None],
-                      nxt[:, None], buf)
-      done = done | (nxt == eos_id)
-      return buf, out, done, rng
-    out = jnp.zeros((b, max_decode_length), jnp.int32)
-    done = jnp.zeros((b,), bool)
-    _, out, _, _ = jax.lax.fori_loop(0, max_decode_length, step, (buf, out, done, rng))
-    return out
+        return jax.random.categorical(sub, scaled).astype(jnp.int32), rng
+      return jnp.argmax(last, axis=-1).astype(jnp.int32), rng
 
-  def _beam_search(self, params, buf: jax.Array, plen: jax.Array, mask: jax.Array | None, *,
+    def step(i, carry):
+      # Token i - 1 goes to position plen + i - 1; its logits give token i.
+      last, state, out, done, rng = carry
+      last, state = decoder.advance(state, last, out[:, i - 1], plen + i - 1)
+      nxt, rng = choose(last, rng)
+      nxt = jnp.where(done, 0, nxt)
+      return last, state, out.at[:, i].set(nxt), done | (nxt == eos_id), rng
+
+    last, state = decoder.start(buf, plen)
+    first, rng = choose(last, rng)
+    out = jnp.zeros((b, max_decode_length), jnp.int32).at[:, 0].set(first)
+    carry = (last, state, out, first == eos_id, rng)
+    return jax.lax.fori_loop(1, max_decode_length, step, carry)[2]
+
+  def _beam_search(self, decoder: "_Decoder", buf: jax.Array, plen: jax.Array, *,
                    num_beams: int, max_decode_length: int, eos_id: int,
                    alpha: float) -> jax.Array:
     """Beam search: the `num_beams` most likely continuations of each prefix, step by step;
@@ -192,24 +194,18 @@ class DecoderOnlyModel:
     end a finished one is returned whenever there is one (as t5x does), else the best cut
     one. Live beams never emit the padding id 0 (it would be dropped from the text).
     """
-    b, length = buf.shape
+    b = buf.shape[0]
     k = num_beams
-    bk = b * k
-    buf = jnp.repeat(buf, k, axis=0)
-    plen = jnp.repeat(plen, k)
-    mask = None if mask is None else jnp.repeat(mask, k, axis=0)
-    idx = jnp.arange(length)[None, :]
+    # One prefill per example, its cache (or buffer) then repeated for each beam.
+    last, state = decoder.start(buf, plen)
+    rows = jnp.repeat(jnp.arange(b), k)
+    last, state = last[rows], decoder.reorder(state, rows)
+    plen = plen[rows]
     # Only the first beam of each example is live at first, so the first step's k best
     # tokens all continue it.
     scores = jnp.tile(jnp.asarray([0.0] + [-jnp.inf] * (k - 1), jnp.float32), (b, 1))
-    out = jnp.zeros((b, k, max_decode_length), jnp.int32)
-    done = jnp.zeros((b, k), bool)
 
-    def step(i, carry):
-      buf, out, done, scores = carry
-      logits = self.module.apply({"params": params}, buf, causal_attention_mask=mask)
-      pos = jnp.clip(plen - 1 + i, 0, length - 1)
-      last = jnp.take_along_axis(logits, pos[:, None, None], axis=1)[:, 0, :]
+    def choose(i, last, state, out, done, scores):
       logp = jax.nn.log_softmax(last.astype(jnp.float32), axis=-1).reshape(b, k, -1)
       vocab = logp.shape[-1]
       pad_only = jnp.full((vocab,), -jnp.inf, jnp.float32).at[0].set(0.0)
@@ -220,18 +216,79 @@ class DecoderOnlyModel:
       done = jnp.take_along_axis(done, src, axis=1)
       tok = jnp.where(done, 0, tok)
       out = jnp.take_along_axis(out, src[..., None], axis=1).at[:, :, i].set(tok)
-      rows = (src + jnp.arange(b)[:, None] * k).reshape(bk)
-      buf = buf[rows]  # (pos is the same for every beam of an example)
-      write = jnp.clip(pos + 1, 0, length - 1)
-      live = (~done).reshape(bk)
-      buf = jnp.where((idx == write[:, None]) & live[:, None] & (pos + 1 < length)[:, None],
-                      tok.reshape(bk)[:, None], buf)
-      done = done | (tok == eos_id)
-      return buf, out, done, top
+      state = decoder.reorder(state, (src + jnp.arange(b)[:, None] * k).reshape(b * k))
+      return state, out, done | (tok == eos_id), top
 
-    _, out, done, scores = jax.lax.fori_loop(0, max_decode_length, step,
-                                             (buf, out, done, scores))
+    def step(i, carry):
+      last, state, out, done, scores = carry
+      last, state = decoder.advance(state, last, out[:, :, i - 1].reshape(b * k),
+                                    plen + i - 1)
+      return (last,) + choose(i, last, state, out, done, scores)
+
+    out = jnp.zeros((b, k, max_decode_length), jnp.int32)
+    state, out, done, scores = choose(0, last, state, out, jnp.zeros((b, k), bool), scores)
+    carry = (last, state, out, done, scores)
+    _, _, out, done, scores = jax.lax.fori_loop(1, max_decode_length, step, carry)
     return pick_beam(out, scores, eos_id=eos_id, alpha=alpha)
+
+
+class _Decoder:
+  """Next-token logits, one position at a time, for `DecoderOnlyModel.predict_batch`.
+
+  With a cache, the state is every layer's (keys, values) ([layers, batch, length, ...]);
+  without, the token buffer ([batch, length]) that the model re-runs on whole, and the
+  prefix mask.
+  """
+
+  def __init__(self, model: DecoderOnlyModel, params, mask: jax.Array | None,
+               use_cache: bool):
+    self._model, self._params, self._mask, self._cached = model, params, mask, use_cache
+
+  def _apply(self, tokens, **kwargs):
+    return self._model.module.apply({"params": self._params}, tokens, **kwargs)
+
+  def start(self, buf: jax.Array, plen: jax.Array):
+    """(logits at each row's last prefix position [batch, vocab], state)."""
+    def at(x, pos):
+      return jnp.take_along_axis(x, pos[:, None, None], axis=1)[:, 0]
+    if not self._cached:
+      logits = self._apply(buf, causal_attention_mask=self._mask)
+      return at(logits, plen - 1), {"buf": buf, "mask": self._mask}
+    hidden, cache = self._apply(buf, causal_attention_mask=self._mask, return_hidden=True,
+                                return_cache=True)
+    return self._project(at(hidden, plen - 1)), cache
+
+  def _project(self, hidden: jax.Array) -> jax.Array:
+    """[batch, d_model] final states -> [batch, vocab] float32 logits (as the model's own
+    output projection computes them)."""
+    c = self._model.config
+    if c.shared_embedding:
+      return models.matmul(hidden, self._params["embedding"], True, DTYPES[c.dtype],
+                           jnp.float32) * logits_scale(c)
+    return models.matmul(hidden, self._params["logits_kernel"], False, DTYPES[c.dtype],
+                         jnp.float32)
+
+  def advance(self, state, last: jax.Array, tok: jax.Array, pos: jax.Array):
+    """Puts `tok` ([batch]) at `pos` ([batch]) and returns (its logits, the new state). A row
+    whose `pos` is past the buffer keeps `last` (it cannot grow)."""
+    length = state[0].shape[2] if self._cached else state["buf"].shape[1]
+    fits = pos < length
+    if self._cached:
+      logits, state = self._apply(tok[:, None], cache=state, cache_index=pos)
+      logits = logits[:, 0]
+    else:
+      idx = jnp.arange(length)[None, :]
+      buf = jnp.where(idx == pos[:, None], tok[:, None], state["buf"])
+      state = dict(state, buf=buf)
+      logits = self._apply(buf, causal_attention_mask=state["mask"])
+      logits = jnp.take_along_axis(logits, jnp.minimum(pos, length - 1)[:, None, None],
+                                   axis=1)[:, 0]
+    return jnp.where(fits[:, None], logits, last), state
+
+  def reorder(self, state, rows: jax.Array):
+    """The state of the rows `rows` (beam search's survivors)."""
+    axis = 1 if self._cached else 0
+    return jax.tree.map(lambda a: jnp.take(a, rows, axis=axis), state)
 
 
 def pick_beam(out: jax.Array, scores: jax.Array, *, eos_id: int, alpha: float) -> jax.Array:

@@ -484,17 +484,28 @@ class Attention(nn.Module):
   attends to the keys up to its end)."""
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, sin: Array, cos: Array) -> Array:
-    """Attends.
+  def __call__(self, x: Array, mask: Array, sin: Array, cos: Array,
+               cache: tuple[Array, Array] | None = None,
+               write: Array | None = None) -> tuple[Array, tuple[Array, Array]]:
+    """Attends: over the whole sequence, or (with ``cache``) one new position per example
+    against the keys and values of the positions before it (cached decoding).
 
     Args:
-        x: [batch, length, embed] normalised input in the compute dtype.
-        mask: [batch, 1, length, length] bool from `make_attention_mask`.
-        sin: [batch, length, head_dim // 2] from `rotary_sin_cos`.
+        x: [batch, length, embed] normalised input in the compute dtype; with ``cache``,
+            [batch, 1, embed] (the new position of each example).
+        mask: [batch, 1, length, length] bool from `make_attention_mask`; with ``cache``,
+            [batch, 1, 1, max_length]: the cached positions the new one attends to.
+        sin: [batch, length, head_dim // 2] from `rotary_sin_cos` (of the new position with
+            ``cache``).
         cos: same shape as ``sin``.
+        cache: optional (keys, values) of every position, [batch, max_length, kv] each for
+            multi-query attention, else [batch, max_length, heads, kv], in the compute dtype.
+        write: with ``cache``, [batch, max_length] bool, True at the new position (where its
+            key and value are written).
 
     Returns:
-        [batch, length, embed] in the compute dtype.
+        ([batch, length, embed] in the compute dtype, (keys, values)): the keys (after the
+        rotary embedding) and values of the sequence, or with ``cache`` the updated cache.
     """
     c = self.config
     dtype, param_dtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
@@ -527,6 +538,29 @@ class Attention(nn.Module):
     query = (apply_rotary(query, sin, cos) * np.float32(k ** -0.5)).astype(dtype)
     key = apply_rotary(key, sin, cos).astype(dtype)
 
+    if cache is not None:
+      key, value = _cache_write(cache, key, value, write)
+      context = _attend_cached(query, key, value, mask, multi_query=c.multi_query,
+                               dtype=dtype)
+    else:
+      context = self._attend(query, key, value, mask)
+    context = nn.with_logical_constraint(context.reshape(batch, length, h, k),
+                                         ("batch", "length", "heads", "kv"))
+
+    out_kernel = self.param(
+        "out", nn.with_logical_partitioning(_kernel_init((0, 1), 2), ("heads", "kv", "embed")),
+        (h, k, d), param_dtype)
+    out = matmul(context.reshape(batch * length, h * k), out_kernel.reshape(h * k, d), False,
+                 dtype, dtype)
+    return nn.with_logical_constraint(out.reshape(batch, length, d),
+                                      ("batch", "length", "embed")), (key, value)
+
+  def _attend(self, query: Array, key: Array, value: Array, mask: Array) -> Array:
+    """Attention of every position, by blocks of queries: [batch, length, heads, kv]."""
+    c = self.config
+    dtype = DTYPES[c.dtype]
+    h, k = c.num_heads, c.head_dim
+    batch, length = query.shape[:2]
     if length % self.blocks:
       raise ValueError(f"Attention.blocks={self.blocks} must divide the length {length}.")
     step = length // self.blocks
@@ -554,17 +588,41 @@ class Attention(nn.Module):
                       dtype, dtype)
         part = jnp.swapaxes(part.reshape(batch, h, step, k), 1, 2)
       parts.append(part)
-    context = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
-    context = nn.with_logical_constraint(context.reshape(batch, length, h, k),
-                                         ("batch", "length", "heads", "kv"))
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
 
-    out_kernel = self.param(
-        "out", nn.with_logical_partitioning(_kernel_init((0, 1), 2), ("heads", "kv", "embed")),
-        (h, k, d), param_dtype)
-    out = matmul(context.reshape(batch * length, h * k), out_kernel.reshape(h * k, d), False,
-                 dtype, dtype)
-    return nn.with_logical_constraint(out.reshape(batch, length, d),
-                                      ("batch", "length", "embed"))
+
+def _cache_write(cache: tuple[Array, Array], key: Array, value: Array,
+                 write: Array) -> tuple[Array, Array]:
+  """The cache with each example's new key and value ([batch, 1, ...]) at its position
+  (``write``: [batch, max_length] bool)."""
+  def put(old: Array, new: Array) -> Array:
+    where = write.reshape(write.shape + (1,) * (old.ndim - 2))
+    return jnp.where(where, new.astype(old.dtype), old)
+  return put(cache[0], key), put(cache[1], value)
+
+
+def _attend_cached(query: Array, keys: Array, values: Array, mask: Array, *,
+                   multi_query: bool, dtype: Any) -> Array:
+  """One new position per example against the cache: [batch, 1, heads, kv].
+
+  Args:
+      query: [batch, 1, heads, kv] (rotated and scaled) in the compute dtype.
+      keys: [batch, max_length, kv] (multi-query) or [batch, max_length, heads, kv].
+      values: shaped like ``keys``.
+      mask: [batch, 1, 1, max_length] bool: the positions attended to.
+      multi_query: the cache's layout.
+      dtype: the compute dtype.
+  """
+  batch, _, h, k = query.shape
+  if multi_query:  # [batch, heads, kv] x [batch, max_length, kv]
+    logits = matmul(query.reshape(batch, h, k), keys, True, dtype, jnp.float32)
+    probs = masked_softmax(logits, mask[:, 0], dtype)
+    return matmul(probs, values, False, dtype, dtype).reshape(batch, 1, h, k)
+  by_head = jnp.swapaxes(query, 1, 2)  # [batch, heads, 1, kv] x [batch, heads, max_length, kv]
+  logits = matmul(by_head, jnp.swapaxes(keys, 1, 2), True, dtype, jnp.float32)
+  probs = masked_softmax(logits, mask, dtype)
+  context = matmul(probs, jnp.swapaxes(values, 1, 2), False, dtype, dtype)
+  return jnp.swapaxes(context, 1, 2)
 
 
 class SwiGLU(nn.Module):
@@ -618,10 +676,13 @@ class DecoderLayer(nn.Module):
   config: PaLMConfig
   deterministic: bool = True
   attention_blocks: int = 1
+  return_kv: bool = False
+  """Return the attention's keys and values (to fill a decoding cache)."""
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, sin: Array,
-               cos: Array) -> tuple[Array, None]:
+  def __call__(self, x: Array, mask: Array, sin: Array, cos: Array,
+               cache: tuple[Array, Array] | None = None,
+               write: Array | None = None) -> tuple[Array, Any]:
     """Applies the block.
 
     Args:
@@ -629,9 +690,11 @@ class DecoderLayer(nn.Module):
         mask: [batch, 1, length, length] bool attention mask.
         sin: rotary table, [batch, length, head_dim // 2].
         cos: rotary table, [batch, length, head_dim // 2].
+        cache, write: cached decoding of one position (see `Attention`).
 
     Returns:
-        (new residual stream, None): the scan carry and an empty per-layer output.
+        (new residual stream, per-layer output): the scan carry, and the attention's
+        (keys, values) with ``cache`` or ``return_kv``, else None.
     """
     c = self.config
     dtype, param_dtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
@@ -640,15 +703,17 @@ class DecoderLayer(nn.Module):
     attention = Attention(config=c, blocks=self.attention_blocks, name="attention")
     if c.parallel_block:
       normed = LayerNorm(dtype=dtype, param_dtype=param_dtype, name="pre_norm")(x)
-      attn = attention(normed, mask, sin, cos)
+      attn, kv = attention(normed, mask, sin, cos, cache, write)
       mlp = SwiGLU(config=c, name="mlp")(normed)
       y = x + dropout(attn) + dropout(mlp)
     else:
       normed = LayerNorm(dtype=dtype, param_dtype=param_dtype, name="pre_attention_norm")(x)
-      x = x + dropout(attention(normed, mask, sin, cos))
+      attn, kv = attention(normed, mask, sin, cos, cache, write)
+      x = x + dropout(attn)
       normed = LayerNorm(dtype=dtype, param_dtype=param_dtype, name="pre_mlp_norm")(x)
       y = x + dropout(SwiGLU(config=c, name="mlp")(normed))
-    return nn.with_logical_constraint(y, ("batch", "length", "embed")), None
+    y = nn.with_logical_constraint(y, ("batch", "length", "embed"))
+    return y, (kv if self.return_kv or cache is not None else None)
 
 
 class PaLMDecoder(nn.Module):
@@ -669,8 +734,20 @@ class PaLMDecoder(nn.Module):
   @nn.compact
   def __call__(self, tokens: Array, *, segment_ids: Array | None = None,
                positions: Array | None = None, causal_attention_mask: Array | None = None,
-               deterministic: bool = True, return_hidden: bool = False) -> Array:
+               deterministic: bool = True, return_hidden: bool = False,
+               return_cache: bool = False, cache: tuple[Array, Array] | None = None,
+               cache_index: Array | None = None) -> Any:
     """Computes next-token logits (or the hidden states they are projected from).
+
+    Cached decoding (as t5x's decoders do) takes two kinds of call. ``return_cache=True``
+    (the prefill) also returns every layer's keys and values of the sequence: (keys,
+    values), each [layers, batch, length, kv] (multi-query) or [layers, batch, length,
+    heads, kv], in the compute dtype. A call with that ``cache`` and ``cache_index``
+    ([batch] int) runs one new token per example (``tokens`` [batch, 1]) at that position:
+    it attends to the cached positions up to and including its own, writes its key and
+    value there, and returns (logits, updated cache). The logits are those the whole
+    sequence would give at that position, without recomputing it (one position per layer
+    instead of the whole length, and keys and values read once).
 
     Args:
         tokens: [batch, length] int token ids (decoder input tokens), each < vocab_size
@@ -687,17 +764,34 @@ class PaLMDecoder(nn.Module):
             projects them itself (`losses.projected_cross_entropy_loss`, with `embedding`
             or `logits_kernel` and `logits_scale`).
 
+        return_cache: also return the keys and values (prefill of cached decoding).
+        cache: the (keys, values) of a prefill, to decode one position with.
+        cache_index: with ``cache``, [batch] int position of each example's token.
+
     Returns:
         [batch, length, vocab_size] float32 logits; with ``return_hidden``, [batch, length,
-        d_model] hidden states (after the final norm) in the compute dtype.
+        d_model] hidden states (after the final norm) in the compute dtype. With
+        ``return_cache`` or ``cache``: (that, cache).
     """
     c = self.config
     dtype, param_dtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
     batch, length = tokens.shape
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    mask = make_attention_mask(batch=batch, length=length, segment_ids=segment_ids,
-                               causal_attention_mask=causal_attention_mask)
+    write = None
+    if cache is not None:
+      if cache_index is None or length != 1 or segment_ids is not None \
+          or causal_attention_mask is not None:
+        raise ValueError("decoding with a cache takes one token per example and its "
+                         "cache_index, without segment_ids or causal_attention_mask")
+      max_length = cache[0].shape[2]
+      slots = jnp.arange(max_length)[None, :]
+      write = slots == cache_index[:, None]
+      mask = (slots <= cache_index[:, None])[:, None, None, :]
+      positions = cache_index[:, None].astype(jnp.int32)
+    else:
+      if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+      mask = make_attention_mask(batch=batch, length=length, segment_ids=segment_ids,
+                                 causal_attention_mask=causal_attention_mask)
     sin, cos = _materialized_rotary_tables(positions, head_dim=c.head_dim,
                                            max_wavelength=c.rope_max_wavelength)
 
@@ -710,31 +804,38 @@ class PaLMDecoder(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     layer_cls = DecoderLayer
-    if c.remat:
+    if c.remat and cache is None and not return_cache:
       layer_cls = nn.remat(layer_cls, prevent_cse=False)
+    bcast = nn.broadcast
     stack = nn.scan(
         layer_cls,
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+        # The cache is scanned over (each layer gets its own keys and values).
+        in_axes=(bcast, bcast, bcast) if cache is None else (bcast, bcast, bcast, 0, bcast),
         length=c.num_layers,
         unroll=c.layers_per_loop_iteration,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
     blocks = c.causal_blocks(length) if causal_attention_mask is None else 1
-    x, _ = stack(config=c, deterministic=deterministic, attention_blocks=blocks,
-                 name="layers")(x, mask, sin, cos)
+    layers = stack(config=c, deterministic=deterministic, attention_blocks=blocks,
+                   return_kv=return_cache, name="layers")
+    args = (x, mask, sin, cos) if cache is None else (x, mask, sin, cos, cache, write)
+    x, new_cache = layers(*args)
+
+    def out(value: Array) -> Any:
+      return (value, new_cache) if cache is not None or return_cache else value
 
     x = LayerNorm(dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
     if not c.shared_embedding:
       init = nn.with_logical_partitioning(_kernel_init(0, 1), ("embed", "vocab"))
       kernel = self.param("logits_kernel", init, (c.d_model, c.vocab_size), param_dtype)
     if return_hidden:
-      return x
+      return out(x)
     tokens_out = x.reshape(batch * length, c.d_model)
     if c.shared_embedding:
       logits = matmul(tokens_out, embedding, True, dtype, jnp.float32) * logits_scale(c)
     else:
       logits = matmul(tokens_out, kernel, False, dtype, jnp.float32)
     logits = logits.reshape(batch, length, c.vocab_size)
-    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+    return out(nn.with_logical_constraint(logits, ("batch", "length", "vocab")))

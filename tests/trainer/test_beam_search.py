@@ -64,10 +64,11 @@ def test_one_beam_is_greedy(model_and_params):
   idx = np.arange(LENGTH)[None, :]
   buf = jnp.where(idx < plen[:, None], batch["decoder_input_tokens"], 0)
   for eos in (-1, 1):
-    one_beam = jax.jit(lambda p, b, e=eos: model._beam_search(
-        p, b, plen, None, num_beams=1, max_decode_length=STEPS, eos_id=e, alpha=0.6))(
-            params, buf)
-    np.testing.assert_array_equal(np.asarray(one_beam), _decode(model, params, eos_id=eos))
+    for cached in (True, False):
+      one_beam = jax.jit(lambda p, b, e=eos, c=cached: model._beam_search(
+          lm._Decoder(model, p, None, c), b, plen, num_beams=1, max_decode_length=STEPS,
+          eos_id=e, alpha=0.6))(params, buf)
+      np.testing.assert_array_equal(np.asarray(one_beam), _decode(model, params, eos_id=eos))
 
 
 def test_the_returned_beam_is_finished_when_one_is_and_length_penalized():

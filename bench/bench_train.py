@@ -153,7 +153,7 @@ def main(argv=None) -> int:
   import numpy as np
   import optax
 
-  from palmflow.trainer import train_lib
+  from palmflow.trainer import optimizers, train_lib
   from palmflow.trainer.partitioning import Partitioner
 
   feats = cpu_features()
@@ -225,7 +225,7 @@ def main(argv=None) -> int:
     init_fn = functools.partial(model.init, batch_size=1, length=L)
     variables, abstract = partitioner.sharded_init(init_fn, jax.random.PRNGKey(0))
     params = variables["params"]
-    tx = model.optimizer
+    tx = optimizers.with_param_axes(model.optimizer, nn.get_partition_spec(abstract["params"]))
     opt_state = train_lib.place_on_mesh(jax.jit(tx.init)(params), partitioner.mesh)
     step_fn = train_lib.partition_train_step(
         partitioner, train_lib.make_train_step(model, tx, num_microbatches=microbatches,
@@ -249,9 +249,12 @@ def main(argv=None) -> int:
 
   def make_handwritten(model, batches):
     """The smallest honest flax+optax training step on the same module and optimizer."""
-    module, tx, z_loss = model.module, model.optimizer, model.z_loss
-    params = jax.jit(lambda k: nn.unbox(module.init(k, jnp.zeros((1, L), jnp.int32)))[
-        "params"])(jax.random.PRNGKey(0))
+    module, z_loss = model.module, model.z_loss
+    init = lambda k: module.init(k, jnp.zeros((1, L), jnp.int32))["params"]
+    params = jax.jit(lambda k: nn.unbox(init(k)))(jax.random.PRNGKey(0))
+    # The same optimizer as ours: Adafactor factored by the parameters' logical axes.
+    tx = optimizers.with_param_axes(
+        model.optimizer, nn.get_partition_spec(jax.eval_shape(init, jax.random.PRNGKey(0))))
     opt_state = jax.jit(tx.init)(params)
 
     def loss_fn(p, batch):

@@ -71,6 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  import flax.linen as nn
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
   init_fn = functools.partial(model.init, batch_size=1, length=L)
   variables, abstract = partitioner.sharded_init(init_fn, jax.random.PRNGKey(0))
   params = variables["params"]
-  tx = model.optimizer
+  tx = optimizers.with_param_axes(model.optimizer, nn.get_partition_spec(abstract["params"]))
   opt_state = train_lib.place_on_mesh(jax.jit(tx.init)(params), partitioner.mesh)
   step_fn = train_lib.partition_train_step(
       partitioner, train_lib.make_train_step(model, tx, num_microbatches=1, dropout_seed=0,

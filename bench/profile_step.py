@@ -175,11 +175,12 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   benchlib.reexec_with_cpu_malloc()
 
+  import flax.linen as nn
   import jax
   import jax.numpy as jnp
   import numpy as np
 
-  from palmflow.trainer import train_lib
+  from palmflow.trainer import optimizers, train_lib
   from palmflow.trainer.partitioning import Partitioner
 
   model, schedule = benchlib.gin_model(
@@ -187,9 +188,10 @@ def main(argv=None) -> int:
   B, L = args.batch, args.length
   batch = benchlib.random_batch(np.random.default_rng(0), model.config.vocab_size, B, L)
   partitioner = Partitioner(num_partitions=1, devices=jax.devices()[:1])  # one device
-  variables, _ = partitioner.sharded_init(
+  variables, abstract = partitioner.sharded_init(
       functools.partial(model.init, batch_size=1, length=L), jax.random.PRNGKey(0))
-  params, tx = variables["params"], model.optimizer
+  params = variables["params"]
+  tx = optimizers.with_param_axes(model.optimizer, nn.get_partition_spec(abstract["params"]))
   opt_state = train_lib.place_on_mesh(jax.jit(tx.init)(params), partitioner.mesh)
   step_fn = train_lib.make_train_step(model, tx, num_microbatches=1, dropout_seed=0,
                                       learning_rate_fn=schedule)

@@ -89,7 +89,9 @@ def final_checkpoint(upstream) -> str:
 @register
 class Train(StageKind):
   kind = "train"
-  version = "1"
+  # 2: Adafactor factors by logical axes (t5x's rules): other optimizer state shapes and
+  # steps, so a run of version 1 cannot resume.
+  version = "2"
   produces = "checkpoint"
   settings_cls = TrainSettings
   resumable = True

@@ -15,6 +15,7 @@ step again.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import logging
@@ -211,6 +212,11 @@ def _metadata_tree(meta) -> Any:
   return getattr(meta, "tree", meta)
 
 
+def _shapes_text(shapes: list[tuple], most: int = 3) -> str:
+  text = ", ".join(str(s) for s in shapes[:most])
+  return text + (f" and {len(shapes) - most} more" if len(shapes) > most else "")
+
+
 class Checkpointer:
   """Saves and restores train states under MODEL_DIR (keep-N, corrupt-checkpoint fallback)."""
 
@@ -263,10 +269,17 @@ class Checkpointer:
     shapes = lambda tree: sorted(tuple(x.shape) for x in jax.tree.leaves(_metadata_tree(tree)))
     got, want = shapes(saved_opt), shapes(abstract_opt_state)
     if got != want:
+      if len(got) != len(want):
+        what = f"has {len(got)} arrays in the checkpoint but {len(want)} in this run"
+      else:
+        only = lambda a, b: sorted((collections.Counter(a) - collections.Counter(b)).elements())
+        what = (f"has arrays of other shapes: {_shapes_text(only(got, want))} in the "
+                f"checkpoint, {_shapes_text(only(want, got))} in this run")
       raise ConfigError(
-          f"cannot resume: the optimizer state has {len(got)} arrays in the checkpoint but "
-          f"{len(want)} in this run (another optimizer, optimizer settings or precision "
-          "policy, e.g. float16's loss scaling)", path=path, field="MODEL_DIR", hint=hint)
+          f"cannot resume: the optimizer state {what} (another optimizer, optimizer "
+          "settings or precision policy, e.g. float16's loss scaling, or a checkpoint of a "
+          "palmflow before train version 2, whose Adafactor factored other axes)",
+          path=path, field="MODEL_DIR", hint=hint)
 
   def restore_latest(self, abstract_params, abstract_opt_state):
     """(step, params, opt_state, meta) of the newest restorable checkpoint, or None.

@@ -5,7 +5,7 @@ All return optax objects; gin binds them by name in `gin/models/*.gin` (`OPTIMIZ
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -85,7 +85,9 @@ def adafactor(*, learning_rate: Schedule | float, factored: bool = True,
               weight_decay_exponent: float | None = 2.0,
               global_norm_clip: float | None = 1.0, min_dim_size_to_factor: int = 128,
               epsilon: float = 1e-30,
-              stacked_layers_key: str | None = "layers") -> optax.GradientTransformation:
+              stacked_layers_key: str | None = "layers",
+              logical_factor_rules: Mapping[str, str] | None = None,
+              param_axes: Any = None) -> optax.GradientTransformation:
   """Adafactor with PaLM's settings by default (PaLM paper, section 5).
 
   Per step k = 1, 2, ... and parameter W with gradient G (after global-norm clipping):
@@ -103,6 +105,19 @@ def adafactor(*, learning_rate: Schedule | float, factored: bool = True,
   ``batch``). Whole-array statistics would let one layer's large update shrink every
   other's, and scale each layer's step by the RMS of all of them.
 
+  Which axes a second moment is factored over follows t5x's factor rules once the trainer
+  has given the parameters' logical axis names (`with_param_axes`, which ``train`` calls):
+  each logical axis is a ``row``, ``column``, ``batch`` or ``none`` axis
+  (`T5X_FACTOR_RULES` by default, t5x's ``standard_logical_factor_rules``). A parameter
+  with a ``batch`` axis (the stacked ``layers``) or more than two axes keeps per-``batch``
+  statistics and, when it has both row and column axes, factors its second moment into
+  the mean over the column axes and the mean over the row axes, whatever their sizes (the
+  query kernel (layers, embed, heads, kv): [layers, embed] and [layers, heads, kv]).
+  One with only rows or only columns (a norm's scale) keeps a full second moment. A
+  parameter of one or two axes without a batch axis (the embedding) is factored by the
+  size heuristic below, as in t5x. Without axis names (``param_axes`` None), the
+  heuristic applies to every matrix, per layer below `stacked_layers_key`.
+
   Args:
     learning_rate: a schedule (step -> lr, step counted from 0) or a constant.
     factored: factor the second moments of large matrices (PaLM: yes).
@@ -113,10 +128,16 @@ def adafactor(*, learning_rate: Schedule | float, factored: bool = True,
     weight_decay_exponent: decoupled weight decay at rate lr**exponent (PaLM: lr²); None
       disables it.
     global_norm_clip: clip the gradients' global norm first (PaLM: 1.0); None disables it.
-    min_dim_size_to_factor: smaller matrices keep a full second moment.
+    min_dim_size_to_factor: the size heuristic: a matrix whose second largest axis is
+      smaller keeps a full second moment; otherwise its two largest axes are factored.
     epsilon: added to G² (PaLM/t5x: 1e-30).
-    stacked_layers_key: parameters below a dict key of this name have a leading axis of
-      stacked layers (the model's scan is named ``layers``); None: every array is one matrix.
+    stacked_layers_key: without axis names, parameters below a dict key of this name have
+      a leading axis of stacked layers (the model's scan is named ``layers``); None: every
+      array is one matrix.
+    logical_factor_rules: {logical axis name: "row" | "column" | "batch" | "none"}; None:
+      `T5X_FACTOR_RULES`. Used with ``param_axes``.
+    param_axes: the parameters' logical axis names (a tree of tuples or PartitionSpecs
+      shaped like the parameters), normally given by `with_param_axes`.
   Returns:
     The optax transformation. Its state has the structure of `adafactor_chain`'s (optax's
     global-norm clip, optax's adafactor, the lr² decay), with the second moments of stacked
@@ -129,9 +150,15 @@ def adafactor(*, learning_rate: Schedule | float, factored: bool = True,
                   weight_decay_exponent=weight_decay_exponent,
                   global_norm_clip=global_norm_clip,
                   min_dim_size_to_factor=min_dim_size_to_factor, epsilon=epsilon)
+  arguments = dict(settings, stacked_layers_key=stacked_layers_key,
+                   logical_factor_rules=logical_factor_rules)
   chain = adafactor_chain(**settings)
   settings["schedule"] = _as_schedule(settings.pop("learning_rate"))
-  stacked = functools.partial(_stacked_axes, key=stacked_layers_key)
+  rules = _factor_rules(T5X_FACTOR_RULES if logical_factor_rules is None
+                        else logical_factor_rules)
+  plan = functools.partial(_factor_plan, names=_names_by_path(param_axes), rules=rules,
+                           stacked_key=stacked_layers_key, factored=factored,
+                           min_dim_size_to_factor=min_dim_size_to_factor)
 
   def init(params):
     state = list(chain.init(params))
@@ -139,14 +166,13 @@ def adafactor(*, learning_rate: Schedule | float, factored: bool = True,
     inner = list(state[index])
 
     def moments(path, p):
-      nb = stacked(path, p)
-      axes = _factored_axes(p.shape[nb:], factored, min_dim_size_to_factor)
+      factors = plan(path, p).factors
       one = jnp.zeros((1,), p.dtype)
-      if axes is None:
+      if factors is None:
         return one, one, jnp.zeros_like(p)
-      col_axis, row_axis = axes[0] + nb, axes[1] + nb
-      drop = lambda axis: jnp.zeros(p.shape[:axis] + p.shape[axis + 1:], p.dtype)
-      return drop(row_axis), drop(col_axis), one
+      d1, d0 = factors
+      drop = lambda axes: jnp.zeros(tuple(np.delete(p.shape, axes)), p.dtype)
+      return drop(d0), drop(d1), one
 
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     vr, vc, v = zip(*[moments(path, p) for path, p in leaves]) if leaves else ((), (), ())
@@ -159,15 +185,92 @@ def adafactor(*, learning_rate: Schedule | float, factored: bool = True,
     del extra_args  # accepted as optax's chains accept them; Adafactor uses none
     if params is None:
       raise ValueError("adafactor needs the parameters (parameter scaling, weight decay).")
-    return _adafactor_update(grads, state, params, stacked=stacked, **settings)
-  return optax.GradientTransformation(init, update)
+    return _adafactor_update(grads, state, params, plan=plan, **settings)
+  tx = _Adafactor(init, update)
+  tx.arguments = arguments
+  return tx
 
 
-def _stacked_axes(path, leaf, *, key: str | None) -> int:
-  """1 where the leaf at `path` is a stack of layers (below a dict key `key`), else 0."""
-  if key is None or getattr(leaf, "ndim", 0) < 1:
-    return 0
-  return int(any(getattr(k, "key", None) == key for k in path))
+class _Adafactor(optax.GradientTransformation):
+  """`adafactor`'s transformation; it remembers its arguments for `with_param_axes`."""
+  arguments: dict
+
+
+# t5x's standard_logical_factor_rules for the logical axes palmflow's models use.
+T5X_FACTOR_RULES: dict[str, str] = {
+    "vocab": "column", "embed": "row", "mlp": "column", "heads": "column", "kv": "column",
+    "joined_kv": "column", "layers": "batch", "stack": "batch"}
+_FACTOR_KINDS = ("row", "column", "batch", "none")
+
+
+def with_param_axes(tx: optax.GradientTransformation,
+                    param_axes: Any) -> optax.GradientTransformation:
+  """`tx` told the parameters' logical axis names (t5x's ``set_param_axes``): an `adafactor`
+  then factors by `T5X_FACTOR_RULES` (or its ``logical_factor_rules``). Other optimizers
+  are returned as they are."""
+  if not isinstance(tx, _Adafactor):
+    return tx
+  return adafactor(**dict(tx.arguments, param_axes=param_axes))
+
+
+def _factor_rules(rules: Mapping[str, str]) -> dict[str, str]:
+  out = {}
+  for name, kind in dict(rules).items():
+    kind = str(kind).lower()
+    if kind not in _FACTOR_KINDS:
+      raise ValueError(f"adafactor logical_factor_rules[{name!r}] = {kind!r}: use one of "
+                       f"{', '.join(_FACTOR_KINDS)}")
+    out[name] = kind
+  return out
+
+
+def _names_by_path(param_axes: Any) -> dict[str, tuple] | None:
+  """{keystr(path): logical axis names} of a tree of names (None: no names)."""
+  if param_axes is None:
+    return None
+  leaves = jax.tree_util.tree_flatten_with_path(
+      param_axes, is_leaf=lambda x: isinstance(x, (tuple, jax.sharding.PartitionSpec)))[0]
+  return {jax.tree_util.keystr(path): tuple(names) for path, names in leaves}
+
+
+class _Plan(NamedTuple):
+  """How one parameter's statistics are taken: `batch` axes keep their own statistics (the
+  RMS of the update and of the parameter is over the other axes); `factors` is (d1, d0),
+  the row axes and the column axes of a factored second moment (v_row: the mean of G² over
+  d0; v_col: over d1), or None for a full one."""
+  batch: tuple[int, ...]
+  factors: tuple[tuple[int, ...], tuple[int, ...]] | None
+
+
+def _factor_plan(path, leaf, *, names: dict[str, tuple] | None, rules: dict[str, str],
+                 stacked_key: str | None, factored: bool,
+                 min_dim_size_to_factor: int) -> _Plan:
+  """The `_Plan` of the parameter at `path` (see `adafactor`)."""
+  shape = tuple(getattr(leaf, "shape", ()))
+  axes = None if names is None else names.get(jax.tree_util.keystr(path))
+  if axes is None or len(axes) != len(shape):
+    nb = 0
+    if stacked_key is not None and shape and any(
+        getattr(k, "key", None) == stacked_key for k in path):
+      nb = 1
+    axes = _factored_axes(shape[nb:], factored, min_dim_size_to_factor)
+    factors = None if axes is None else ((axes[0] + nb,), (axes[1] + nb,))
+    return _Plan(tuple(range(nb)), factors)
+  kinds = []
+  for i, name in enumerate(axes):
+    if name is not None and name not in rules:
+      raise ValueError(
+          f"adafactor: parameter {jax.tree_util.keystr(path)} axis {i} has logical name "
+          f"{name!r}, which logical_factor_rules does not name; add it as row, column, "
+          "batch or none")
+    kinds.append("none" if name is None else rules[name])
+  batch = tuple(i for i, k in enumerate(kinds) if k == "batch")
+  if len(shape) <= 2 and not batch:  # t5x: matrices without a batch axis by size
+    axes = _factored_axes(shape, factored, min_dim_size_to_factor)
+    return _Plan((), None if axes is None else ((axes[0],), (axes[1],)))
+  rows = tuple(i for i, k in enumerate(kinds) if k == "row")
+  cols = tuple(i for i, k in enumerate(kinds) if k == "column")
+  return _Plan(batch, (rows, cols) if factored and rows and cols else None)
 
 
 def _as_schedule(learning_rate: Schedule | float) -> Schedule:
@@ -213,11 +316,11 @@ def _factored_axes(shape: tuple[int, ...], factored: bool,
 def _adafactor_update(grads, state, params, *, schedule, global_norm_clip, decay_exponent,
                       clipping_threshold, multiply_by_parameter_scale, momentum,
                       weight_decay_exponent, factored, min_dim_size_to_factor, epsilon,
-                      stacked):
+                      plan):
   """One step of `adafactor`'s chain, on its state, in as few passes over memory as it needs.
 
-  A leaf for which ``stacked(path, leaf)`` is 1 is a stack of matrices along its first axis:
-  its factoring, update clipping and parameter scale are per matrix.
+  ``plan(path, leaf)`` is the leaf's `_Plan`: its factoring, update clipping and parameter
+  scale are per index of its batch axes (per layer of a stack).
 
   The chain of optax transformations materialises or re-reads the update between its links
   (a global-norm select, the second moments, the update's RMS, the parameters' RMS, the
@@ -272,10 +375,11 @@ def _adafactor_update(grads, state, params, *, schedule, global_norm_clip, decay
   for path, g, p, vr, vc, v, m in zip(p_paths, leaves, p_leaves, vr_leaves, vc_leaves,
                                      v_leaves, m_leaves):
     dtype = p.dtype
-    nb = stacked(path, p)
+    leaf_plan = plan(path, p)
     # The axes of one matrix: statistics over all of them when the leaf is one matrix.
-    per = None if nb == 0 else tuple(range(nb, p.ndim))
-    keep = dict(axis=per, keepdims=nb > 0)
+    per = tuple(i for i in range(p.ndim) if i not in leaf_plan.batch)
+    keep = dict(axis=per if leaf_plan.batch else None, keepdims=bool(leaf_plan.batch))
+    per_size = int(np.prod([p.shape[i] for i in per], dtype=np.int64))
     s = None if scale is None else scale.astype(g.dtype)
     clipped = (lambda x: x) if s is None else (lambda x: x * s)
 
@@ -286,20 +390,17 @@ def _adafactor_update(grads, state, params, *, schedule, global_norm_clip, decay
       m = jnp.mean(jnp.square(x), axis=axis)
       return m if s is None else jnp.where(s > 0, (s * m) * s, 0.0).astype(m.dtype)
 
-    axes = _factored_axes(p.shape[nb:], factored, min_dim_size_to_factor)
-    if axes is not None:
-      col_axis, row_axis = axes[0] + nb, axes[1] + nb
+    if leaf_plan.factors is not None:
+      d1, d0 = leaf_plan.factors  # the row axes, the column axes
       aliases = list(jax.lax.optimization_barrier((g,) * 3) if on_cpu else (g,) * 3)
-      # mean((s G)² + ε) over an axis = mean((s G)²) + ε: one reduction per axis.
-      new_vr = beta * vr + (1 - beta) * (
-          clipped_mean_square(aliases.pop(), row_axis) + epsilon)
-      new_vc = beta * vc + (1 - beta) * (
-          clipped_mean_square(aliases.pop(), col_axis) + epsilon)
+      # mean((s G)² + ε) over axes = mean((s G)²) + ε: one reduction per side.
+      new_vr = beta * vr + (1 - beta) * (clipped_mean_square(aliases.pop(), d0) + epsilon)
+      new_vc = beta * vc + (1 - beta) * (clipped_mean_square(aliases.pop(), d1) + epsilon)
       new_vr, new_vc = new_vr.astype(dtype), new_vc.astype(dtype)
-      reduced = col_axis - 1 if col_axis > row_axis else col_axis
+      reduced = tuple(d - sum(e < d for e in d0) for d in d1)  # d1's axes in v_row
       row = jnp.expand_dims(
-          jax.lax.rsqrt(new_vr / jnp.mean(new_vr, axis=reduced, keepdims=True)), row_axis)
-      col = jnp.expand_dims(jax.lax.rsqrt(new_vc), col_axis)
+          jax.lax.rsqrt(new_vr / jnp.mean(new_vr, axis=reduced, keepdims=True)), d0)
+      col = jnp.expand_dims(jax.lax.rsqrt(new_vc), d1)
       u = clipped(g) * row * col
       # A YNNPACK reduction takes the broadcast of a vector computed in it inline (the
       # squares of the factors, s times a factor) but writes a bare broadcast (a factor
@@ -323,7 +424,7 @@ def _adafactor_update(grads, state, params, *, schedule, global_norm_clip, decay
       sum_u_squared = lambda: jnp.sum(jnp.square(u), dtype=jnp.float32, **keep)
       new_vr, new_vc = vr, vc
     if clipping_threshold is not None:  # the RMS in float32 whatever the parameters' dtype
-      rms = jnp.sqrt(sum_u_squared() / (g.size // g.shape[0] if nb else g.size))
+      rms = jnp.sqrt(sum_u_squared() / per_size)
       u = u / jnp.maximum(1.0, rms / clipping_threshold).astype(u.dtype)
     u = u * jnp.asarray(lr, u.dtype)
     if multiply_by_parameter_scale:

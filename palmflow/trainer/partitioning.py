@@ -401,12 +401,16 @@ class Partitioner:
         return jitted(*args, **kwargs)
     return wrapped
 
-  def describe(self, params: Any) -> str:
+  def describe(self, params: Any, *, title: str = "Parameters", header: bool = True,
+               skip_scalars: bool = False) -> str:
     """Human-readable mesh, rules and per-parameter sharding (the model-info.txt text).
 
     Args:
         params: boxed parameters (concrete or from `abstract_init`), or unboxed arrays (their
             logical axes are then unknown and the spec is read from the array if placed).
+        title: what the table lists ("Parameters", "Optimizer state").
+        header: start with the mesh and the rules.
+        skip_scalars: leave out arrays of one value (step counts, placeholders), counted.
 
     Returns:
         Lines: the mesh, the rules, then for every parameter its path, shape, dtype, logical
@@ -414,16 +418,21 @@ class Partitioner:
     """
     mesh = self._mesh
     devices = mesh.devices.flatten()
-    lines = [
-        f"Mesh: {_format_mesh(mesh)} = {devices.size} devices "
-        f"({devices[0].platform}, {jax.process_count()} process(es))",
-        "Logical axis rules (first free match wins):",
-    ]
-    lines += [f"  {logical:<10} -> {mesh_axes}" for logical, mesh_axes in self._rules]
+    lines = []
+    if header:
+      lines = [
+          f"Mesh: {_format_mesh(mesh)} = {devices.size} devices "
+          f"({devices[0].platform}, {jax.process_count()} process(es))",
+          "Logical axis rules (first free match wins):",
+      ]
+      lines += [f"  {logical:<10} -> {mesh_axes}" for logical, mesh_axes in self._rules]
     rows = [("path", "shape", "dtype", "logical axes", "mesh spec", "per-device shard")]
-    total = total_bytes = 0
+    total = total_bytes = skipped = 0
     leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_box)[0]
     for path, leaf in leaves:
+      if skip_scalars and not _is_box(leaf) and math.prod(np.shape(leaf)) <= 1:
+        skipped += 1
+        continue
       if _is_box(leaf):
         value = leaf.unbox(apply_constraint=False)
         names = tuple(leaf.names)
@@ -444,8 +453,9 @@ class Partitioner:
       rows.append((_format_path(path), str(shape), dtype.name, logical,
                    _format_axes(padded), str(shard)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines.append(f"Parameters: {len(rows) - 1} arrays, {total:,} values, "
-                 f"{_format_bytes(total_bytes)}")
+    lines.append(f"{title}: {len(rows) - 1} arrays, {total:,} values, "
+                 f"{_format_bytes(total_bytes)}"
+                 + (f" ({skipped} arrays of one value not listed)" if skipped else ""))
     for row in rows:
       lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
     return "\n".join(lines) + "\n"

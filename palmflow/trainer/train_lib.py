@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -301,6 +302,15 @@ def place_on_mesh(tree, mesh):
   return jax.tree.map(place, tree)
 
 
+def train_optimizer(model: DecoderOnlyModel, policy: precision_lib.PrecisionPolicy,
+                    abstract_params) -> optax.GradientTransformation:
+  """The optimizer `train` steps with (and whose state its checkpoints hold): the model's,
+  told the parameters' logical axes (boxed `abstract_params`: Adafactor factors each second
+  moment by them, t5x's rules), wrapped by the precision policy (float16's loss scaling)."""
+  tx = optimizers.with_param_axes(model.optimizer, nn.get_partition_spec(abstract_params))
+  return policy.wrap_optimizer(tx)
+
+
 def partition_train_step(partitioner: Partitioner, step: Callable, abstract_params,
                          opt_state, compiler_options: dict | None = None) -> Callable:
   """`step` (from `make_train_step`) jitted over the mesh, its state donated and its outputs
@@ -500,7 +510,6 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
   if policy.compute_dtype == "float16" and policy.dynamic_loss_scale is None:
     log.warning("float16 compute without loss scaling: small gradients may flush to zero "
                 "(include gin/precision/float16.gin for dynamic loss scaling)")
-  tx = policy.wrap_optimizer(model.optimizer)
   cfg = train_dataset_cfg
   length = sum(cfg.task_feature_lengths.values())
   if num_microbatches > 1 and cfg.batch_size % num_microbatches:
@@ -511,8 +520,12 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
   init_fn = functools.partial(model.init, batch_size=1, length=length)
   variables, abstract = partitioner.sharded_init(init_fn, jax.random.PRNGKey(random_seed))
   params = variables["params"]
-  (model_dir / "model-info.txt").write_text(partitioner.describe(abstract["params"]))
+  tx = train_optimizer(model, policy, abstract["params"])
   opt_state = jax.jit(tx.init)(params)
+  (model_dir / "model-info.txt").write_text(
+      partitioner.describe(abstract["params"]) + "\n"
+      + partitioner.describe(opt_state, title="Optimizer state", header=False,
+                             skip_scalars=True))
 
   checkpointer = ckpt_lib.Checkpointer(model_dir, checkpoint_cfg)
   try:  # closed on errors too: an open orbax manager's threads outlive the call

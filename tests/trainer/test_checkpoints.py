@@ -329,6 +329,12 @@ def test_a_checkpoint_of_another_configuration_stops_the_resume_and_is_kept(tmp_
   with pytest.raises(ConfigError, match=r"checkpoint_20, field 'MODEL_DIR': cannot resume: the "
                                         r"optimizer state has 4 arrays in the checkpoint but 5"):
     ck.restore_latest(_abstract(params), _abstract(opt))
+  # As many arrays, other shapes (Adafactor's moments factored over other axes): named.
+  params, opt = _state(mesh)
+  opt["v"]["layers"]["mlp"]["wi"] = jnp.zeros((4,))
+  with pytest.raises(ConfigError, match=r"optimizer state has arrays of other shapes: \(4, 8\) "
+                                        r"in the checkpoint, \(4,\) in this run"):
+    ck.restore_latest(_abstract(params), _abstract(opt))
   params, opt = _state(mesh, vocab=32)
   with pytest.raises(ConfigError, match="cannot resume: parameter embedding has shape "
                                         r"\(16, 8\) in the checkpoint but \(32, 8\)"):

@@ -292,7 +292,75 @@ def test_adafactor_on_stacked_layers_steps_each_layer_as_its_own_matrix(seed):
   assert not np.allclose(whole["layers"]["mlp"], got["layers"]["mlp"], rtol=1e-3)
 
 
-@pytest.mark.parametrize("stacked", [False, True])
+def test_adafactor_factors_by_logical_axes_as_t5x_rules_say():
+  # With the parameters' logical axes, a stacked query kernel (layers, embed, heads, kv)
+  # is factored per layer into embed (rows) and heads x kv (columns), whatever their sizes:
+  # the same step as the chain on each layer's [embed, heads * kv] matrix (factored there
+  # because both axes reach min_dim_size_to_factor, heads * kv the larger). A small
+  # multi-query key (layers, embed, kv) is factored too; a norm's scale (layers, embed)
+  # has no column axis and keeps a full moment; the embedding (vocab, embed) follows the
+  # size heuristic, as in t5x.
+  n, e, h, k, vocab = 3, 24, 4, 8, 40
+  rng = np.random.default_rng(0)
+  scales = np.array([0.01, 1.0, 30.0])
+  shapes = {"query": (e, h, k), "key": (e, k), "scale": (e,)}
+  names = {"layers": {"query": ("layers", "embed", "heads", "kv"),
+                      "key": ("layers", "embed", "kv"), "scale": ("layers", "embed")},
+           "embedding": ("vocab", "embed")}
+  params = {"layers": {name: jnp.asarray(rng.normal(size=(n,) + shape)
+                                         * scales.reshape((n,) + (1,) * len(shape)),
+                                         jnp.float32) for name, shape in shapes.items()},
+            "embedding": jnp.asarray(rng.normal(size=(vocab, e)), jnp.float32)}
+  grads_seq = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32),
+                            params) for _ in range(3)]
+  settings = {"learning_rate": lambda step: 0.05 / (1.0 + step), "min_dim_size_to_factor": 8}
+  tx = optimizers.with_param_axes(optimizers.adafactor(**settings), names)
+  got, state = _run_with_state(tx, params, grads_seq)
+  moments = state[1][0]
+  assert moments.v_row["layers"]["query"].shape == (n, e)
+  assert moments.v_col["layers"]["query"].shape == (n, h, k)
+  assert moments.v_col["layers"]["key"].shape == (n, k)
+  assert moments.v["layers"]["scale"].shape == (n, e)
+  # The heuristic: v_row over the second largest axis, the mean over the largest.
+  assert moments.v_row["embedding"].shape == (e,)
+
+  def apart(tree):
+    out = {"embedding": tree["embedding"]}
+    for name, x in tree["layers"].items():
+      for i in range(n):
+        out[f"{name}_{i}"] = x[i].reshape(e, -1) if name == "query" else x[i]
+    return out
+
+  want = _run(optimizers.adafactor_chain(**settings), apart(params),
+              [apart(g) for g in grads_seq])
+  for key, x in apart(got).items():
+    np.testing.assert_allclose(x, want[key], rtol=2e-5,
+                               atol=1e-7 * float(jnp.max(jnp.abs(x))), err_msg=key)
+  # Without the axis names, the heuristic per layer factors the query's two largest axes
+  # (24 and 8) instead: a different step.
+  heuristic = _run(optimizers.adafactor(**settings), params, grads_seq)
+  assert not np.allclose(heuristic["layers"]["query"], got["layers"]["query"], rtol=1e-4)
+
+
+def test_adafactor_factor_rules_name_what_is_wrong():
+  params = {"w": jnp.ones((4, 3, 2))}
+  tx = optimizers.with_param_axes(optimizers.adafactor(learning_rate=0.1),
+                                  {"w": ("layers", "experts", "mlp")})
+  with pytest.raises(ValueError, match=r"\['w'\] axis 1 has logical name 'experts'"):
+    tx.init(params)
+  with pytest.raises(ValueError, match="'embed'.*'rows'.*row, column, batch, none"):
+    optimizers.adafactor(learning_rate=0.1, logical_factor_rules={"embed": "rows"})
+  # A rule for the new name makes it work; AdamW takes no axes and is returned as it is.
+  rules = dict(optimizers.T5X_FACTOR_RULES, experts="batch")
+  tx = optimizers.with_param_axes(
+      optimizers.adafactor(learning_rate=0.1, logical_factor_rules=rules),
+      {"w": ("layers", "experts", "mlp")})
+  assert tx.init(params)[1][0].v["w"].shape == (4, 3, 2)  # batch, batch, column: full
+  adamw = optimizers.adamw(learning_rate=0.1)
+  assert optimizers.with_param_axes(adamw, {"w": ("mlp",)}) is adamw
+
+
+@pytest.mark.parametrize("stacked", [False, True, "with axes"])
 def test_adafactor_update_writes_out_only_the_new_parameters_and_moments(stacked):
   # Memory passes, checked in the compiled update of one factored and one unfactored
   # parameter (as ``train`` compiles it): the only arrays of a factored parameter's size
@@ -300,12 +368,18 @@ def test_adafactor_update_writes_out_only_the_new_parameters_and_moments(stacked
   # broadcast or the update written out in full would be another); an unfactored one's
   # step writes its new second moment and its update too. Stacked layers (per-layer
   # statistics) or not.
+  # With logical axes (as `train` gives them) the 4-D kernel is factored too.
   params = {"w": jnp.ones((4, 256, 512)), "q": jnp.ones((4, 256, 8, 16))}
+  axes = None
   if stacked:
     params = {"layers": params}
+  if stacked == "with axes":
+    axes = {"layers": {"w": ("layers", "embed", "mlp"),
+                       "q": ("layers", "embed", "heads", "kv")}}
   grads = jax.tree.map(lambda p: p * 0.5, params)
   for global_norm_clip in (1.0, None):  # with and without a clipping factor s
-    tx = optimizers.adafactor(learning_rate=0.1, global_norm_clip=global_norm_clip)
+    tx = optimizers.adafactor(learning_rate=0.1, global_norm_clip=global_norm_clip,
+                              param_axes=axes)
 
     def step(params, state, grads, tx=tx):
       updates, state = tx.update(grads, state, params)
@@ -313,7 +387,7 @@ def test_adafactor_update_writes_out_only_the_new_parameters_and_moments(stacked
 
     state = tx.init(params)
     hlo = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile().as_text()
-    for name, want in (("f32[4,256,512]", 1), ("f32[4,256,8,16]", 3)):
+    for name, want in (("f32[4,256,512]", 1), ("f32[4,256,8,16]", 1 if axes else 3)):
       written = [line for line in hlo.splitlines() if re.match(
           rf"\s*(ROOT )?%\S+ = {re.escape(name)}\{{[^}}]*\}} fusion\(", line)]
       assert len(written) == want, (global_norm_clip, name, written)

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import pathlib
+import re
 import sys
 
 import flax.linen as nn
@@ -130,7 +131,13 @@ def test_metrics_jsonl_and_tensorboard_have_loss_accuracy_lr_grad_norm_tokens_an
   assert last_eval["z_loss"] > 0
   assert last_eval["loss"] == pytest.approx(last_eval["cross_ent_loss"] + last_eval["z_loss"])
   assert list(eval_dir.glob("events.out.tfevents.*"))
-  assert "Mesh: data=8 x model=1" in (model_dir / "model-info.txt").read_text()
+  info = (model_dir / "model-info.txt").read_text()
+  assert "Mesh: data=8 x model=1" in info
+  # The optimizer state is listed too; Adafactor factored the query kernel (layers, embed,
+  # heads, kv) by its logical axes (t5x's rules): per layer, embed x (heads, kv).
+  state = info[info.index("Optimizer state:"):]
+  assert re.search(r"v_row/layers/attention/query +\(2, 64\) ", state), state
+  assert re.search(r"v_col/layers/attention/query +\(2, 4, 16\) ", state), state
   # Standard rules: vocab -> model (of size 1 here), embed replicated.
   assert result["param_partition_specs"]["embedding"] == "(model, None)"
 
@@ -144,10 +151,10 @@ def test_float16_loop_skips_overflows_grows_the_scale_and_checkpoints_it(float16
   assert [r["skipped_steps"] for r in rows] == [1] * 8
   # The loss scale is part of the optimizer state in the checkpoint: after step 8 it is 2**16
   # with one finite step counted towards the next growth.
-  tx = policy.wrap_optimizer(model.optimizer)
-  abstract_params = jax.eval_shape(
-      lambda: nn.unbox(model.init(jax.random.PRNGKey(0), batch_size=1, length=LENGTH))[
-          "params"])
+  boxed = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), batch_size=1, length=LENGTH)["params"])
+  tx = train_lib.train_optimizer(model, policy, boxed)
+  abstract_params = nn.unbox(boxed)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   with_sharding = lambda t: jax.tree.map(

@@ -185,14 +185,17 @@ class DecoderOnlyModel:
   def _beam_search(self, decoder: "_Decoder", buf: jax.Array, plen: jax.Array, *,
                    num_beams: int, max_decode_length: int, eos_id: int,
                    alpha: float) -> jax.Array:
-    """Beam search: the `num_beams` most likely continuations of each prefix, step by step;
-    the one returned has the best log-likelihood divided by t5x's length penalty
+    """Beam search as t5x's: the `num_beams` most likely unfinished continuations of each
+    prefix (the alive beams) and, apart from them, the `num_beams` best finished ones (that
+    emitted EOS), ranked by log-likelihood divided by the length penalty
     ((5 + length) / 6) ** alpha (alpha 0: the most likely one).
 
-    A beam that has emitted EOS stays in the beam with its score (it continues with padding
-    at no cost), so finished and unfinished hypotheses compete for the same places; at the
-    end a finished one is returned whenever there is one (as t5x does), else the best cut
-    one. Live beams never emit the padding id 0 (it would be dropped from the text).
+    Each step extends the alive beams by their 2 * `num_beams` most likely tokens (at most
+    one of a beam's extensions is EOS, so enough stay unfinished): the finished extensions
+    compete with the finished set, the others become the new alive beams. A finished beam
+    never takes an alive beam's place. The best finished beam is returned, or when none
+    finished within `max_decode_length` steps, the best alive (cut) one. Alive beams never
+    emit the padding id 0 (it would be dropped from the text).
     """
     b = buf.shape[0]
     k = num_beams
@@ -201,35 +204,53 @@ class DecoderOnlyModel:
     rows = jnp.repeat(jnp.arange(b), k)
     last, state = last[rows], decoder.reorder(state, rows)
     plen = plen[rows]
-    # Only the first beam of each example is live at first, so the first step's k best
+    steps = max_decode_length
+    # Only the first beam of each example is alive at first, so the first step's best
     # tokens all continue it.
-    scores = jnp.tile(jnp.asarray([0.0] + [-jnp.inf] * (k - 1), jnp.float32), (b, 1))
+    alive_scores = jnp.tile(jnp.asarray([0.0] + [-jnp.inf] * (k - 1), jnp.float32), (b, 1))
+    alive = jnp.zeros((b, k, steps), jnp.int32)
+    finished = jnp.zeros((b, k, steps), jnp.int32)
+    finished_scores = jnp.full((b, k), -jnp.inf, jnp.float32)  # log-likelihoods
+    finished_ranks = jnp.full((b, k), -jnp.inf, jnp.float32)   # ... / length penalty
 
-    def choose(i, last, state, out, done, scores):
+    def extend(i, last, state, alive, alive_scores, finished, finished_scores,
+               finished_ranks):
       logp = jax.nn.log_softmax(last.astype(jnp.float32), axis=-1).reshape(b, k, -1)
       vocab = logp.shape[-1]
-      pad_only = jnp.full((vocab,), -jnp.inf, jnp.float32).at[0].set(0.0)
-      cand = scores[..., None] + jnp.where(done[..., None], pad_only, logp.at[..., 0].set(
-          -jnp.inf))
-      top, flat = jax.lax.top_k(cand.reshape(b, k * vocab), k)
+      cand = alive_scores[..., None] + logp.at[..., 0].set(-jnp.inf)
+      top, flat = jax.lax.top_k(cand.reshape(b, k * vocab), min(2 * k, k * vocab))
       src, tok = flat // vocab, (flat % vocab).astype(jnp.int32)
-      done = jnp.take_along_axis(done, src, axis=1)
-      tok = jnp.where(done, 0, tok)
-      out = jnp.take_along_axis(out, src[..., None], axis=1).at[:, :, i].set(tok)
-      state = decoder.reorder(state, (src + jnp.arange(b)[:, None] * k).reshape(b * k))
-      return state, out, done | (tok == eos_id), top
+      seqs = jnp.take_along_axis(alive, src[..., None], axis=1).at[:, :, i].set(tok)
+      is_eos = tok == eos_id
+      # Finished: the EOS extensions join the finished set, which keeps its best k.
+      ranks = jnp.where(is_eos, top / ((5.0 + (i + 1)) / 6.0) ** alpha, -jnp.inf)
+      all_ranks = jnp.concatenate([finished_ranks, ranks], axis=1)
+      best_ranks, keep = jax.lax.top_k(all_ranks, k)
+      finished = jnp.take_along_axis(jnp.concatenate([finished, seqs], axis=1),
+                                     keep[..., None], axis=1)
+      finished_scores = jnp.take_along_axis(
+          jnp.concatenate([finished_scores, jnp.where(is_eos, top, -jnp.inf)], axis=1),
+          keep, axis=1)
+      # Alive: the best k extensions that are not EOS (top_k keeps their order).
+      alive_scores, pick = jax.lax.top_k(jnp.where(is_eos, -jnp.inf, top), k)
+      alive = jnp.take_along_axis(seqs, pick[..., None], axis=1)
+      source = jnp.take_along_axis(src, pick, axis=1)
+      state = decoder.reorder(state, (source + jnp.arange(b)[:, None] * k).reshape(b * k))
+      return state, alive, alive_scores, finished, finished_scores, best_ranks
 
     def step(i, carry):
-      last, state, out, done, scores = carry
-      last, state = decoder.advance(state, last, out[:, :, i - 1].reshape(b * k),
+      last, state, alive = carry[:3]
+      last, state = decoder.advance(state, last, alive[:, :, i - 1].reshape(b * k),
                                     plen + i - 1)
-      return (last,) + choose(i, last, state, out, done, scores)
+      return (last,) + extend(i, last, state, alive, *carry[3:])
 
-    out = jnp.zeros((b, k, max_decode_length), jnp.int32)
-    state, out, done, scores = choose(0, last, state, out, jnp.zeros((b, k), bool), scores)
-    carry = (last, state, out, done, scores)
-    _, _, out, done, scores = jax.lax.fori_loop(1, max_decode_length, step, carry)
-    return pick_beam(out, scores, eos_id=eos_id, alpha=alpha)
+    carry = (last,) + extend(0, last, state, alive, alive_scores, finished, finished_scores,
+                             finished_ranks)
+    carry = jax.lax.fori_loop(1, steps, step, carry)
+    _, _, alive, alive_scores, finished, finished_scores, _ = carry
+    return pick_beam(jnp.concatenate([finished, alive], axis=1),
+                     jnp.concatenate([finished_scores, alive_scores], axis=1),
+                     eos_id=eos_id, alpha=alpha)
 
 
 class _Decoder:

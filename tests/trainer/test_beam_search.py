@@ -103,6 +103,65 @@ def test_wide_enough_beams_find_the_most_likely_continuation(model_and_params):
   assert worse >= 1  # the model is one where beam search matters
 
 
+def test_wide_enough_beams_find_the_best_finished_continuation_by_penalized_score(
+    model_and_params):
+  # With EOS in the vocabulary, a length penalty (alpha 0.6 favours longer answers), and
+  # as many beams as the longest unfinished prefixes (VOCAB - 2 tokens are neither padding
+  # nor EOS), every finished continuation of up to STEPS tokens is ranked, so beam search
+  # must return the best of them by log-likelihood / ((5 + length) / 6) ** 0.6. Finished
+  # beams kept among the alive ones would take their places, and lose some.
+  model, params = model_and_params
+  eos, alpha = 1, 0.6
+  beams = _decode(model, params, num_beams=(VOCAB - 2) ** (STEPS - 1), eos_id=eos,
+                  length_penalty_alpha=alpha)
+  body = [t for t in range(VOCAB) if t not in (0, eos)]
+  for i, prefix in enumerate(PREFIXES):
+    finished = [c + (eos,) for n in range(STEPS) for c in itertools.product(body, repeat=n)]
+    scored = _log_likelihoods(model, params, prefix, finished)
+    ranked = {c: v / ((5.0 + len(c)) / 6.0) ** alpha for c, v in scored.items()}
+    best = max(ranked, key=ranked.get)
+    got = tuple(int(t) for t in beams[i] if t)
+    assert got == best, (prefix, got, best, ranked[best], ranked.get(got))
+
+
+class _MarkovDecoder:
+  """A decoder (as `lm._Decoder`) whose next-token probabilities depend on the last token
+  only: 0 padding, 1 EOS. First: EOS 0.4, 2 0.35, 3 0.25. After 2: 4 (0.99); after 4: EOS
+  (0.99); after 3: EOS (0.9)."""
+
+  VOCAB = 5
+
+  def _logits(self, last_token):
+    table = np.full((self.VOCAB, self.VOCAB), 1e-9)
+    table[2, 4], table[4, 1], table[3, 1] = 0.99, 0.99, 0.9
+    table[3, 2] = table[3, 4] = 0.05
+    table[1, 2] = table[0, 2] = 1.0  # after EOS / padding: never used
+    return jnp.log(jnp.asarray(table, jnp.float32))[last_token]
+
+  def start(self, buf, plen):
+    first = jnp.log(jnp.asarray([1e-9, 0.4, 0.35, 0.25, 1e-9], jnp.float32))
+    return jnp.tile(first, (buf.shape[0], 1)), jnp.zeros((buf.shape[0], 1))
+
+  def advance(self, state, last, tok, pos):
+    return self._logits(tok), state
+
+  def reorder(self, state, rows):
+    return state[rows]
+
+
+@pytest.mark.parametrize("alpha,want", [(0.0, [1, 0, 0, 0]), (0.6, [2, 4, 1, 0])])
+def test_a_finished_beam_does_not_take_the_place_of_an_alive_one(alpha, want):
+  # One beam: EOS is the most likely first token ([EOS]: log 0.4 = -0.92), but with the
+  # length penalty [2, 4, EOS] ranks higher (log(0.35 * 0.99 * 0.99) / (8/6) ** 0.6 =
+  # -0.90). A beam search whose only beam had finished with [EOS] would never see it.
+  model = lm.DecoderOnlyModel(config=models.PaLMConfig(
+      vocab_size=5, num_layers=1, d_model=8, num_heads=1, head_dim=8, d_ff=8))
+  buf, plen = jnp.zeros((2, 4), jnp.int32), jnp.ones((2,), jnp.int32)
+  got = model._beam_search(_MarkovDecoder(), buf, plen, num_beams=1, max_decode_length=4,
+                           eos_id=1, alpha=alpha)
+  np.testing.assert_array_equal(np.asarray(got), [want, want])
+
+
 def test_beams_stop_at_eos_and_pad_after_it(model_and_params):
   model, params = model_and_params
   # EOS = the greedy first token of the first example, so that its best beam ends at once.

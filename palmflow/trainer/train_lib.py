@@ -302,6 +302,44 @@ def place_on_mesh(tree, mesh):
   return jax.tree.map(place, tree)
 
 
+def optimizer_state_shardings(abstract_state, params, mesh):
+  """Shardings for an optimizer state that follow its parameters' (t5x partitions the
+  optimizer state as the parameters): a leaf of a parameter's shape whose path ends with
+  that parameter's path (Adam's moments, Adafactor's unfactored moments or momentum) is
+  sharded like it; a factored moment (the parameter's shape with axes dropped) keeps the
+  remaining axes' mesh axes; anything else (step counts, loss scale) is replicated.
+  Otherwise the whole state would be replicated on every device, which model-parallel and
+  fully sharded training cannot afford.
+
+  Args:
+    abstract_state: the state's shapes (`jax.eval_shape` of the optimizer's init).
+    params: the parameters as placed on `mesh`.
+    mesh: the device mesh.
+  """
+  specs = {}
+  for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
+    sh = getattr(p, "sharding", None)
+    spec = tuple(sh.spec) if isinstance(sh, jax.sharding.NamedSharding) else ()
+    specs[jax.tree_util.keystr(path)] = (tuple(p.shape), spec + (None,) * (p.ndim - len(spec)))
+  by_length = sorted(specs, key=len, reverse=True)  # the longest matching path wins
+
+  def sharding(path, leaf):
+    spec = ()
+    name = jax.tree_util.keystr(path)
+    match = next((k for k in by_length if name.endswith(k)), None)
+    if match is not None and leaf.shape:
+      shape, param_spec = specs[match]
+      kept, j = [], 0  # the parameter's axes the leaf keeps, in order
+      for axis, size in enumerate(shape):
+        if j < len(leaf.shape) and leaf.shape[j] == size:
+          kept.append(axis)
+          j += 1
+      if j == len(leaf.shape):
+        spec = tuple(param_spec[a] for a in kept)
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+  return jax.tree_util.tree_map_with_path(sharding, abstract_state)
+
+
 def train_optimizer(model: DecoderOnlyModel, policy: precision_lib.PrecisionPolicy,
                     abstract_params) -> optax.GradientTransformation:
   """The optimizer `train` steps with (and whose state its checkpoints hold): the model's,
@@ -521,7 +559,8 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
   variables, abstract = partitioner.sharded_init(init_fn, jax.random.PRNGKey(random_seed))
   params = variables["params"]
   tx = train_optimizer(model, policy, abstract["params"])
-  opt_state = jax.jit(tx.init)(params)
+  opt_state = jax.jit(tx.init, out_shardings=optimizer_state_shardings(
+      jax.eval_shape(tx.init, params), params, partitioner.mesh))(params)
   (model_dir / "model-info.txt").write_text(
       partitioner.describe(abstract["params"]) + "\n"
       + partitioner.describe(opt_state, title="Optimizer state", header=False,

@@ -223,6 +223,15 @@ def test_parameters_are_sharded_as_the_rules_say(mesh_runs, name):
   if name == "fully_sharded":  # the 64 x 64 embedding: 16 x 32 per device
     row = next(l for l in info.splitlines() if l.strip().startswith("embedding "))
     assert row.rstrip().endswith("(16, 32)")
+  # The optimizer state is sharded as its parameters: Adafactor's factored moments of
+  # layers/mlp/wi (None, data, model) keep the mesh axes of the axes they keep.
+  state = info[info.index("Optimizer state:"):].splitlines()
+  want = {"fully_sharded": ("(None, data)", "(None, model)"),
+          "model_parallel": ("(None, None)", "(None, model)"),
+          "data_parallel": ("(None, None)", "(None, model)")}[name]
+  for moment, spec in zip(("v_row", "v_col"), want):
+    row = next(l for l in state if f"/{moment}/layers/mlp/wi " in l)
+    assert spec in row, (moment, spec, row)
 
 
 def _free_port() -> int:

@@ -238,3 +238,33 @@ def test_named_rule_sets_for_gin():
   assert partitioning.logical_axis_rules() is partitioning.STANDARD_RULES
   with pytest.raises(ValueError, match="data_parallel"):
     partitioning.logical_axis_rules("fsdp")
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor with momentum"])
+def test_optimizer_state_is_sharded_like_its_parameters(fully_sharded, name):
+  # Adam's moments and Adafactor's momentum have the parameters' shapes and shardings;
+  # Adafactor's factored moments keep the mesh axes of the axes they keep; counts are
+  # replicated (t5x partitions the optimizer state as the parameters).
+  from palmflow.trainer import optimizers, train_lib
+  partitioner, params, abstract = fully_sharded
+  params = nn.unbox(params)["params"]
+  tx = {"adamw": optimizers.adamw(learning_rate=0.1),
+        "adafactor with momentum": optimizers.adafactor(learning_rate=0.1, momentum=0.9)}[name]
+  tx = optimizers.with_param_axes(tx, nn.get_partition_spec(abstract["params"]))
+  shardings = train_lib.optimizer_state_shardings(jax.eval_shape(tx.init, params), params,
+                                                  partitioner.mesh)
+  state = jax.jit(tx.init, out_shardings=shardings)(params)
+  wi = params["layers"]["mlp"]["wi"]
+  assert wi.sharding.spec == P(None, "data", "model")
+  found = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    key = jax.tree_util.keystr(path)
+    if key.endswith("['layers']['mlp']['wi']") and leaf.size > 1:
+      found[key.split("[")[2].split(".")[-1]] = (leaf.shape, leaf.sharding.spec)
+    elif leaf.ndim == 0:
+      assert leaf.sharding.spec == P(), key
+  if name == "adamw":
+    assert found == {"mu": (wi.shape, wi.sharding.spec), "nu": (wi.shape, wi.sharding.spec)}
+  else:
+    assert found == {"v_row": ((2, 32), P(None, "data")), "v_col": ((2, 64), P(None, "model")),
+                     "ema": (wi.shape, wi.sharding.spec)}

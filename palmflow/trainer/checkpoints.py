@@ -212,6 +212,24 @@ def _metadata_tree(meta) -> Any:
   return getattr(meta, "tree", meta)
 
 
+def _opt_state_mismatch(saved_opt, abstract_opt_state) -> str | None:
+  """What differs between a checkpoint's optimizer state (metadata) and this run's, or
+  None."""
+  shapes = lambda tree: sorted(tuple(x.shape) for x in jax.tree.leaves(_metadata_tree(tree)))
+  got, want = shapes(saved_opt), shapes(abstract_opt_state)
+  if got == want:
+    return None
+  if len(got) != len(want):
+    what = f"has {len(got)} arrays in the checkpoint but {len(want)} in this run"
+  else:
+    only = lambda a, b: sorted((collections.Counter(a) - collections.Counter(b)).elements())
+    what = (f"has arrays of other shapes: {_shapes_text(only(got, want))} in the "
+            f"checkpoint, {_shapes_text(only(want, got))} in this run")
+  return (f"the optimizer state {what} (another optimizer, optimizer settings or precision "
+          "policy, e.g. float16's loss scaling, or a checkpoint of a palmflow before train "
+          "version 2, whose Adafactor factored other axes)")
+
+
 def _shapes_text(shapes: list[tuple], most: int = 3) -> str:
   text = ", ".join(str(s) for s in shapes[:most])
   return text + (f" and {len(shapes) - most} more" if len(shapes) > most else "")
@@ -266,20 +284,9 @@ class Checkpointer:
     if mismatch is not None:
       raise ConfigError(f"cannot resume: {mismatch[0]}", path=path, field="MODEL_DIR",
                         hint=hint)
-    shapes = lambda tree: sorted(tuple(x.shape) for x in jax.tree.leaves(_metadata_tree(tree)))
-    got, want = shapes(saved_opt), shapes(abstract_opt_state)
-    if got != want:
-      if len(got) != len(want):
-        what = f"has {len(got)} arrays in the checkpoint but {len(want)} in this run"
-      else:
-        only = lambda a, b: sorted((collections.Counter(a) - collections.Counter(b)).elements())
-        what = (f"has arrays of other shapes: {_shapes_text(only(got, want))} in the "
-                f"checkpoint, {_shapes_text(only(want, got))} in this run")
-      raise ConfigError(
-          f"cannot resume: the optimizer state {what} (another optimizer, optimizer "
-          "settings or precision policy, e.g. float16's loss scaling, or a checkpoint of a "
-          "palmflow before train version 2, whose Adafactor factored other axes)",
-          path=path, field="MODEL_DIR", hint=hint)
+    what = _opt_state_mismatch(saved_opt, abstract_opt_state)
+    if what is not None:
+      raise ConfigError(f"cannot resume: {what}", path=path, field="MODEL_DIR", hint=hint)
 
   def restore_latest(self, abstract_params, abstract_opt_state):
     """(step, params, opt_state, meta) of the newest restorable checkpoint, or None.
@@ -551,6 +558,13 @@ def restore_initial(cfg: RestoreCheckpointConfig, abstract_params, abstract_opt_
     if whole:
       items["params"] = ocp.args.StandardRestore(target)
     if cfg.restore_optimizer_state:
+      saved_opt = meta.get("opt_state") if hasattr(meta, "get") else None
+      what = None if saved_opt is None else _opt_state_mismatch(saved_opt, abstract_opt_state)
+      if what is not None:
+        raise ConfigError(f"cannot restore the optimizer state: {what}", path=str(cfg.path),
+                          field="RestoreCheckpointConfig.restore_optimizer_state",
+                          hint="restore the parameters only (restore_optimizer_state=False) "
+                               "or train with the checkpoint's optimizer settings")
       items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
     out = dict(mngr.restore(step, args=ocp.args.Composite(**items)))
   finally:

@@ -137,6 +137,8 @@ class DecoderOnlyModel:
     Returns:
       [batch, max_decode_length] int32 tokens: the EOS, then 0 after it.
     """
+    if max_decode_length < 1:
+      raise ValueError(f"max_decode_length must be >= 1, got {max_decode_length}")
     tokens = batch["decoder_input_tokens"]
     b, length = tokens.shape
     mask = batch.get("decoder_causal_attention")
@@ -235,17 +237,20 @@ class DecoderOnlyModel:
       alive_scores, pick = jax.lax.top_k(jnp.where(is_eos, -jnp.inf, top), k)
       alive = jnp.take_along_axis(seqs, pick[..., None], axis=1)
       source = jnp.take_along_axis(src, pick, axis=1)
-      state = decoder.reorder(state, (source + jnp.arange(b)[:, None] * k).reshape(b * k))
-      return state, alive, alive_scores, finished, finished_scores, best_ranks
+      rows = (source + jnp.arange(b)[:, None] * k).reshape(b * k)
+      # The state and the logits move with their beams (a beam whose buffer is full goes
+      # on from its own last logits).
+      return (last[rows], decoder.reorder(state, rows), alive, alive_scores, finished,
+              finished_scores, best_ranks)
 
     def step(i, carry):
       last, state, alive = carry[:3]
       last, state = decoder.advance(state, last, alive[:, :, i - 1].reshape(b * k),
                                     plen + i - 1)
-      return (last,) + extend(i, last, state, alive, *carry[3:])
+      return extend(i, last, state, alive, *carry[3:])
 
-    carry = (last,) + extend(0, last, state, alive, alive_scores, finished, finished_scores,
-                             finished_ranks)
+    carry = extend(0, last, state, alive, alive_scores, finished, finished_scores,
+                   finished_ranks)
     carry = jax.lax.fori_loop(1, steps, step, carry)
     _, _, alive, alive_scores, finished, finished_scores, _ = carry
     return pick_beam(jnp.concatenate([finished, alive], axis=1),
@@ -269,8 +274,10 @@ class _Decoder:
     return self._model.module.apply({"params": self._params}, tokens, **kwargs)
 
   def start(self, buf: jax.Array, plen: jax.Array):
-    """(logits at each row's last prefix position [batch, vocab], state)."""
+    """(logits at each row's last prefix position [batch, vocab], state). A row with no
+    prefix (a padding row of a prefix-LM batch) reads position 0."""
     def at(x, pos):
+      pos = jnp.maximum(pos, 0)
       return jnp.take_along_axis(x, pos[:, None, None], axis=1)[:, 0]
     if not self._cached:
       logits = self._apply(buf, causal_attention_mask=self._mask)
@@ -280,8 +287,9 @@ class _Decoder:
     return self._project(at(hidden, plen - 1)), cache
 
   def _project(self, hidden: jax.Array) -> jax.Array:
-    """[batch, d_model] final states -> [batch, vocab] float32 logits (as the model's own
-    output projection computes them)."""
+    """[batch, d_model] final states -> [batch, vocab] float32 logits, as the model's own
+    output projection computes them (keep in step with the end of `PaLMDecoder.__call__`;
+    the cached-decoding tests compare the two)."""
     c = self._model.config
     if c.shared_embedding:
       return models.matmul(hidden, self._params["embedding"], True, DTYPES[c.dtype],

@@ -5,6 +5,7 @@ All return optax objects; gin binds them by name in `gin/models/*.gin` (`OPTIMIZ
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -142,7 +143,8 @@ def adafactor(*, learning_rate: Schedule | float, factored: bool = True,
     The optax transformation. Its state has the structure of `adafactor_chain`'s (optax's
     global-norm clip, optax's adafactor, the lr² decay), with the second moments of stacked
     parameters held per layer; its update computes the step in fewer passes over memory
-    (`_adafactor_update`). Without stacked parameters both compute the same step.
+    (`_adafactor_update`). Without stacked parameters (and without `param_axes`) both
+    compute the same step.
   """
   settings = dict(learning_rate=learning_rate, factored=factored,
                   decay_exponent=decay_exponent, clipping_threshold=clipping_threshold,
@@ -187,13 +189,32 @@ def adafactor(*, learning_rate: Schedule | float, factored: bool = True,
       raise ValueError("adafactor needs the parameters (parameter scaling, weight decay).")
     return _adafactor_update(grads, state, params, plan=plan, **settings)
   tx = _Adafactor(init, update)
-  tx.arguments = arguments
+  tx.arguments, tx.plan = arguments, plan
   return tx
 
 
 class _Adafactor(optax.GradientTransformation):
-  """`adafactor`'s transformation; it remembers its arguments for `with_param_axes`."""
+  """`adafactor`'s transformation; it remembers its arguments (for `with_param_axes`) and
+  its ``plan(path, param)`` -> `_Plan` (which axes each moment keeps)."""
   arguments: dict
+  plan: Callable
+
+
+def factored_moment_axes(tx: optax.GradientTransformation, param_axes: Any) -> Callable | None:
+  """For `adafactor` told `param_axes`: ``axes(param_path, param, moment)``, the parameter's
+  axes that its ``v_row`` or ``v_col`` moment keeps, in order (None: the moment is a
+  placeholder, the parameter keeps a full one). None for other optimizers."""
+  if not isinstance(tx, _Adafactor):
+    return None
+  plan = with_param_axes(tx, param_axes).plan
+
+  def axes(path, param, moment: str) -> tuple[int, ...] | None:
+    factors = plan(path, param).factors
+    if factors is None:
+      return None
+    dropped = factors[1] if moment == "v_row" else factors[0]
+    return tuple(a for a in range(len(param.shape)) if a not in dropped)
+  return axes
 
 
 # t5x's standard_logical_factor_rules for the logical axes palmflow's models use.
@@ -233,6 +254,11 @@ def _names_by_path(param_axes: Any) -> dict[str, tuple] | None:
   return {jax.tree_util.keystr(path): tuple(names) for path, names in leaves}
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+  logging.getLogger("palmflow.train").warning(message)
+
+
 class _Plan(NamedTuple):
   """How one parameter's statistics are taken: `batch` axes keep their own statistics (the
   RMS of the update and of the parameter is over the other axes); `factors` is (d1, d0),
@@ -248,7 +274,12 @@ def _factor_plan(path, leaf, *, names: dict[str, tuple] | None, rules: dict[str,
   """The `_Plan` of the parameter at `path` (see `adafactor`)."""
   shape = tuple(getattr(leaf, "shape", ()))
   axes = None if names is None else names.get(jax.tree_util.keystr(path))
-  if axes is None or len(axes) != len(shape):
+  if names is not None and (axes is None or len(axes) != len(shape)):
+    _warn_once(f"adafactor: no logical axis names of {len(shape)} axes for parameter "
+               f"{jax.tree_util.keystr(path)} (got {axes!r}): its moments are factored by "
+               "size")
+    axes = None
+  if axes is None:
     nb = 0
     if stacked_key is not None and shape and any(
         getattr(k, "key", None) == stacked_key for k in path):

@@ -302,7 +302,7 @@ def place_on_mesh(tree, mesh):
   return jax.tree.map(place, tree)
 
 
-def optimizer_state_shardings(abstract_state, params, mesh):
+def optimizer_state_shardings(abstract_state, params, mesh, moment_axes=None):
   """Shardings for an optimizer state that follow its parameters' (t5x partitions the
   optimizer state as the parameters): a leaf of a parameter's shape whose path ends with
   that parameter's path (Adam's moments, Adafactor's unfactored moments or momentum) is
@@ -315,26 +315,42 @@ def optimizer_state_shardings(abstract_state, params, mesh):
     abstract_state: the state's shapes (`jax.eval_shape` of the optimizer's init).
     params: the parameters as placed on `mesh`.
     mesh: the device mesh.
+    moment_axes: `optimizers.factored_moment_axes` of the optimizer: which axes each
+      factored moment keeps (without it they are matched by size, in order, which is
+      ambiguous where a dropped axis has a kept one's size).
   """
   specs = {}
   for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
     sh = getattr(p, "sharding", None)
     spec = tuple(sh.spec) if isinstance(sh, jax.sharding.NamedSharding) else ()
-    specs[jax.tree_util.keystr(path)] = (tuple(p.shape), spec + (None,) * (p.ndim - len(spec)))
+    specs[jax.tree_util.keystr(path)] = (path, p, spec + (None,) * (p.ndim - len(spec)))
   by_length = sorted(specs, key=len, reverse=True)  # the longest matching path wins
+
+  def kept_axes(name: str, leaf, param_path, param) -> tuple[int, ...] | None:
+    """The parameter's axes that the leaf keeps, in order (None: not the parameter's)."""
+    if tuple(leaf.shape) == tuple(param.shape):
+      return tuple(range(param.ndim))
+    moment = name[:-len(jax.tree_util.keystr(param_path))].rsplit(".", 1)[-1]
+    if moment_axes is not None and moment in ("v_row", "v_col"):
+      axes = moment_axes(param_path, param, moment)
+      if axes is None or [param.shape[a] for a in axes] != list(leaf.shape):
+        return None
+      return axes
+    kept, j = [], 0
+    for axis, size in enumerate(param.shape):
+      if j < len(leaf.shape) and leaf.shape[j] == size:
+        kept.append(axis)
+        j += 1
+    return tuple(kept) if j == len(leaf.shape) else None
 
   def sharding(path, leaf):
     spec = ()
     name = jax.tree_util.keystr(path)
     match = next((k for k in by_length if name.endswith(k)), None)
     if match is not None and leaf.shape:
-      shape, param_spec = specs[match]
-      kept, j = [], 0  # the parameter's axes the leaf keeps, in order
-      for axis, size in enumerate(shape):
-        if j < len(leaf.shape) and leaf.shape[j] == size:
-          kept.append(axis)
-          j += 1
-      if j == len(leaf.shape):
+      param_path, param, param_spec = specs[match]
+      kept = kept_axes(name, leaf, param_path, param)
+      if kept is not None:
         spec = tuple(param_spec[a] for a in kept)
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
   return jax.tree_util.tree_map_with_path(sharding, abstract_state)
@@ -560,7 +576,9 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
   params = variables["params"]
   tx = train_optimizer(model, policy, abstract["params"])
   opt_state = jax.jit(tx.init, out_shardings=optimizer_state_shardings(
-      jax.eval_shape(tx.init, params), params, partitioner.mesh))(params)
+      jax.eval_shape(tx.init, params), params, partitioner.mesh,
+      moment_axes=optimizers.factored_moment_axes(
+          model.optimizer, nn.get_partition_spec(abstract["params"]))))(params)
   (model_dir / "model-info.txt").write_text(
       partitioner.describe(abstract["params"]) + "\n"
       + partitioner.describe(opt_state, title="Optimizer state", header=False,

@@ -107,9 +107,10 @@ def test_wide_enough_beams_find_the_best_finished_continuation_by_penalized_scor
     model_and_params):
   # With EOS in the vocabulary, a length penalty (alpha 0.6 favours longer answers), and
   # as many beams as the longest unfinished prefixes (VOCAB - 2 tokens are neither padding
-  # nor EOS), every finished continuation of up to STEPS tokens is ranked, so beam search
-  # must return the best of them by log-likelihood / ((5 + length) / 6) ** 0.6. Finished
-  # beams kept among the alive ones would take their places, and lose some.
+  # nor EOS), every unfinished prefix stays alive. Each step ranks its 2k best extensions,
+  # which here hold every EOS extension that matters (not guaranteed in general: t5x's
+  # beam search is not exhaustive either), so the answer must be the best finished
+  # continuation by log-likelihood / ((5 + length) / 6) ** 0.6 of them all.
   model, params = model_and_params
   eos, alpha = 1, 0.6
   beams = _decode(model, params, num_beams=(VOCAB - 2) ** (STEPS - 1), eos_id=eos,
@@ -122,6 +123,37 @@ def test_wide_enough_beams_find_the_best_finished_continuation_by_penalized_scor
     best = max(ranked, key=ranked.get)
     got = tuple(int(t) for t in beams[i] if t)
     assert got == best, (prefix, got, best, ranked[best], ranked.get(got))
+
+
+def test_beams_whose_buffer_fills_go_on_from_their_own_last_logits(model_and_params):
+  # A prefix of LENGTH - 2 tokens leaves room for 2 of the STEPS tokens: the third is
+  # predicted from the same (last) position as the second. With every prefix kept
+  # (VOCAB ** (STEPS - 1) beams, no EOS), beam search must return the best continuation
+  # under that rule: log p6(c0) + log p7(c1 | c0) + log p7(c2 | c0), where p7 is the last
+  # position's distribution with c0 written at it. Beams reordered without their logits
+  # would score c2 with another beam's distribution: that shows where the best
+  # continuation does not start with the most likely first token (asserted below).
+  model, params = model_and_params
+  rng = np.random.default_rng(0)
+  prefixes = [list(rng.integers(1, VOCAB, LENGTH - 2)) for _ in range(8)]
+  apply = jax.jit(lambda p, x: model.module.apply({"params": p}, x))
+  wants, detours = [], 0
+  for prefix in prefixes:
+    x = np.zeros((VOCAB, LENGTH), np.int32)
+    x[:, 1:LENGTH - 1] = prefix
+    x[:, LENGTH - 1] = np.arange(VOCAB)  # c0 at the last position
+    logp = np.asarray(jax.nn.log_softmax(apply(params, x).astype(jnp.float32), -1))
+    scored = {(c0, c1, c2): logp[c0, LENGTH - 2, c0] + logp[c0, LENGTH - 1, c1]
+              + logp[c0, LENGTH - 1, c2]
+              for c0, c1, c2 in itertools.product(range(1, VOCAB), repeat=3)}  # no padding
+    wants.append(max(scored, key=scored.get))
+    detours += wants[-1][0] != int(np.argmax(logp[0, LENGTH - 2, 1:])) + 1
+  assert detours >= 1
+  fn = jax.jit(lambda p, b: model.predict_batch(
+      p, b, max_decode_length=STEPS, eos_id=-1, num_beams=VOCAB ** (STEPS - 1),
+      length_penalty_alpha=0.0))
+  got = [tuple(int(t) for t in row) for row in np.asarray(fn(params, _prefix_batch(prefixes)))]
+  assert got == wants
 
 
 class _MarkovDecoder:

@@ -175,6 +175,12 @@ def test_fine_tuning_with_another_vocabulary_names_the_embedding(tmp_path, mesh)
   assert step == 3 and got_opt is None  # parameters only, unless asked
   cfg = ckpt_lib.RestoreCheckpointConfig(path=cfg.path, restore_optimizer_state=True)
   assert int(ckpt_lib.restore_initial(cfg, _abstract(params), _abstract(opt))[2]["count"]) == 3
+  # An optimizer state of other shapes (another optimizer's, or an older Adafactor's) is
+  # named before anything is read.
+  opt["v"]["layers"]["mlp"]["wi"] = jnp.zeros((4,))
+  with pytest.raises(ConfigError, match=r"restore_optimizer_state.*arrays of other shapes: "
+                                        r"\(4, 8\) in the checkpoint, \(4,\) in this run"):
+    ckpt_lib.restore_initial(cfg, _abstract(params), _abstract(opt))
 
 
 def test_vocabulary_digest_tells_vocabularies_apart(tmp_path):

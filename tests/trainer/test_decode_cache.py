@@ -122,3 +122,20 @@ def test_cached_decoding_gives_the_uncached_tokens(variant, prefix_lm):
       uncached = decode(False, eos_id, kw)
       np.testing.assert_array_equal(decode(True, eos_id, kw), uncached, err_msg=str(kw))
   assert (uncached == 0).any()  # some row did finish early
+
+
+def test_a_padding_row_decodes_without_disturbing_the_others():
+  # A padding row of a prefix-LM batch has no prefix (decoder_causal_attention all 0): it
+  # reads position 0, and the other rows' tokens are those they get without it.
+  config = _config()
+  model = lm.DecoderOnlyModel(config=config)
+  params = _params(config, seed=4)
+  batch = _batch(PREFIXES[:2], prefix_lm=True)
+  padded = {k: np.concatenate([v, np.zeros_like(v[:1])]) for k, v in batch.items()}
+  for kw in ({}, {"num_beams": 2}):
+    fn = jax.jit(lambda p, b, kw=kw: model.predict_batch(p, b, max_decode_length=4, **kw))
+    alone, with_pad = np.asarray(fn(params, batch)), np.asarray(fn(params, padded))
+    np.testing.assert_array_equal(with_pad[:2], alone)
+    assert ((with_pad[2] >= 0) & (with_pad[2] < VOCAB)).all()
+  with pytest.raises(ValueError, match="max_decode_length must be >= 1"):
+    model.predict_batch(params, batch, max_decode_length=0)

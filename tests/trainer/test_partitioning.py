@@ -250,9 +250,11 @@ def test_optimizer_state_is_sharded_like_its_parameters(fully_sharded, name):
   params = nn.unbox(params)["params"]
   tx = {"adamw": optimizers.adamw(learning_rate=0.1),
         "adafactor with momentum": optimizers.adafactor(learning_rate=0.1, momentum=0.9)}[name]
-  tx = optimizers.with_param_axes(tx, nn.get_partition_spec(abstract["params"]))
-  shardings = train_lib.optimizer_state_shardings(jax.eval_shape(tx.init, params), params,
-                                                  partitioner.mesh)
+  axes = nn.get_partition_spec(abstract["params"])
+  tx = optimizers.with_param_axes(tx, axes)
+  shardings = train_lib.optimizer_state_shardings(
+      jax.eval_shape(tx.init, params), params, partitioner.mesh,
+      moment_axes=optimizers.factored_moment_axes(tx, axes))
   state = jax.jit(tx.init, out_shardings=shardings)(params)
   wi = params["layers"]["mlp"]["wi"]
   assert wi.sharding.spec == P(None, "data", "model")
@@ -261,10 +263,28 @@ def test_optimizer_state_is_sharded_like_its_parameters(fully_sharded, name):
     key = jax.tree_util.keystr(path)
     if key.endswith("['layers']['mlp']['wi']") and leaf.size > 1:
       found[key.split("[")[2].split(".")[-1]] = (leaf.shape, leaf.sharding.spec)
-    elif leaf.ndim == 0:
+    elif leaf.ndim == 0 or leaf.shape == (1,):  # counts, placeholders
       assert leaf.sharding.spec == P(), key
   if name == "adamw":
     assert found == {"mu": (wi.shape, wi.sharding.spec), "nu": (wi.shape, wi.sharding.spec)}
   else:
     assert found == {"v_row": ((2, 32), P(None, "data")), "v_col": ((2, 64), P(None, "model")),
                      "ema": (wi.shape, wi.sharding.spec)}
+
+
+def test_factored_moments_keep_the_mesh_axes_of_the_axes_the_rules_keep():
+  # A kernel whose embed and mlp axes have one size: v_col keeps (layers, mlp), sharded
+  # (None, model); matching axes by size alone would have taken embed's data axis.
+  from palmflow.trainer import optimizers, train_lib
+  mesh = _partitioner((2, 4)).mesh
+  params = {"layers": {"w": jax.device_put(
+      jnp.ones((2, 16, 16)), jax.sharding.NamedSharding(mesh, P(None, "data", "model")))}}
+  axes = {"layers": {"w": P("layers", "embed", "mlp")}}
+  tx = optimizers.adafactor(learning_rate=0.1)
+  shardings = train_lib.optimizer_state_shardings(
+      jax.eval_shape(optimizers.with_param_axes(tx, axes).init, params), params, mesh,
+      moment_axes=optimizers.factored_moment_axes(tx, axes))
+  moments = shardings[1][0]
+  assert moments.v_row["layers"]["w"].spec == P(None, "data")
+  assert moments.v_col["layers"]["w"].spec == P(None, "model")
+  assert moments.v["layers"]["w"].spec == P()

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import seqio
 
@@ -97,6 +98,13 @@ def _prefixes(feats: dict) -> list[np.ndarray]:
   return [targets[i, :max(0, int(p))] for i, p in enumerate(plen)]
 
 
+def prefix_batch(prefixes: list[np.ndarray], length: int) -> dict:
+  """PrefixLM features of the prefixes alone, as `DecoderOnlyModel.score_options` reads them:
+  `option_batch` with a one-token placeholder option (the decoder inputs hold the whole
+  prefix only when a target follows it)."""
+  return option_batch(prefixes, [np.zeros((1,), np.int32)] * len(prefixes), length)
+
+
 def option_batch(prefixes: list[np.ndarray], options: list[np.ndarray], length: int) -> dict:
   """PrefixLM features for `prefixes[i] + options[i]`, loss on the option tokens only.
 
@@ -153,6 +161,13 @@ class ModelFns:
     self._batch_size, self._mode, self._options = batch_size, mode, label_options
     self._seed = seed
     self._score = partitioner.partition(model.score_batch)
+    if mode == "rank":  # the options are constants of the compiled function
+      width = max(len(o) for o in label_options)
+      table = np.zeros((len(label_options), width), np.int32)
+      for i, o in enumerate(label_options):
+        table[i, :len(o)] = o
+      self._score_options = partitioner.partition(
+          functools.partial(model.score_options, options=jnp.asarray(table)))
     self._predict = partitioner.partition(functools.partial(
         model.predict_batch, max_decode_length=max_decode_length, eos_id=EOS_ID,
         temperature=temperature, top_k=top_k, num_beams=int(num_beams)))
@@ -192,8 +207,9 @@ class ModelFns:
   def _rank(self, idx, feats) -> np.ndarray:
     length = feats["decoder_target_tokens"].shape[1]
     prefixes = _prefixes(feats)
-    scores = np.stack([self._score_rows(prefixes, [opt] * len(prefixes), length)
-                       for opt in self._options], -1)
+    # One prefill per example, its cache shared by every option (`score_options`).
+    padded, _ = _pad_rows(prefix_batch(prefixes, length), self._batch_size)
+    scores = self._call(self._score_options, padded)[:len(prefixes)]
     for i, s in zip(idx, scores):
       self.option_scores[i] = s.tolist()
     width = max(len(o) for o in self._options)

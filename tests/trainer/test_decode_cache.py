@@ -139,3 +139,26 @@ def test_a_padding_row_decodes_without_disturbing_the_others():
     assert ((with_pad[2] >= 0) & (with_pad[2] < VOCAB)).all()
   with pytest.raises(ValueError, match="max_decode_length must be >= 1"):
     model.predict_batch(params, batch, max_decode_length=0)
+
+
+def test_option_scores_from_one_prefill_equal_scoring_each_option_whole():
+  # Rank classification: each option's log-likelihood after each prefix, from a prefill per
+  # example and cached steps, against score_batch of the prefix and option together (the
+  # last prefix leaves room for only part of the longest option: the rest counts nothing).
+  from palmflow.trainer import eval_lib
+  for variant in VARIANTS[:2]:
+    config = _config(**variant)
+    model = lm.DecoderOnlyModel(config=config)
+    params = _params(config, seed=6)
+    prefixes = [np.asarray(p, np.int32) for p in ([5, 7, 9], [11], [4] * (LENGTH - 3))]
+    options = [[3, 1], [8, 8, 2, 1], [1]]
+    table = np.zeros((len(options), 4), np.int32)
+    for i, o in enumerate(options):
+      table[i, :len(o)] = o
+    got = np.asarray(jax.jit(lambda p, b: model.score_options(p, b, jnp.asarray(table)))(
+        params, eval_lib.prefix_batch(prefixes, LENGTH)))
+    score = jax.jit(model.score_batch)
+    want = np.stack([np.asarray(score(params, eval_lib.option_batch(
+        prefixes, [np.asarray(o, np.int32)] * len(prefixes), LENGTH))) for o in options], -1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=str(variant))
+    assert (want < 0).all()  # every option has a scored token

@@ -298,7 +298,8 @@ class DecoderOnlyModel:
 
 
 class _Decoder:
-  """Next-token logits, one position at a time, for `DecoderOnlyModel.predict_batch`.
+  """Next-token logits, one position at a time, for `DecoderOnlyModel.predict_batch` and
+  `score_options`.
 
   With a cache, the state is every layer's (keys, values) ([layers, batch, length, ...]);
   without, the token buffer ([batch, length]) that the model re-runs on whole, and the

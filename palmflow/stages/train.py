@@ -160,7 +160,8 @@ class Train(StageKind):
     run_binary(ctx, argv, log_name="train.log")
     result = json.loads((ctx.out_dir / "train_result.json").read_text())
     spec_vocab = facts["vocab_sha256"]
-    ctx.log(f"trained to step {result['step']}: loss {result['train'].get('loss', float('nan')):.3f}")
+    loss = result["train"].get("loss", float("nan"))
+    ctx.log(f"trained to step {result['step']}: loss {loss:.3f}")
     return {"step": result["step"], "final_train": result["train"],
             "final_eval": result["eval"], "num_params": result.get("num_params"),
             "task": facts["task"], "start_step": facts["start_step"],

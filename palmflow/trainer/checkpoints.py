@@ -212,6 +212,32 @@ def _metadata_tree(meta) -> Any:
   return getattr(meta, "tree", meta)
 
 
+class _UnretrievedRestoreReads(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" report of an orbax array read.
+
+  Orbax reads a checkpoint's arrays as concurrent tasks; when a corrupt checkpoint fails to
+  restore, the restore raises the first failure (reported and handled: the run falls back
+  to an older checkpoint), and the other reads' failures are never retrieved. asyncio then
+  prints each with a traceback when the task is collected, often at exit, after the run's
+  own clear warning.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not ("Task exception was never retrieved" in message
+                and "async_deserialize" in message)
+
+
+_UNRETRIEVED_READS = _UnretrievedRestoreReads()
+
+
+def _quiet_unretrieved_restore_reads() -> None:
+  """Installs `_UnretrievedRestoreReads` on asyncio's logger (once a restore failed)."""
+  asyncio_log = logging.getLogger("asyncio")
+  if _UNRETRIEVED_READS not in asyncio_log.filters:
+    asyncio_log.addFilter(_UNRETRIEVED_READS)
+
+
 def _opt_state_mismatch(saved_opt, abstract_opt_state) -> str | None:
   """What differs between a checkpoint's optimizer state (metadata) and this run's, or
   None."""
@@ -318,6 +344,7 @@ class Checkpointer:
         log.warning("checkpoint %s is corrupt or unreadable (%s: %s); %s",
                     step_dir(self.dir, step), type(e).__name__,
                     (str(e).splitlines() or [""])[0][:200], nxt)
+        _quiet_unretrieved_restore_reads()
     return None
 
   def close(self):

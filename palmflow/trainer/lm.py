@@ -128,12 +128,8 @@ class DecoderOnlyModel:
     with N options costs about one forward pass instead of N. An option token that would
     fall past the end of the row counts nothing, as in `score_batch`.
     """
-    tokens = batch["decoder_input_tokens"]
-    b, length = tokens.shape
-    mask = batch["decoder_causal_attention"]
-    plen = jnp.sum(mask, axis=-1).astype(jnp.int32)
-    idx = jnp.arange(length)[None, :]
-    buf = jnp.where(idx < plen[:, None], tokens, 0)
+    buf, plen, mask = _prefixes(batch)
+    b, length = buf.shape
     n, width = options.shape
     decoder = _Decoder(self, params, mask, use_cache=True)
     last, state = decoder.start(buf, plen)
@@ -178,18 +174,8 @@ class DecoderOnlyModel:
     """
     if max_decode_length < 1:
       raise ValueError(f"max_decode_length must be >= 1, got {max_decode_length}")
-    tokens = batch["decoder_input_tokens"]
-    b, length = tokens.shape
-    mask = batch.get("decoder_causal_attention")
-    if mask is not None:
-      # decoder inputs [0, x_1..x_n] at the n + 1 prefix positions predict the first target.
-      plen = jnp.sum(mask, axis=-1).astype(jnp.int32)
-    else:
-      # decoder inputs [0, t_1..t_n]: n targets, so n + 1 positions.
-      plen = jnp.minimum(jnp.sum(batch["decoder_target_tokens"] > 0, axis=-1) + 1, length)
-      plen = plen.astype(jnp.int32)
-    idx = jnp.arange(length)[None, :]
-    buf = jnp.where(idx < plen[:, None], tokens, 0)
+    buf, plen, mask = _prefixes(batch)
+    b = buf.shape[0]
     decoder = _Decoder(self, params, mask, use_cache)
     if num_beams > 1:
       if temperature > 0:
@@ -295,6 +281,26 @@ class DecoderOnlyModel:
     return pick_beam(jnp.concatenate([finished, alive], axis=1),
                      jnp.concatenate([finished_scores, alive_scores], axis=1),
                      eos_id=eos_id, alpha=alpha)
+
+
+def _prefixes(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """(decoder inputs with 0 after each prefix, prefix lengths [batch], prefix mask or None).
+
+  The prefix is where `decoder_causal_attention` is 1 (prefix LM); without it (LM), the
+  non-padding targets and the position before them.
+  """
+  tokens = batch["decoder_input_tokens"]
+  length = tokens.shape[1]
+  mask = batch.get("decoder_causal_attention")
+  if mask is not None:
+    # decoder inputs [0, x_1..x_n] at the n + 1 prefix positions predict the first target.
+    plen = jnp.sum(mask, axis=-1).astype(jnp.int32)
+  else:
+    # decoder inputs [0, t_1..t_n]: n targets, so n + 1 positions.
+    plen = jnp.minimum(jnp.sum(batch["decoder_target_tokens"] > 0, axis=-1) + 1, length)
+    plen = plen.astype(jnp.int32)
+  idx = jnp.arange(length)[None, :]
+  return jnp.where(idx < plen[:, None], tokens, 0), plen, mask
 
 
 class _Decoder:

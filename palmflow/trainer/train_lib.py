@@ -316,8 +316,7 @@ def optimizer_state_shardings(abstract_state, params, mesh, moment_axes=None):
     params: the parameters as placed on `mesh`.
     mesh: the device mesh.
     moment_axes: `optimizers.factored_moment_axes` of the optimizer: which axes each
-      factored moment keeps (without it they are matched by size, in order, which is
-      ambiguous where a dropped axis has a kept one's size).
+      factored moment keeps (None: factored moments are replicated).
   """
   specs = {}
   for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
@@ -331,17 +330,12 @@ def optimizer_state_shardings(abstract_state, params, mesh, moment_axes=None):
     if tuple(leaf.shape) == tuple(param.shape):
       return tuple(range(param.ndim))
     moment = name[:-len(jax.tree_util.keystr(param_path))].rsplit(".", 1)[-1]
-    if moment_axes is not None and moment in ("v_row", "v_col"):
-      axes = moment_axes(param_path, param, moment)
-      if axes is None or [param.shape[a] for a in axes] != list(leaf.shape):
-        return None
-      return axes
-    kept, j = [], 0
-    for axis, size in enumerate(param.shape):
-      if j < len(leaf.shape) and leaf.shape[j] == size:
-        kept.append(axis)
-        j += 1
-    return tuple(kept) if j == len(leaf.shape) else None
+    if moment_axes is None or moment not in ("v_row", "v_col"):
+      return None
+    axes = moment_axes(param_path, param, moment)
+    if axes is None or [param.shape[a] for a in axes] != list(leaf.shape):
+      return None
+    return axes
 
   def sharding(path, leaf):
     spec = ()
@@ -575,10 +569,10 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
   variables, abstract = partitioner.sharded_init(init_fn, jax.random.PRNGKey(random_seed))
   params = variables["params"]
   tx = train_optimizer(model, policy, abstract["params"])
+  moment_axes = optimizers.factored_moment_axes(model.optimizer,
+                                                nn.get_partition_spec(abstract["params"]))
   opt_state = jax.jit(tx.init, out_shardings=optimizer_state_shardings(
-      jax.eval_shape(tx.init, params), params, partitioner.mesh,
-      moment_axes=optimizers.factored_moment_axes(
-          model.optimizer, nn.get_partition_spec(abstract["params"]))))(params)
+      jax.eval_shape(tx.init, params), params, partitioner.mesh, moment_axes))(params)
   (model_dir / "model-info.txt").write_text(
       partitioner.describe(abstract["params"]) + "\n"
       + partitioner.describe(opt_state, title="Optimizer state", header=False,

@@ -84,6 +84,30 @@ def _finetune(pretrained, model_dir: Path, *extra: str, task_json=None, task=TAS
       "--gin.LOG_EVERY=1", *extra])
 
 
+def test_the_test_twin_of_finetune_checkpoints_evaluates_and_logs_every_step_or_two(
+    pretrained, tmp_path):
+  """runs/test_finetune.gin is finetune.gin sized for a smoke test: given only what its
+  header requires, 4 steps from the checkpoint at 4 log every step, checkpoint and evaluate
+  (training loss and the task's metrics on decoded predictions) every 2 steps."""
+  _, task_json, pre = pretrained
+  assert run_binary("train", [
+      "--gin_file=runs/test_finetune.gin", "--gin_file=models/palm_tiny.gin",
+      f"--task_spec={task_json}", f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'",
+      f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}", "--gin.VOCAB_SIZE=64", "--gin.TRAIN_STEPS=8",
+      f"--gin.INITIAL_CHECKPOINT_PATH='{ckpt_lib.step_dir(pre, 4)}'",
+      f"--gin.MODEL_DIR='{tmp_path}'"]) == 0
+  assert _metric_steps(tmp_path) == [5, 6, 7, 8]
+  assert ckpt_lib.finished_steps(tmp_path) == [6, 8]
+  evals = (tmp_path / "training_eval" / TASK / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(l)["step"] for l in evals] == [6, 8]
+  inferred = (tmp_path / "inference_eval" / f"{TASK}-metrics.jsonl").read_text().splitlines()
+  assert [json.loads(l)["step"] for l in inferred] == [6, 8]
+  rows = (tmp_path / "inference_eval" / f"{TASK}-8.jsonl").read_text().splitlines()
+  assert len(rows) == len(PAIRS)                  # the whole split: 4 examples, under 8
+  config = (tmp_path / "config.gin").read_text()
+  assert re.search(r"^BATCH_SIZE = 8$", config, re.M) and "DROPOUT_RATE = 0.1" in config
+
+
 def test_rates_count_the_steps_since_the_last_log_line_off_the_log_grid(pretrained, tmp_path):
   """Fine-tuning from step 4 with LOG_EVERY=3 logs at 6 (2 steps ran) and at the final 7
   (1 step ran): the rates count those steps, not LOG_EVERY (which read 3, and 0 at the

@@ -25,7 +25,7 @@ def trained(tmp_path_factory):
   task_json = make_task(root / "data", TASK)
   model_dir = root / "model"
   rc = run_binary("train", [
-      "--gin_file=runs/pretrain.gin", *model_flags(task_json, TASK),
+      "--gin_file=runs/test_pretrain.gin", *model_flags(task_json, TASK),
       f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={STEPS}",
       "--gin.FEATURE_CONVERTER='prefix_lm'", f"--gin.CHECKPOINT_PERIOD={STEPS // 2}",
       "--gin.LR_FACTORS='constant'", "--gin.BASE_LEARNING_RATE=0.05"])
@@ -35,7 +35,7 @@ def trained(tmp_path_factory):
 
 def _run_eval(trained, out: Path, *extra: str) -> int:
   task_json, ckpt = trained
-  return run_binary("eval", ["--gin_file=runs/eval.gin", *model_flags(task_json, TASK),
+  return run_binary("eval", ["--gin_file=runs/test_eval.gin", *model_flags(task_json, TASK),
                              f"--gin.CHECKPOINT_PATH='{ckpt}'", f"--gin.EVAL_OUTPUT_DIR='{out}'",
                              *extra])
 
@@ -58,7 +58,7 @@ def test_checkpoint_mode_all_evaluates_each_checkpoint_and_latest_the_newest(tra
                                                                               capsys):
   task_json, ckpt = trained
   model_dir = ckpt.parent
-  common = ["--gin_file=runs/eval.gin", *model_flags(task_json, TASK),
+  common = ["--gin_file=runs/test_eval.gin", *model_flags(task_json, TASK),
             f"--gin.CHECKPOINT_PATH='{model_dir}'"]
   assert run_binary("eval", common + [f"--gin.EVAL_OUTPUT_DIR='{tmp_path / 'all'}'",
                                       "--gin.CHECKPOINT_MODE='all'"]) == 0
@@ -190,7 +190,7 @@ def test_top_k_1_sampling_is_greedy(trained, tiny_model):
 
 def test_infer_writes_t5x_layout(trained, tiny_model, tmp_path):
   task_json, ckpt = trained
-  common = ["--gin_file=runs/infer.gin", *model_flags(task_json, TASK),
+  common = ["--gin_file=runs/test_infer.gin", *model_flags(task_json, TASK),
             f"--gin.CHECKPOINT_PATH='{ckpt}'", f"--gin.INFER_OUTPUT_DIR='{tmp_path}'"]
   assert run_binary("infer", common) == 0
   assert run_binary("infer", common + ["--gin.INFER_MODE='score'"]) == 0

@@ -25,7 +25,7 @@ STEPS = 12
 
 
 def _flags(task_json: Path, model_dir: Path, keep: str) -> list[str]:
-  return ["--gin_file=runs/pretrain.gin", *model_flags(task_json, TASK),
+  return ["--gin_file=runs/test_pretrain.gin", *model_flags(task_json, TASK),
           f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={STEPS}",
           "--gin.FEATURE_CONVERTER='prefix_lm'", "--gin.DROPOUT_RATE=0.1",
           "--gin.CHECKPOINT_PERIOD=2", f"--gin.CHECKPOINTS_TO_KEEP={keep}", "--gin.LOG_EVERY=2",

@@ -167,7 +167,8 @@ class DecoderOnlyModel:
     buffer every step instead (the same tokens; kept as a reference). Sampling with
     `temperature` > 0 keeps the `top_k` most likely tokens (0: all) and is reproducible for
     a given `rng`; top_k=1 is greedy decoding. A row whose buffer fills up before
-    `max_decode_length` tokens keeps decoding from its last position's logits.
+    `max_decode_length` tokens ends there, as t5x's decoding stops at the end of its buffer:
+    the token that did not fit is the row's last, without an EOS, and 0 follows it.
 
     Returns:
       [batch, max_decode_length] int32 tokens: the EOS, then 0 after it.
@@ -175,7 +176,7 @@ class DecoderOnlyModel:
     if max_decode_length < 1:
       raise ValueError(f"max_decode_length must be >= 1, got {max_decode_length}")
     buf, plen, mask = _prefixes(batch)
-    b = buf.shape[0]
+    b, length = buf.shape
     decoder = _Decoder(self, params, mask, use_cache)
     if num_beams > 1:
       if temperature > 0:
@@ -196,10 +197,13 @@ class DecoderOnlyModel:
       return jnp.argmax(last, axis=-1).astype(jnp.int32), rng
 
     def step(i, carry):
-      # Token i - 1 goes to position plen + i - 1; its logits give token i.
+      # Token i - 1 goes to position plen + i - 1; its logits give token i. A token that
+      # does not fit in the buffer ends its row.
       last, state, out, done, rng = carry
-      last, state = decoder.advance(state, last, out[:, i - 1], plen + i - 1)
+      pos = plen + i - 1
+      last, state = decoder.advance(state, last, out[:, i - 1], pos)
       nxt, rng = choose(last, rng)
+      done = done | (pos >= length)
       nxt = jnp.where(done, 0, nxt)
       return last, state, out.at[:, i].set(nxt), done | (nxt == eos_id), rng
 
@@ -222,9 +226,11 @@ class DecoderOnlyModel:
     compete with the finished set, the others become the new alive beams. A finished beam
     never takes an alive beam's place. The best finished beam is returned, or when none
     finished within `max_decode_length` steps, the best alive (cut) one. Alive beams never
-    emit the padding id 0 (it would be dropped from the text).
+    emit the padding id 0 (it would be dropped from the text), except where the buffer is
+    full: there the alive beams stop, as t5x's decoding does at the end of its buffer, and
+    take 0 with their scores unchanged.
     """
-    b = buf.shape[0]
+    b, length = buf.shape
     k = num_beams
     # One prefill per example, its cache (or buffer) then repeated for each beam.
     last, state = decoder.start(buf, plen)
@@ -240,11 +246,14 @@ class DecoderOnlyModel:
     finished_scores = jnp.full((b, k), -jnp.inf, jnp.float32)  # log-likelihoods
     finished_ranks = jnp.full((b, k), -jnp.inf, jnp.float32)   # ... / length penalty
 
-    def extend(i, last, state, alive, alive_scores, finished, finished_scores,
+    def extend(i, full, last, state, alive, alive_scores, finished, finished_scores,
                finished_ranks):
       logp = jax.nn.log_softmax(last.astype(jnp.float32), axis=-1).reshape(b, k, -1)
       vocab = logp.shape[-1]
-      cand = alive_scores[..., None] + logp.at[..., 0].set(-jnp.inf)
+      # A full row's beams can only take 0, at no cost.
+      stop = jnp.full((vocab,), -jnp.inf, jnp.float32).at[0].set(0.0)
+      logp = jnp.where(full.reshape(b, k, 1), stop, logp.at[..., 0].set(-jnp.inf))
+      cand = alive_scores[..., None] + logp
       top, flat = jax.lax.top_k(cand.reshape(b, k * vocab), min(2 * k, k * vocab))
       src, tok = flat // vocab, (flat % vocab).astype(jnp.int32)
       seqs = jnp.take_along_axis(alive, src[..., None], axis=1).at[:, :, i].set(tok)
@@ -263,19 +272,18 @@ class DecoderOnlyModel:
       alive = jnp.take_along_axis(seqs, pick[..., None], axis=1)
       source = jnp.take_along_axis(src, pick, axis=1)
       rows = (source + jnp.arange(b)[:, None] * k).reshape(b * k)
-      # The state and the logits move with their beams (a beam whose buffer is full goes
-      # on from its own last logits).
+      # The state and the logits move with their beams.
       return (last[rows], decoder.reorder(state, rows), alive, alive_scores, finished,
               finished_scores, best_ranks)
 
     def step(i, carry):
       last, state, alive = carry[:3]
-      last, state = decoder.advance(state, last, alive[:, :, i - 1].reshape(b * k),
-                                    plen + i - 1)
-      return extend(i, last, state, alive, *carry[3:])
+      pos = plen + i - 1
+      last, state = decoder.advance(state, last, alive[:, :, i - 1].reshape(b * k), pos)
+      return extend(i, pos >= length, last, state, alive, *carry[3:])
 
-    carry = extend(0, last, state, alive, alive_scores, finished, finished_scores,
-                   finished_ranks)
+    carry = extend(0, jnp.zeros((b * k,), bool), last, state, alive, alive_scores, finished,
+                   finished_scores, finished_ranks)
     carry = jax.lax.fori_loop(1, steps, step, carry)
     _, _, alive, alive_scores, finished, finished_scores, _ = carry
     return pick_beam(jnp.concatenate([finished, alive], axis=1),

@@ -125,35 +125,37 @@ def test_wide_enough_beams_find_the_best_finished_continuation_by_penalized_scor
     assert got == best, (prefix, got, best, ranked[best], ranked.get(got))
 
 
-def test_beams_whose_buffer_fills_go_on_from_their_own_last_logits(model_and_params):
-  # A prefix of LENGTH - 2 tokens leaves room for 2 of the STEPS tokens: the third is
-  # predicted from the same (last) position as the second. With every prefix kept
-  # (VOCAB ** (STEPS - 1) beams, no EOS), beam search must return the best continuation
-  # under that rule: log p6(c0) + log p7(c1 | c0) + log p7(c2 | c0), where p7 is the last
-  # position's distribution with c0 written at it. Beams reordered without their logits
-  # would score c2 with another beam's distribution: that shows where the best
-  # continuation does not start with the most likely first token (asserted below).
+def test_rows_whose_buffer_fills_stop_there(model_and_params):
+  # A prefix of LENGTH - 2 tokens leaves room for 2 of the STEPS tokens: the second one
+  # does not fit in the buffer, so, as in t5x, nothing follows it (0, no EOS) instead of
+  # tokens predicted without it. With every prefix kept (VOCAB ** (STEPS - 1) beams, no
+  # EOS), beam search returns the best (c0, c1) by log p6(c0) + log p7(c1 | c0), and it is
+  # not always greedy's (asserted below: the beams are scored jointly).
   model, params = model_and_params
   rng = np.random.default_rng(0)
   prefixes = [list(rng.integers(1, VOCAB, LENGTH - 2)) for _ in range(8)]
   apply = jax.jit(lambda p, x: model.module.apply({"params": p}, x))
-  wants, detours = [], 0
+  wants, greedy_wants, detours = [], [], 0
   for prefix in prefixes:
     x = np.zeros((VOCAB, LENGTH), np.int32)
     x[:, 1:LENGTH - 1] = prefix
     x[:, LENGTH - 1] = np.arange(VOCAB)  # c0 at the last position
     logp = np.asarray(jax.nn.log_softmax(apply(params, x).astype(jnp.float32), -1))
-    scored = {(c0, c1, c2): logp[c0, LENGTH - 2, c0] + logp[c0, LENGTH - 1, c1]
-              + logp[c0, LENGTH - 1, c2]
-              for c0, c1, c2 in itertools.product(range(1, VOCAB), repeat=3)}  # no padding
-    wants.append(max(scored, key=scored.get))
+    scored = {(c0, c1): logp[c0, LENGTH - 2, c0] + logp[c0, LENGTH - 1, c1]
+              for c0, c1 in itertools.product(range(1, VOCAB), repeat=2)}  # no padding
+    wants.append(max(scored, key=scored.get) + (0,))
+    g0 = int(np.argmax(logp[0, LENGTH - 2]))
+    greedy_wants.append((g0, int(np.argmax(logp[g0, LENGTH - 1])), 0))
     detours += wants[-1][0] != int(np.argmax(logp[0, LENGTH - 2, 1:])) + 1
   assert detours >= 1
-  fn = jax.jit(lambda p, b: model.predict_batch(
-      p, b, max_decode_length=STEPS, eos_id=-1, num_beams=VOCAB ** (STEPS - 1),
-      length_penalty_alpha=0.0))
-  got = [tuple(int(t) for t in row) for row in np.asarray(fn(params, _prefix_batch(prefixes)))]
-  assert got == wants
+  for kw, want in ((dict(num_beams=VOCAB ** (STEPS - 1), length_penalty_alpha=0.0), wants),
+                   (dict(), greedy_wants)):
+    for use_cache in (True, False):
+      fn = jax.jit(lambda p, b: model.predict_batch(
+          p, b, max_decode_length=STEPS, eos_id=-1, use_cache=use_cache, **kw))
+      got = [tuple(int(t) for t in row)
+             for row in np.asarray(fn(params, _prefix_batch(prefixes)))]
+      assert got == want, (kw, use_cache)
 
 
 class _MarkovDecoder:

@@ -465,6 +465,18 @@ class InferenceEvaluator:
     log.info("eval at step %d: %s", step, metrics)
     return {"step": step, "metrics": metrics, "predictions_files": files, "mode": self._mode}
 
+  def logged(self, step: int) -> dict[str, dict] | None:
+    """{task: metrics} that an earlier evaluation of `step` wrote to `output_dir` (its
+    predictions file and metrics line for every task), or None if any is missing."""
+    from palmflow.trainer.train_lib import logged_line
+    out = {}
+    for t in self._evaluator.eval_tasks:
+      metrics = logged_line(self._out / f"{t.name}-metrics.jsonl", step)
+      if metrics is None or not (self._out / f"{t.name}-{step}.jsonl").exists():
+        return None
+      out[t.name] = metrics
+    return out
+
   def _write_predictions(self, path: Path, task: str, option_scores: dict) -> None:
     """`<task>-<step>.jsonl`: inputs, prediction (or score) and target per example, as the
     metrics saw them, written atomically."""

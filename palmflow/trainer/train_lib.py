@@ -114,6 +114,29 @@ def _truncate_metrics(path: Path, max_step: int) -> None:
   tmp.replace(path)
 
 
+def logged_line(path: Path, step: int) -> dict | None:
+  """The metrics logged for `step` in a metrics.jsonl (without "step"), or None."""
+  if not path.exists():
+    return None
+  for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(record, dict) and record.get("step") == step:
+      return {k: v for k, v in record.items() if k != "step"}
+  return None
+
+
+def _agreed(flag: bool) -> bool:
+  """Process 0's `flag` on every process (they must take the same branches around
+  collectives, and only process 0 writes the files the flag is read from)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
+
 def format_metrics(metrics: dict[str, float]) -> str:
   """``loss=3.283 accuracy=0.3687``: how step and eval lines show metrics."""
   return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
@@ -573,10 +596,11 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
                                                 nn.get_partition_spec(abstract["params"]))
   opt_state = jax.jit(tx.init, out_shardings=optimizer_state_shardings(
       jax.eval_shape(tx.init, params), params, partitioner.mesh, moment_axes))(params)
-  (model_dir / "model-info.txt").write_text(
-      partitioner.describe(abstract["params"]) + "\n"
-      + partitioner.describe(opt_state, title="Optimizer state", header=False,
-                             skip_scalars=True))
+  if jax.process_index() == 0:
+    (model_dir / "model-info.txt").write_text(
+        partitioner.describe(abstract["params"]) + "\n"
+        + partitioner.describe(opt_state, title="Optimizer state", header=False,
+                               skip_scalars=True))
 
   checkpointer = ckpt_lib.Checkpointer(model_dir, checkpoint_cfg)
   try:  # closed on errors too: an open orbax manager's threads outlive the call
@@ -586,13 +610,16 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
         total_steps=total_steps, vocab_digest=vocab_digest)
     first_step = start_step - consumed  # the step this run's data started at
 
+    writes = jax.process_index() == 0  # one process writes the files, as MetricsWriter
     train_writer = MetricsWriter(model_dir / "train")
-    _truncate_metrics(model_dir / "train" / "metrics.jsonl", start_step)
+    if writes:
+      _truncate_metrics(model_dir / "train" / "metrics.jsonl", start_step)
     eval_writer = None
     if train_eval_dataset_cfg is not None:
       eval_writer = MetricsWriter(model_dir / "training_eval" /
                                   train_eval_dataset_cfg.mixture_or_task_name)
-      _truncate_metrics(eval_writer.dir / "metrics.jsonl", start_step)
+      if writes:
+        _truncate_metrics(eval_writer.dir / "metrics.jsonl", start_step)
     infer_evaluator = None
     if infer_eval_dataset_cfg is not None:
       infer_evaluator = _inference_evaluator(
@@ -643,6 +670,19 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
     flops_per_token = model_flops_per_token(model.config, num_params=n_params, length=length)
     if start_step == 0 and total_steps > 0 and train_eval_dataset_cfg is not None:
       last_eval = run_eval(0, params)
+    if consumed and (start_step % eval_period == 0 or start_step == total_steps):
+      # Resumed at an evaluation step: the killed run saved this step's checkpoint before
+      # its inference evaluation (and may have died in it), and a run resumed at its end
+      # still reports the end's results. What was logged is read back; what is missing
+      # is evaluated now.
+      last_train = logged_line(model_dir / "train" / "metrics.jsonl", start_step) or {}
+      if eval_writer is not None:
+        logged = logged_line(eval_writer.dir / "metrics.jsonl", start_step)
+        last_eval = logged if _agreed(logged is not None) else run_eval(start_step, params)
+      if infer_evaluator is not None:
+        logged = infer_evaluator.logged(start_step)
+        last_infer_eval = (logged if _agreed(logged is not None)
+                           else infer_evaluator.evaluate(start_step, params)["metrics"])
     # Rates count the steps since the last log line (a resumed run need not start on the
     # LOG_EVERY grid) over the time spent training them: evaluations and checkpoint saves
     # in between are left out.

@@ -142,7 +142,8 @@ def test_fine_tuning_evaluates_the_predictions_every_eval_period(pretrained, tmp
   """t5x's inference evaluation in finetune.gin: the task's metrics on decoded predictions
   every EVAL_PERIOD steps and at the end, in MODEL_DIR/inference_eval/."""
   flags = ["--gin.TRAIN_STEPS=6", "--gin.EVAL_PERIOD=5", "--gin.JSON_WRITE_N_RESULTS=3",
-           f"--gin.INFER_EVAL_MIXTURE_OR_TASK_NAME='{TASK}'"]
+           f"--gin.INFER_EVAL_MIXTURE_OR_TASK_NAME='{TASK}'",
+           f"--gin.TRAIN_EVAL_MIXTURE_OR_TASK_NAME='{TASK}'"]
   assert _finetune(pretrained, tmp_path, *flags) == 0
   out = tmp_path / "inference_eval"
   lines = (out / f"{TASK}-metrics.jsonl").read_text().splitlines()
@@ -162,6 +163,24 @@ def test_fine_tuning_evaluates_the_predictions_every_eval_period(pretrained, tmp
   lines = (out / f"{TASK}-metrics.jsonl").read_text().splitlines()
   assert [json.loads(l)["step"] for l in lines] == [5, 6]
   assert not (out / f"{TASK}-9.jsonl").exists() and (out / f"{TASK}-6.jsonl").exists()
+  # ... and a resumed run reports the results logged at its step (a run resumed at its end
+  # reported nothing: the stage read "loss nan").
+  rerun = json.loads((tmp_path / "train_result.json").read_text())
+  assert rerun["infer_eval"] == result["infer_eval"] and rerun["train"]["loss"] > 0
+  assert rerun["train"] == result["train"] and rerun["eval"] == result["eval"]
+  written = (out / f"{TASK}-6.jsonl").stat().st_mtime_ns
+  # Killed while decoding step 6 (its checkpoint was saved before): the rerun evaluates it.
+  (out / f"{TASK}-6.jsonl").unlink()
+  (out / f"{TASK}-metrics.jsonl").write_text(lines[0] + "\n")
+  training_eval = tmp_path / "training_eval" / TASK / "metrics.jsonl"
+  training_eval.write_text(training_eval.read_text().splitlines()[0] + "\n")
+  assert _finetune(pretrained, tmp_path, *flags) == 0
+  lines = (out / f"{TASK}-metrics.jsonl").read_text().splitlines()
+  assert [json.loads(l)["step"] for l in lines] == [5, 6]
+  assert (out / f"{TASK}-6.jsonl").stat().st_mtime_ns != written
+  assert [json.loads(l)["step"] for l in training_eval.read_text().splitlines()] == [5, 6]
+  again = json.loads((tmp_path / "train_result.json").read_text())
+  assert again["infer_eval"] == result["infer_eval"] and again["eval"] == result["eval"]
 
 
 def test_train_steps_not_beyond_the_checkpoint_is_an_error(pretrained, tmp_path, capsys):

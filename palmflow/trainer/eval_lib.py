@@ -309,7 +309,8 @@ def evaluate(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Part
              feature_converter: str = "prefix_lm", temperature: float = 0.0, top_k: int = 0,
              seed: int = 0, module: str | None = None,
              checkpoint_mode: str = "specific",
-             restore_dtype: str | None = None, num_beams: int = 1) -> dict[str, Any]:
+             restore_dtype: str | None = None, num_beams: int = 1,
+             use_cached: bool = False) -> dict[str, Any]:
   """Evaluates a checkpoint (or each of a run's) on a task's split with its seqio metrics.
 
   Args:
@@ -321,7 +322,8 @@ def evaluate(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Part
       one, oldest first: predictions and a metrics line per step).
     partitioner: mesh and rules.
     mixture_or_task_name: MIXTURE_OR_TASK_NAME.
-    task_feature_lengths: e.g. {"inputs": 128, "targets": 8}.
+    task_feature_lengths: e.g. {"inputs": 128, "targets": 8}; None: each feature's longest
+      example in the split (as t5x's eval computes them; `data_feature_lengths`).
     output_dir: EVAL_OUTPUT_DIR; predictions and metrics are written here.
     split: the split to evaluate.
     batch_size: examples per model call (a multiple of the data-parallel devices).
@@ -335,6 +337,8 @@ def evaluate(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Part
     restore_dtype: cast the restored parameters to this dtype (e.g. 'bfloat16': half the
       memory); None keeps the model's.
     num_beams: DECODE_NUM_BEAMS; > 1 decodes by beam search (with temperature 0).
+    use_cached: USE_CACHED_TASKS: read the task's seqio cache (made by seqio's cache_tasks
+      job) instead of preprocessing it.
   Returns:
     {"step", "metrics": {task: {name: value}}, "predictions_files": {task: path}, "mode"}
     of the last checkpoint evaluated, and "steps": {step: metrics} of each.
@@ -349,8 +353,8 @@ def evaluate(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Part
       batch_size=batch_size, mode=mode, max_decode_length=max_decode_length,
       num_examples=num_examples, json_write_n_results=json_write_n_results,
       feature_converter=feature_converter, temperature=temperature, top_k=top_k, seed=seed,
-      module=module, num_beams=num_beams)
-  length = sum(task_feature_lengths.values())
+      module=module, num_beams=num_beams, use_cached=use_cached)
+  length = sum(evaluator.task_feature_lengths.values())
   by_step = {}
   for path in paths:
     step, params = load_params(model, path, partitioner, length,
@@ -361,8 +365,53 @@ def evaluate(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Part
   return dict(result, steps=by_step)
 
 
+def data_feature_lengths(task, split: str, *, num_examples: int | None = None, seed: int = 0,
+                         use_cached: bool = False, field: str = "EVAL_SPLIT") -> dict[str, int]:
+  """{feature: its longest example} over the split of a task (or of a mixture's tasks), the
+  first `num_examples` of each: TASK_FEATURE_LENGTHS = None in eval and infer, as t5x's eval
+  lets seqio compute them, so that nothing is cut and no position is wasted."""
+  lengths: dict[str, int] = {}
+  for t in seqio.get_subtasks(task):
+    if split not in t.splits:
+      continue
+    try:
+      ds = t.get_dataset(sequence_length=None, split=split, shuffle=False, num_epochs=1,
+                         seed=seed, use_cached=use_cached)
+    except ValueError as e:  # a preprocessor that needs the lengths
+      raise ConfigError(f"task {t.name!r} cannot be read without feature lengths: {e}",
+                        field="TASK_FEATURE_LENGTHS",
+                        hint="set TASK_FEATURE_LENGTHS, e.g. {'inputs': 128, 'targets': 8}"
+                        ) from None
+    if num_examples:
+      ds = ds.take(num_examples)
+    for ex in ds.as_numpy_iterator():
+      for k in t.output_features:
+        if k in ex:
+          lengths[k] = max(lengths.get(k, 1), len(ex[k]))
+  if not lengths:
+    splits = sorted({str(s) for t in seqio.get_subtasks(task) for s in t.splits})
+    raise NothingToEvaluate(
+        f"no example in split {split!r} of {task.name!r} to measure the feature lengths by "
+        f"(its splits: {splits})", field=field,
+        hint="choose a split with examples, or set TASK_FEATURE_LENGTHS")
+  log.info("feature lengths from the %s split's longest examples: %s", split, lengths)
+  return lengths
+
+
 class NothingToEvaluate(ConfigError):
   """The task (or mixture) has no task with the split and a metric."""
+
+
+def _nothing_to_evaluate(task, name: str, split: str, field: str) -> NothingToEvaluate:
+  why = "; ".join(
+      f"{t.name}: splits {sorted(t.splits)}, "
+      f"{len(t.metric_fns) + len(getattr(t, 'metric_objs', None) or [])} metric(s)"
+      for t in seqio.get_subtasks(task))
+  return NothingToEvaluate(
+      f"nothing to evaluate in {name!r} on split {split!r}: a task needs that split and at "
+      f"least one metric ({why})", field=field,
+      hint="choose a split the task has; a task without metrics (e.g. pretraining blocks) is "
+      "evaluated during training (TRAIN_EVAL_MIXTURE_OR_TASK_NAME), not by eval")
 
 
 class InferenceEvaluator:
@@ -384,7 +433,7 @@ class InferenceEvaluator:
   """
 
   def __init__(self, *, model: DecoderOnlyModel, partitioner: Partitioner,
-               mixture_or_task_name: str, task_feature_lengths: dict[str, int],
+               mixture_or_task_name: str, task_feature_lengths: dict[str, int] | None,
                output_dir: str, split: str = "validation", batch_size: int = 32,
                mode: str = "predict", max_decode_length: int | None = None,
                num_examples: int | None = None, json_write_n_results: int | None = None,
@@ -405,6 +454,14 @@ class InferenceEvaluator:
     data_lib.check_vocabulary_fits(task, model.config.vocab_size)
     data_lib.check_converter_keeps_inputs(task, feature_converter, fields["converter"])
     self.vocab_digest = _task_vocab_digest(task)
+    if task_feature_lengths is None:
+      try:
+        task_feature_lengths = data_feature_lengths(
+            task, split, num_examples=num_examples, seed=seed, use_cached=use_cached,
+            field=fields["split"])
+      except NothingToEvaluate:
+        raise _nothing_to_evaluate(task, mixture_or_task_name, split, fields["split"]) from None
+    self.task_feature_lengths = dict(task_feature_lengths)
     converter = data_lib.make_feature_converter(feature_converter, pack=False)
     logger_cls, self._captured = _capturing_logger()
     self._out = Path(output_dir)
@@ -416,16 +473,7 @@ class InferenceEvaluator:
         logger_cls=[logger_cls], log_dir=str(self._out))
     if not self._evaluator.eval_tasks:
       # seqio skips such tasks with an info log, and the run would "succeed" with no metrics.
-      why = "; ".join(
-          f"{t.name}: splits {sorted(t.splits)}, "
-          f"{len(t.metric_fns) + len(getattr(t, 'metric_objs', None) or [])} metric(s)"
-          for t in seqio.get_subtasks(task))
-      raise NothingToEvaluate(
-          f"nothing to evaluate in {mixture_or_task_name!r} on split {split!r}: a task needs "
-          f"that split and at least one metric ({why})", field=fields["split"],
-          hint="choose a split the task has; a task without metrics (e.g. pretraining "
-          "blocks) is evaluated during training (TRAIN_EVAL_MIXTURE_OR_TASK_NAME), not by "
-          "eval")
+      raise _nothing_to_evaluate(task, mixture_or_task_name, split, fields["split"])
     self._labels, options = (None, None)
     if mode == "rank":
       self._labels, options = _label_options(task, mixture_or_task_name)
@@ -559,7 +607,8 @@ def infer(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Partiti
           max_decode_length: int | None = None, num_examples: int | None = None,
           feature_converter: str = "prefix_lm", temperature: float = 0.0, top_k: int = 0,
           seed: int = 0, module: str | None = None,
-          restore_dtype: str | None = None, num_beams: int = 1) -> dict[str, Any]:
+          restore_dtype: str | None = None, num_beams: int = 1,
+          use_cached: bool = False) -> dict[str, Any]:
   """Predictions or scores of a checkpoint on every task of a mixture (t5x's infer).
 
   Args:
@@ -567,7 +616,8 @@ def infer(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Partiti
     checkpoint_path: CHECKPOINT_PATH, a `checkpoint_<step>` directory.
     partitioner: mesh and rules.
     mixture_or_task_name: MIXTURE_OR_TASK_NAME (a mixture runs each of its tasks).
-    task_feature_lengths: e.g. {"inputs": 128, "targets": 8}.
+    task_feature_lengths: e.g. {"inputs": 128, "targets": 8}; None: each feature's longest
+      example in the split, over the mixture's tasks (`data_feature_lengths`).
     output_dir: INFER_OUTPUT_DIR.
     mode: "predict", "score" (needs targets) or "predict_with_aux".
     split: the split to run on.
@@ -577,7 +627,7 @@ def infer(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Partiti
     feature_converter: "prefix_lm" (text-to-text) or "lm".
     temperature, top_k, seed: sampling (temperature 0 is greedy).
     module: modules to import for task registration.
-    restore_dtype, num_beams: as for `evaluate`.
+    restore_dtype, num_beams, use_cached: as for `evaluate`.
   Returns:
     {"step", "mode", "files": {task: path}, "examples": {task: count}}.
   """
@@ -586,6 +636,10 @@ def infer(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Partiti
   top = data_lib.get_task_or_mixture(mixture_or_task_name, module)
   data_lib.check_vocabulary_fits(top, model.config.vocab_size)
   data_lib.check_converter_keeps_inputs(top, feature_converter, "FEATURE_CONVERTER")
+  if task_feature_lengths is None:
+    task_feature_lengths = data_feature_lengths(top, split, num_examples=num_examples,
+                                                seed=seed, use_cached=use_cached,
+                                                field="INFER_SPLIT")
   length = sum(task_feature_lengths.values())
   step, params = load_params(model, checkpoint_path, partitioner, length,
                              vocab_digest=_task_vocab_digest(top), dtype=restore_dtype)
@@ -604,7 +658,8 @@ def infer(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Partiti
                   list(task.splits))
       continue
     task_ds = task.get_dataset(sequence_length=dict(task_feature_lengths), split=split,
-                               shuffle=False, num_epochs=1, seed=seed, use_cached=False)
+                               shuffle=False, num_epochs=1, seed=seed,
+                               use_cached=use_cached)
     if num_examples:
       task_ds = task_ds.take(num_examples)
     task_ds = task_ds.cache()
@@ -633,4 +688,7 @@ def infer(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Partiti
       tmp.replace(path)
     files[task.name], counts[task.name] = str(path), len(results)
     log.info("infer %s: %d examples -> %s", task.name, len(results), path)
+  if not files:
+    raise ConfigError(f"no task of {mixture_or_task_name!r} has the split {split!r}",
+                      field="INFER_SPLIT", hint="choose a split the tasks have")
   return {"step": step, "mode": mode, "files": files, "examples": counts}

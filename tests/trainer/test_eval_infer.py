@@ -94,6 +94,41 @@ def test_eval_on_a_split_the_task_lacks_fails_naming_its_splits(trained, tmp_pat
   assert not list(tmp_path.glob("*.jsonl"))
 
 
+def test_eval_and_infer_measure_the_feature_lengths_when_none_are_given(trained, tmp_path,
+                                                                       caplog):
+  """TASK_FEATURE_LENGTHS = None, eval.gin's and infer.gin's default (t5x's eval computes
+  them): each feature's longest example in the split, nothing cut; USE_CACHED_TASKS reaches
+  seqio (this task has no cache: seqio preprocesses it on the fly)."""
+  import logging
+  import seqio
+  task_json, ckpt = trained
+  flags = [f for f in model_flags(task_json, TASK) if "TASK_FEATURE_LENGTHS" not in f]
+  caplog.set_level(logging.INFO)
+  assert run_binary("eval", ["--gin_file=runs/test_eval.gin", *flags, "--gin.USE_CACHED_TASKS=True",
+                             f"--gin.CHECKPOINT_PATH='{ckpt}'",
+                             f"--gin.EVAL_OUTPUT_DIR='{tmp_path / 'eval'}'"]) == 0
+  rows = [json.loads(l) for l in
+          (tmp_path / "eval" / f"{TASK}-{STEPS}.jsonl").read_text().splitlines()]
+  assert [(r["inputs"], r["prediction"]) for r in rows] == PAIRS
+  vocab = seqio.get_mixture_or_task(TASK).output_features["targets"].vocabulary
+  want = {"inputs": max(len(vocab.encode(a)) for a, _ in PAIRS) + 1,   # + EOS
+          "targets": max(len(vocab.encode(b)) for _, b in PAIRS) + 1}
+  assert f"longest examples: {want}" in caplog.text
+  assert f"Task '{TASK}' does not support caching" in caplog.text
+  caplog.clear()
+  assert run_binary("infer", ["--gin_file=runs/test_infer.gin", *flags,
+                              "--gin.USE_CACHED_TASKS=True", f"--gin.CHECKPOINT_PATH='{ckpt}'",
+                              f"--gin.INFER_OUTPUT_DIR='{tmp_path / 'infer'}'"]) == 0
+  predicted = [json.loads(l) for l in (tmp_path / "infer" / f"{TASK}-predict.jsonl-00000-of-"
+                                       "00001").read_text().splitlines()]
+  assert [(r["inputs"]["inputs_pretokenized"], r["prediction"]) for r in predicted] == PAIRS
+  assert f"longest examples: {want}" in caplog.text
+  assert f"Task '{TASK}' does not support caching" in caplog.text
+  assert run_binary("infer", ["--gin_file=runs/test_infer.gin", *flags,
+                              "--gin.INFER_SPLIT='valdation'", f"--gin.CHECKPOINT_PATH='{ckpt}'",
+                              f"--gin.INFER_OUTPUT_DIR='{tmp_path / 'none'}'"]) == 2
+
+
 def test_eval_with_an_lm_converter_on_a_task_with_inputs_is_refused(trained, tmp_path, capsys):
   """The LM converter drops a text-to-text task's inputs: decoding would start after the
   target, and the metrics would mean nothing."""

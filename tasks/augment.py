@@ -9,9 +9,11 @@ these; train on that one and evaluate on `<name>`, which is never augmented.
     augment: {span_deletion: 0.15, mean_span_length: 3}    delete spans (span-corruption style)
 
 Every preprocessor runs after tokenization, on `inputs` by default, keeps the final EOS, and is
-stateless: the noise of an example depends only on `seed` and the example's position in the
-source split, so the same seed gives the same examples on every run, every host and after a
-resume (each example has one noisy version per seed; change the seed for another draw).
+stateless: the noise of an example depends only on `seed` and the example's position in this
+host's stream of the split. seqio reads a task without a cache through its epochs (and takes
+the host's shard) before the preprocessors run, so each epoch draws a new noisy version of an
+example; a run with the same seed and number of hosts gets the same noise, a resumed run
+included (the data position is restored); another number of hosts draws other noise.
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ steps reruns finetune, eval and report only).
 """
 from __future__ import annotations
 
+import html
 import json
 import subprocess
 from pathlib import Path
@@ -77,6 +78,10 @@ def test_whole_dag_end_to_end(tmp_path, capsys):
   for img in ("dag.png", "loss.png", "accuracy.png", "task_metrics.png", "metrics.png"):
     assert (rep / img).stat().st_size > 1000 and img in text
   assert "packing efficiency" in text and "accuracy" in text
+  # Sample predictions: the eval's first example, its input text as the table shows it.
+  first = json.loads(Path(ev["predictions_file"]).read_text().splitlines()[0])
+  shown = html.escape(first["input"]["inputs_pretokenized"][:90]).replace("|", "\\|")
+  assert "Sample predictions" in text and f"| {shown} | {html.escape(first['prediction'])}" in text
 
   # A second run does nothing.
   capsys.readouterr()

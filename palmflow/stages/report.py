@@ -244,7 +244,11 @@ class Report(StageKind):
           md += ["Sample predictions:", "", "| inputs | prediction | target |", "|---|---|---|"]
           for r in rows:
             cut = lambda s: html.escape(str(s)[:90]).replace("|", "\\|")
-            md.append(f"| {cut(r['inputs'])} | {cut(r['prediction'])} | {cut(r['target'])} |")
+            given = r.get("input") or {}
+            given = given.get("inputs_pretokenized", given.get("inputs", "")) \
+                if isinstance(given, dict) else given
+            md.append(f"| {cut(given)} | {cut(r.get('prediction', r.get('score', '')))} | "
+                      f"{cut(r.get('target', ''))} |")
           md.append("")
     if loss_series:
       draw_curves({**loss_series, **eval_loss}, out / "loss.png", title="loss",

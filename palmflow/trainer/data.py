@@ -37,7 +37,7 @@ class DatasetConfig:
     module: modules to import before looking the task up (registrations).
     use_memory_cache: cache the preprocessed dataset in memory (small eval sets).
     trim_output_features: trim features longer than their lengths.
-    feature_converter: "lm", "blocked_lm", "prefix_lm" or "enc_dec".
+    feature_converter: "lm", "blocked_lm" (blocks of the blocks stage) or "prefix_lm".
   """
 
   mixture_or_task_name: str
@@ -127,6 +127,26 @@ def check_converter_keeps_inputs(task, feature_converter: str, field: str) -> No
         hint="use FEATURE_CONVERTER='prefix_lm' for a task with inputs")
 
 
+def check_blocked_examples(task, split: str, lengths: Mapping[str, int]) -> None:
+  """Raises ConfigError if a task read with the 'blocked_lm' converter has no blocks.
+
+  'blocked_lm' passes blocks made by palmflow's blocks stage through as they are; it needs
+  their `targets_segment_ids` and `targets_positions`. Without this check, any other task
+  failed inside tf.data with a KeyError.
+  """
+  import seqio
+  plain = [t.name for t in seqio.get_subtasks(task) if split in t.splits and not (
+      {"targets_segment_ids", "targets_positions"} <= set(t.get_dataset(
+          sequence_length=dict(lengths), split=split, shuffle=False, num_epochs=1).element_spec))]
+  if plain:
+    raise ConfigError(
+        f"FEATURE_CONVERTER='blocked_lm' reads blocks made by palmflow's blocks stage (with "
+        f"targets_segment_ids and targets_positions), and {', '.join(plain)} has none",
+        field="FEATURE_CONVERTER",
+        hint="use FEATURE_CONVERTER='lm' for a task of targets (pretrain.gin packs them "
+             "online: train/data.DatasetConfig.pack = True), or 'prefix_lm' for one with inputs")
+
+
 def check_vocabulary_fits(task, vocab_size: int) -> None:
   """Raises ConfigError if a feature's vocabulary has more ids than the model's embedding.
 
@@ -157,7 +177,9 @@ def get_dataset(cfg: DatasetConfig, *, shard_index: int = 0, num_shards: int = 1
   """
   import seqio
   import tensorflow as tf
-  get_task_or_mixture(cfg.mixture_or_task_name, cfg.module)
+  task = get_task_or_mixture(cfg.mixture_or_task_name, cfg.module)
+  if cfg.feature_converter == "blocked_lm":
+    check_blocked_examples(task, cfg.split, cfg.task_feature_lengths)
   if cfg.batch_size % num_shards:
     raise ConfigError(f"batch size {cfg.batch_size} is not divisible by the {num_shards} "
                       "hosts", field="BATCH_SIZE")

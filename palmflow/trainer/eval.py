@@ -3,9 +3,12 @@
     python -m palmflow.trainer.eval --gin_file=runs/eval.gin --gin_file=models/palm_tiny.gin \
         --task_spec=/store/data/<fp>/task.json --gin.MIXTURE_OR_TASK_NAME=\"demo_data.<fp>\" \
         --gin.CHECKPOINT_PATH=\"/store/finetune/<fp>/checkpoint_400\" \
-        --gin.EVAL_OUTPUT_DIR=\"/tmp/eval\" --gin.TASK_FEATURE_LENGTHS="{'inputs': 128, 'targets': 8}"
+        --gin.EVAL_OUTPUT_DIR=\"/tmp/eval\"
 
-Writes `<EVAL_OUTPUT_DIR>/<task>-<step>.jsonl` (predictions) and `<task>-metrics.jsonl`.
+TASK_FEATURE_LENGTHS is optional: None (eval.gin's default) measures each feature's longest
+example in the split.
+
+Writes `<EVAL_OUTPUT_DIR>/<task>-<step:06>.jsonl` (predictions) and `<task>-metrics.jsonl`.
 """
 
 from __future__ import annotations

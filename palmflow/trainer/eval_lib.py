@@ -6,9 +6,12 @@
     t5x's length penalty alpha 0.6);
   - mode `rank`: classification by log-likelihood: every label option of the task is scored
     after the inputs and the most likely one is the prediction (robust for small models).
-It writes, as t5x's inference_eval: `<dir>/<task>-<step>.jsonl` (one line per example: inputs,
-prediction and target as the metrics saw them, after decoding and the task's postprocessing)
-and `<dir>/<task>-metrics.jsonl` (one line per evaluated step).
+It writes what t5x's inference_eval writes (seqio's JSON and TensorBoard loggers):
+`<dir>/<task>-<step as 6 digits>.jsonl`, one line per example: {"input": the example's
+features (texts, token ids), "target" and "prediction" (or "score") as the metrics saw
+them, after decoding and the task's postprocessing; in rank mode "label_scores" too};
+`<dir>/<task>-metrics.jsonl`, one line per evaluated step; and TensorBoard events of the
+metrics (`eval/<metric>`) in `<dir>/<task>/`.
 
 With several processes (`jax.distributed`), every process reads the whole split, feeds the
 rows of each batch its devices hold and gets the whole result back; process 0 writes the files.
@@ -420,7 +423,8 @@ class InferenceEvaluator:
   (t5x's ``infer_eval`` dataset and ``inference_eval/`` files in MODEL_DIR).
 
   The task, its examples and the compiled model functions are set up once; `evaluate` writes
-  ``<task>-<step>.jsonl`` and a ``<task>-metrics.jsonl`` line per step under `output_dir`.
+  ``<task>-<step:06>.jsonl``, a ``<task>-metrics.jsonl`` line and TensorBoard scalars per
+  step under `output_dir`.
   Arguments as `evaluate`'s.
 
   `fields` names the settings in messages: {"split", "converter"} -> macro names (the eval
@@ -485,6 +489,7 @@ class InferenceEvaluator:
         num_beams=num_beams)
     self._fns = None
     self._examples: dict[str, list] = {}
+    self._summary_writers: dict[str, Any] = {}
 
   def evaluate(self, step: int, params) -> dict[str, Any]:
     """{"step", "metrics": {task: {name: value}}, "predictions_files": {task: path},
@@ -502,12 +507,13 @@ class InferenceEvaluator:
                  for t, m in metrics_future.result().items()}
       files = {}
       for t in self._evaluator.eval_tasks:
-        path = self._out / f"{t.name}-{step}.jsonl"
+        path = predictions_path(self._out, t.name, step)
         files[t.name] = str(path)
         if jax.process_index() == 0:  # every process computed the same; one writes
           self._write_predictions(path, t.name, fns.option_scores)
           _append_metrics_line(self._out / f"{t.name}-metrics.jsonl", step,
                                metrics.get(t.name, {}))
+          self._summarize(t.name, step, metrics.get(t.name, {}))
     finally:
       fns.set_params(None)  # the parameters are not kept alive here
     log.info("eval at step %d: %s", step, metrics)
@@ -520,14 +526,25 @@ class InferenceEvaluator:
     out = {}
     for t in self._evaluator.eval_tasks:
       metrics = logged_line(self._out / f"{t.name}-metrics.jsonl", step)
-      if metrics is None or not (self._out / f"{t.name}-{step}.jsonl").exists():
+      if metrics is None or not predictions_path(self._out, t.name, step).exists():
         return None
       out[t.name] = metrics
     return out
 
+  def _summarize(self, task: str, step: int, metrics: dict[str, float]) -> None:
+    """TensorBoard scalars `eval/<metric>` in `<output_dir>/<task>/`, as seqio's
+    TensorBoardLogger writes t5x's."""
+    import tensorflow as tf
+    if task not in self._summary_writers:
+      self._summary_writers[task] = tf.summary.create_file_writer(str(self._out / task))
+    with self._summary_writers[task].as_default():
+      for k, v in metrics.items():
+        tf.summary.scalar(f"eval/{k}", float(v), step=int(step))
+    self._summary_writers[task].flush()
+
   def _write_predictions(self, path: Path, task: str, option_scores: dict) -> None:
-    """`<task>-<step>.jsonl`: inputs, prediction (or score) and target per example, as the
-    metrics saw them, written atomically."""
+    """`<task>-<step:06>.jsonl`: the example's features ("input"), target, prediction (or
+    score) per example, as seqio's JSONLogger writes them for t5x, written atomically."""
     got = self._captured.get(task, {})
     inf, targets = got.get("inferences", {}), got.get("targets") or []
     if task not in self._examples:  # the split's examples, read once for every step
@@ -537,16 +554,21 @@ class InferenceEvaluator:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
       for i, ex in enumerate(self._examples[task]):
-        row = {"inputs": _text(ex.get("inputs_pretokenized", ex.get("inputs", b"")))}
+        row = {"input": {k: _text(v) for k, v in ex.items()}}
+        if i < len(targets):
+          row["target"] = _text(targets[i])
         for key in ("prediction", "score"):
           if key in inf:
             row[key] = _text(inf[key][i])
-        if i < len(targets):
-          row["target"] = _text(targets[i])
         if self._mode == "rank" and i in option_scores:
           row["label_scores"] = dict(zip(self._labels, option_scores[i]))
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
     tmp.replace(path)
+
+
+def predictions_path(directory: Path, task: str, step: int) -> Path:
+  """Where the predictions of `task` at `step` go: seqio's and t5x's name for them."""
+  return Path(directory) / f"{task}-{step:06}.jsonl"
 
 
 def _checkpoint_paths(checkpoint_path: str, checkpoint_mode: str) -> list[str]:

@@ -89,7 +89,9 @@ def adafactor(*, learning_rate: Schedule | float, factored: bool = True,
               stacked_layers_key: str | None = "layers",
               logical_factor_rules: Mapping[str, str] | None = None,
               param_axes: Any = None) -> optax.GradientTransformation:
-  """Adafactor with PaLM's settings by default (PaLM paper, section 5).
+  """Adafactor as PaLM (PaLM paper, section 5) and t5x use it; the defaults are t5x's, which
+  differ from PaLM's in two settings: PaLM trained unfactored (`factored=False`) with
+  momentum 0.9 (gin/models/palm_base.gin binds both).
 
   Per step k = 1, 2, ... and parameter W with gradient G (after global-norm clipping):
     β2 = 1 - k^-decay_exponent (0 at k = 1, so the first step normalises by |G|)
@@ -121,11 +123,12 @@ def adafactor(*, learning_rate: Schedule | float, factored: bool = True,
 
   Args:
     learning_rate: a schedule (step -> lr, step counted from 0) or a constant.
-    factored: factor the second moments of large matrices (PaLM: yes).
+    factored: factor the second moments of large matrices (t5x: yes; PaLM: no, "without
+      factorization").
     decay_exponent: the 0.8 of β2 = 1 - k^-0.8.
     clipping_threshold: update clipping (RMS); None disables it.
     multiply_by_parameter_scale: scale the step by RMS(W) (at least 1e-3).
-    momentum: first-moment decay (PaLM: none).
+    momentum: first-moment decay, without bias correction (t5x: none; PaLM: 0.9).
     weight_decay_exponent: decoupled weight decay at rate lr**exponent (PaLM: lr²); None
       disables it.
     global_norm_clip: clip the gradients' global norm first (PaLM: 1.0); None disables it.
@@ -451,7 +454,7 @@ def _adafactor_update(grads, state, params, *, schedule, global_norm_clip, decay
       u = clipped(g) * jax.lax.rsqrt(new_v)
       # The RMS of this u itself, which XLA then writes out once. (From an alias, s would
       # have to be broadcast inside the reduction, which XLA writes out in full too, or
-      # factored out as 1/s², which overflows for tiny s.) Unfactored parameters are small.
+      # factored out as 1/s², which overflows for tiny s.) One more pass over the parameter.
       sum_u_squared = lambda: jnp.sum(jnp.square(u), dtype=jnp.float32, **keep)
       new_vr, new_vc = vr, vc
     if clipping_threshold is not None:  # the RMS in float32 whatever the parameters' dtype

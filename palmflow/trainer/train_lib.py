@@ -256,7 +256,7 @@ def make_train_step(model: DecoderOnlyModel, tx: optax.GradientTransformation, *
         "accuracy": stats["accuracy_numerator"] / jnp.maximum(
             stats["accuracy_denominator"], 1e-8),
         "grad_norm": optax.global_norm(grads),
-        "nonpadding_tokens": stats["accuracy_denominator"],
+        "target_tokens": stats["accuracy_denominator"],  # the tokens the loss counts
     }
     if loss_scale is not None:
       metrics["loss_scale"] = scale
@@ -276,8 +276,10 @@ def model_flops_per_token(config, *, num_params: int, length: int) -> float:
   FLOPs; a shared embedding counts once, as the output projection; an unshared input
   embedding is a lookup and is not counted), L layers, H query heads of size Q (H * Q =
   d_model in PaLM) and T = `length` tokens of context (attention scores and weighted values:
-  2 * 2 * H * Q * T forward per token, times 3 with the backward). Rematerialisation and
-  padding are not counted: this is *model* FLOPs, the numerator of MFU.
+  2 * 2 * H * Q * T forward per token, times 3 with the backward). Rematerialisation is not
+  counted: this is *model* FLOPs, the numerator of MFU. The trainer multiplies it by every
+  position of its batches (`tokens_per_second`): padding too, which the step computes as
+  well (blocks of the blocks stage, and examples packed online, have little or none).
 
   Args:
     config: the PaLMConfig.
@@ -533,7 +535,7 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
     train_eval_dataset_cfg: data for periodic loss/accuracy evaluation (None: none).
     infer_eval_dataset_cfg: a task (or mixture) with metrics to evaluate on the model's
       predictions every `eval_period` steps, as the eval binary does (t5x's inference
-      evaluation): ``inference_eval/<task>-<step>.jsonl`` and ``<task>-metrics.jsonl`` in
+      evaluation): ``inference_eval/<task>-<step:06>.jsonl`` and ``<task>-metrics.jsonl`` in
       MODEL_DIR. None: none.
     infer_eval_mode: INFERENCE_MODE, 'predict' (decode) or 'rank' (label options).
     evaluator_num_examples: EVALUATOR_NUM_EXAMPLES, the examples evaluated (None: all).
@@ -550,7 +552,9 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
       None means the model's own dtype without loss scaling.
     peak_flops_per_second: peak FLOP/s of one device for the compute dtype; when given, `mfu`
       = model_flops_per_second / (peak * devices in the mesh) is logged (None: only
-      model_flops_per_second; see `model_flops_per_token`).
+      model_flops_per_second; see `model_flops_per_token`). Rates: `tokens_per_second`
+      counts every position of the batches (padding included), `target_tokens_per_second`
+      the target tokens the loss counts (`target_tokens` per step).
     stop_after_steps: stop (after a checkpoint) once this many steps ran in this call
       (for tests of interruption; None runs to `total_steps`).
   Returns:
@@ -687,9 +691,11 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
     # LOG_EVERY grid) over the time spent training them: evaluations and checkpoint saves
     # in between are left out.
     t_last, logged_step, paused, ran = time.time(), step, 0.0, 0
+    target_tokens = jnp.zeros([], jnp.float32)  # since the last log line, on the device
     while step < total_steps:
       batch = partitioner.shard_batch(next(it))
       params, opt_state, metrics = step_fn(params, opt_state, batch, jnp.asarray(step))
+      target_tokens = target_tokens + metrics["target_tokens"]
       step += 1
       ran += 1
       if step % log_every == 0 or step == total_steps:
@@ -699,11 +705,13 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
         dt = max(now - t_last - paused, 1e-9)
         metrics["steps_per_second"] = steps_done / dt
         metrics["tokens_per_second"] = steps_done * tokens_per_batch / dt
+        metrics["target_tokens_per_second"] = float(target_tokens) / dt
         metrics["model_flops_per_second"] = flops_per_token * metrics["tokens_per_second"]
         if peak_flops_per_second:
           metrics["mfu"] = metrics["model_flops_per_second"] / (
               peak_flops_per_second * partitioner.mesh.devices.size)
         t_last, logged_step, paused = now, step, 0.0
+        target_tokens = jnp.zeros([], jnp.float32)
         train_writer.write(step, metrics)
         last_train = metrics
         progress.update(step, {k: metrics[k] for k in ("loss", "accuracy")})

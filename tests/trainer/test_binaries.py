@@ -44,6 +44,12 @@ def pretrained(tmp_path_factory):
   return root, task_json, model_dir
 
 
+def _tensorboard_tags(directory: Path) -> set[str]:
+  import tensorflow as tf
+  return {v.tag for f in directory.glob("events.out.tfevents.*")
+          for e in tf.compat.v1.train.summary_iterator(str(f)) for v in e.summary.value}
+
+
 def _metric_steps(model_dir: Path) -> list[int]:
   lines = (model_dir / "train" / "metrics.jsonl").read_text().splitlines()
   return [json.loads(l)["step"] for l in lines]
@@ -102,10 +108,21 @@ def test_the_test_twin_of_finetune_checkpoints_evaluates_and_logs_every_step_or_
   assert [json.loads(l)["step"] for l in evals] == [6, 8]
   inferred = (tmp_path / "inference_eval" / f"{TASK}-metrics.jsonl").read_text().splitlines()
   assert [json.loads(l)["step"] for l in inferred] == [6, 8]
-  rows = (tmp_path / "inference_eval" / f"{TASK}-8.jsonl").read_text().splitlines()
+  rows = (tmp_path / "inference_eval" / f"{TASK}-000008.jsonl").read_text().splitlines()
   assert len(rows) == len(PAIRS)                  # the whole split: 4 examples, under 8
   config = (tmp_path / "config.gin").read_text()
   assert re.search(r"^BATCH_SIZE = 8$", config, re.M) and "DROPOUT_RATE = 0.1" in config
+
+
+def test_fine_tuning_with_adamw_is_one_flag(pretrained, tmp_path):
+  """Another optimizer for fine-tuning (t5x#569): the model file binds AdamW's schedule, so
+  --gin.OPTIMIZER=@optimizers.adamw() is all it takes; the parameters are restored and
+  AdamW's moments start from scratch (model-info.txt lists them)."""
+  assert _finetune(pretrained, tmp_path, "--gin.TRAIN_STEPS=6",
+                   "--gin.OPTIMIZER=@optimizers.adamw()") == 0
+  state = (tmp_path / "model-info.txt").read_text().split("Optimizer state")[1]
+  assert re.search(r"\bmu/embedding ", state) and re.search(r"\bnu/embedding ", state), state
+  assert "v_row" not in state and _metric_steps(tmp_path) == [5, 6]
 
 
 def test_rates_count_the_steps_since_the_last_log_line_off_the_log_grid(pretrained, tmp_path):
@@ -119,6 +136,8 @@ def test_rates_count_the_steps_since_the_last_log_line_off_the_log_grid(pretrain
     assert r["steps_per_second"] > 0, r
     # BATCH_SIZE 8 of inputs 12 + targets 8
     assert r["tokens_per_second"] == pytest.approx(r["steps_per_second"] * 8 * 20)
+    # the targets the loss counts, over the same steps: fewer than the positions
+    assert 0 < r["target_tokens_per_second"] < r["tokens_per_second"] / 2
 
 
 def test_train_steps_is_absolute_when_fine_tuning(pretrained, tmp_path, caplog):
@@ -150,34 +169,36 @@ def test_fine_tuning_evaluates_the_predictions_every_eval_period(pretrained, tmp
   metrics = [json.loads(l) for l in lines]
   assert [m["step"] for m in metrics] == [5, 6]
   assert all(0 <= m["accuracy"] <= 100 for m in metrics), metrics
-  rows = [json.loads(l) for l in (out / f"{TASK}-6.jsonl").read_text().splitlines()]
+  rows = [json.loads(l) for l in (out / f"{TASK}-000006.jsonl").read_text().splitlines()]
   assert len(rows) == 3                                   # JSON_WRITE_N_RESULTS
-  assert {"inputs", "prediction", "target"} <= set(rows[0])
+  assert {"input", "prediction", "target"} <= set(rows[0])          # seqio's JSONLogger layout
+  assert rows[0]["input"]["inputs_pretokenized"] in [a for a, _ in PAIRS]
+  assert "eval/accuracy" in _tensorboard_tags(out / TASK)         # seqio's TensorBoardLogger
   result = json.loads((tmp_path / "train_result.json").read_text())
   assert result["infer_eval"][TASK]["accuracy"] == metrics[-1]["accuracy"]
   # What a run wrote beyond the step it resumes from is dropped (it will be evaluated again).
   with open(out / f"{TASK}-metrics.jsonl", "a") as f:
     f.write(json.dumps({"step": 9, "accuracy": 1.0}) + "\n")
-  (out / f"{TASK}-9.jsonl").write_text("{}\n")
+  (out / f"{TASK}-000009.jsonl").write_text("{}\n")
   assert _finetune(pretrained, tmp_path, *flags) == 0   # resumes at 6: nothing to train
   lines = (out / f"{TASK}-metrics.jsonl").read_text().splitlines()
   assert [json.loads(l)["step"] for l in lines] == [5, 6]
-  assert not (out / f"{TASK}-9.jsonl").exists() and (out / f"{TASK}-6.jsonl").exists()
+  assert not (out / f"{TASK}-000009.jsonl").exists() and (out / f"{TASK}-000006.jsonl").exists()
   # ... and a resumed run reports the results logged at its step (a run resumed at its end
   # reported nothing: the stage read "loss nan").
   rerun = json.loads((tmp_path / "train_result.json").read_text())
   assert rerun["infer_eval"] == result["infer_eval"] and rerun["train"]["loss"] > 0
   assert rerun["train"] == result["train"] and rerun["eval"] == result["eval"]
-  written = (out / f"{TASK}-6.jsonl").stat().st_mtime_ns
+  written = (out / f"{TASK}-000006.jsonl").stat().st_mtime_ns
   # Killed while decoding step 6 (its checkpoint was saved before): the rerun evaluates it.
-  (out / f"{TASK}-6.jsonl").unlink()
+  (out / f"{TASK}-000006.jsonl").unlink()
   (out / f"{TASK}-metrics.jsonl").write_text(lines[0] + "\n")
   training_eval = tmp_path / "training_eval" / TASK / "metrics.jsonl"
   training_eval.write_text(training_eval.read_text().splitlines()[0] + "\n")
   assert _finetune(pretrained, tmp_path, *flags) == 0
   lines = (out / f"{TASK}-metrics.jsonl").read_text().splitlines()
   assert [json.loads(l)["step"] for l in lines] == [5, 6]
-  assert (out / f"{TASK}-6.jsonl").stat().st_mtime_ns != written
+  assert (out / f"{TASK}-000006.jsonl").stat().st_mtime_ns != written
   assert [json.loads(l)["step"] for l in training_eval.read_text().splitlines()] == [5, 6]
   again = json.loads((tmp_path / "train_result.json").read_text())
   assert again["infer_eval"] == result["infer_eval"] and again["eval"] == result["eval"]

@@ -42,14 +42,14 @@ def _run_eval(trained, out: Path, *extra: str) -> int:
 
 def _eval(trained, out: Path, *extra: str) -> tuple[list[dict], dict]:
   assert _run_eval(trained, out, *extra) == 0
-  rows = [json.loads(l) for l in (out / f"{TASK}-{STEPS}.jsonl").read_text().splitlines()]
+  rows = [json.loads(l) for l in (out / f"{TASK}-{STEPS:06}.jsonl").read_text().splitlines()]
   metrics = json.loads((out / f"{TASK}-metrics.jsonl").read_text().splitlines()[-1])
   return rows, metrics
 
 
 def test_greedy_eval_writes_the_decoded_strings(trained, tmp_path):
   rows, metrics = _eval(trained, tmp_path)
-  assert [(r["inputs"], r["prediction"], r["target"]) for r in rows] == \
+  assert [(r["input"]["inputs_pretokenized"], r["prediction"], r["target"]) for r in rows] == \
       [(a, b, b) for a, b in PAIRS]
   assert metrics["step"] == STEPS and metrics["accuracy"] == 100.0
 
@@ -67,7 +67,7 @@ def test_checkpoint_mode_all_evaluates_each_checkpoint_and_latest_the_newest(tra
   assert [m["step"] for m in metrics] == [STEPS // 2, STEPS]
   assert metrics[-1]["accuracy"] == 100.0
   assert sorted(p.name for p in (tmp_path / "all").glob(f"{TASK}-*[0-9].jsonl")) == sorted(
-      [f"{TASK}-{STEPS // 2}.jsonl", f"{TASK}-{STEPS}.jsonl"])
+      [f"{TASK}-{STEPS // 2:06}.jsonl", f"{TASK}-{STEPS:06}.jsonl"])
   assert run_binary("eval", common + [f"--gin.EVAL_OUTPUT_DIR='{tmp_path / 'latest'}'",
                                       "--gin.CHECKPOINT_MODE='latest'"]) == 0
   lines = (tmp_path / "latest" / f"{TASK}-metrics.jsonl").read_text().splitlines()
@@ -108,8 +108,8 @@ def test_eval_and_infer_measure_the_feature_lengths_when_none_are_given(trained,
                              f"--gin.CHECKPOINT_PATH='{ckpt}'",
                              f"--gin.EVAL_OUTPUT_DIR='{tmp_path / 'eval'}'"]) == 0
   rows = [json.loads(l) for l in
-          (tmp_path / "eval" / f"{TASK}-{STEPS}.jsonl").read_text().splitlines()]
-  assert [(r["inputs"], r["prediction"]) for r in rows] == PAIRS
+          (tmp_path / "eval" / f"{TASK}-{STEPS:06}.jsonl").read_text().splitlines()]
+  assert [(r["input"]["inputs_pretokenized"], r["prediction"]) for r in rows] == PAIRS
   vocab = seqio.get_mixture_or_task(TASK).output_features["targets"].vocabulary
   want = {"inputs": max(len(vocab.encode(a)) for a, _ in PAIRS) + 1,   # + EOS
           "targets": max(len(vocab.encode(b)) for _, b in PAIRS) + 1}
@@ -185,7 +185,8 @@ def test_rank_picks_the_most_likely_label(trained, tiny_model, tmp_path):
   model, vocab, params = tiny_model
   labels = sorted(b for _, b in PAIRS)
   for r in rows:
-    by_hand = {l: _score_by_hand(model, params, vocab, r["inputs"], l) for l in labels}
+    given = r["input"]["inputs_pretokenized"]
+    by_hand = {l: _score_by_hand(model, params, vocab, given, l) for l in labels}
     assert r["label_scores"].keys() == by_hand.keys()
     for l in labels:
       assert r["label_scores"][l] == pytest.approx(by_hand[l], abs=1e-3), (r, l)

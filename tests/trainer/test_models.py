@@ -367,3 +367,26 @@ def test_matmul_products_stay_bf16_with_the_left_operand_contracted_minor(transp
                       argnums=(0, 1))(a, b)
   for got, want in ((ga, ra), (gb, rb)):
     np.testing.assert_allclose(got, want, rtol=0.05, atol=0.05 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("name", ["palm_8b", "palm_540b", "palm_tiny"])
+def test_model_files_train_with_palms_optimizer_and_schedule(name):
+  """PaLM paper, section 5: Adafactor without factorization, beta1 = 0.9, beta2 = 1 - k^-0.8,
+  update clipping 1.0 (and global-norm clipping 1.0), lr^2 weight decay, parameter scaling;
+  a learning rate of 1e-2 for the first 10k steps, then 1/sqrt(k)."""
+  gin.clear_config()
+  gin.add_config_file_search_path(str(GIN_DIR))
+  try:
+    gin.parse_config_files_and_bindings(["precision/float32.gin", f"models/{name}.gin"],
+                                        ["DROPOUT_RATE = 0.0"])
+    model = gin.query_parameter("%MODEL").scoped_configurable_fn()
+    schedule = gin.query_parameter("%LEARNING_RATE").scoped_configurable_fn()
+  finally:
+    gin.clear_config()
+  args = model.optimizer.arguments
+  assert args["factored"] is False and args["momentum"] == 0.9
+  assert args["decay_exponent"] == 0.8 and args["clipping_threshold"] == 1.0
+  assert args["global_norm_clip"] == 1.0 and args["weight_decay_exponent"] == 2.0
+  assert args["multiply_by_parameter_scale"] is True
+  lrs = [float(schedule(k)) for k in (0, 1, 9999, 10000, 40000, 160000)]
+  np.testing.assert_allclose(lrs, [1e-2, 1e-2, 1e-2, 1e-2, 5e-3, 2.5e-3], rtol=1e-6)

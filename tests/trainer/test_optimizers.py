@@ -475,9 +475,9 @@ def test_microbatches_give_the_large_batch_update(normalizer):
   # The summed loss's gradient is 72 tokens' worth: its float rounding is 72x larger too.
   tol = dict(rtol=2e-5, atol=2e-7) if normalizer is not None else dict(rtol=1e-4, atol=2e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **tol), p1, p4)
-  for k in ("loss", "cross_ent_loss", "accuracy", "grad_norm", "nonpadding_tokens"):
+  for k in ("loss", "cross_ent_loss", "accuracy", "grad_norm", "target_tokens"):
     np.testing.assert_allclose(m1[k], m4[k], rtol=2e-5, err_msg=k)
-  assert float(m1["nonpadding_tokens"]) == 72
+  assert float(m1["target_tokens"]) == 72
   # The gradient really is that of the whole batch's loss.
   jax.tree.map(lambda p, g, q: np.testing.assert_allclose(p - q, g, rtol=2e-4, atol=1e-6),
                params, grad, p4)

@@ -91,7 +91,9 @@ def float16_run(tmp_path_factory):
       f"PEAK_FLOPS_PER_SECOND = {PEAK}", f"INITIAL_LOSS_SCALE = {2.0 ** 30}",
       "LOSS_SCALE_GROWTH_INTERVAL = 3",
       f"precision.DynamicLossScaleConfig.max_scale = {2.0 ** 30}",
-      f"precision.DynamicLossScaleConfig.backoff_factor = {2.0 ** -16}"]
+      f"precision.DynamicLossScaleConfig.backoff_factor = {2.0 ** -16}",
+      # t5x's Adafactor (factored), for the factored moments' listing below
+      "optimizers.adafactor.factored = True", "optimizers.adafactor.momentum = None"]
   gin.clear_config()
   try:
     gin_utils.parse(["runs/pretrain.gin", "models/palm_tiny.gin", "precision/float16.gin"],
@@ -111,7 +113,7 @@ def test_metrics_jsonl_and_tensorboard_have_loss_accuracy_lr_grad_norm_tokens_an
   assert [r["step"] for r in rows] == list(range(1, 9))
   wanted = {"loss", "accuracy", "learning_rate", "grad_norm", "tokens_per_second",
             "steps_per_second", "model_flops_per_second", "mfu", "loss_scale", "skipped_steps",
-            "nonpadding_tokens", "cross_ent_loss", "z_loss"}
+            "target_tokens", "target_tokens_per_second", "cross_ent_loss", "z_loss"}
   for r in rows:
     assert wanted <= set(r), wanted - set(r)
     assert r["learning_rate"] == pytest.approx(0.05)
@@ -120,7 +122,10 @@ def test_metrics_jsonl_and_tensorboard_have_loss_accuracy_lr_grad_norm_tokens_an
                                             length=LENGTH)
     assert r["model_flops_per_second"] == pytest.approx(flops * r["tokens_per_second"])
     assert r["mfu"] == pytest.approx(r["model_flops_per_second"] / (PEAK * 8))
-    assert 0 < r["nonpadding_tokens"] < BATCH * LENGTH  # padded rows are not counted
+    assert 0 < r["target_tokens"] < BATCH * LENGTH  # padding is not counted
+    # LOG_EVERY = 1: the target tokens of one step over its time
+    assert r["target_tokens_per_second"] == pytest.approx(
+        r["steps_per_second"] * r["target_tokens"])
   assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
   assert tensorboard_tags(model_dir / "train") >= {"loss", "accuracy", "learning_rate",
                                                    "grad_norm", "tokens_per_second", "mfu"}
@@ -133,8 +138,8 @@ def test_metrics_jsonl_and_tensorboard_have_loss_accuracy_lr_grad_norm_tokens_an
   assert list(eval_dir.glob("events.out.tfevents.*"))
   info = (model_dir / "model-info.txt").read_text()
   assert "Mesh: data=8 x model=1" in info
-  # The optimizer state is listed too; Adafactor factored the query kernel (layers, embed,
-  # heads, kv) by its logical axes (t5x's rules): per layer, embed x (heads, kv).
+  # The optimizer state is listed too; factored, Adafactor factors the query kernel (layers,
+  # embed, heads, kv) by its logical axes (t5x's rules): per layer, embed x (heads, kv).
   state = info[info.index("Optimizer state:"):]
   assert re.search(r"v_row/layers/attention/query +\(2, 64\) ", state), state
   assert re.search(r"v_col/layers/attention/query +\(2, 4, 16\) ", state), state
@@ -344,3 +349,33 @@ def test_training_eval_of_an_empty_split_reports_nothing_not_zeros():
       {"decoder_target_tokens": np.zeros((0, 4), np.int32)}).batch(2)
   never = lambda params, batch: pytest.fail("no batch to evaluate")
   assert train_lib.evaluate_loss(never, None, empty, None, max_batches=3) == {}
+
+
+def test_pretraining_packs_a_task_of_targets_online_and_blocked_lm_refuses_it():
+  """pretrain.gin packs the 'lm' converter's examples, as t5x's pretrain.gin does (unpacked,
+  a task of short texts wasted most of each row), and fine-tuning keeps one example a row;
+  'blocked_lm' on a task that is not the blocks stage's fails naming FEATURE_CONVERTER (it
+  failed inside tf.data with a KeyError)."""
+  name = TASK + "_short"
+  progressions.register_progressions(name, vocab=VOCAB, length=8, num_examples=64)
+  try:
+    for run_file, packs in (("runs/pretrain.gin", True), ("runs/finetune.gin", False)):
+      gin.clear_config()
+      try:
+        gin_utils.parse([run_file, "models/palm_tiny.gin"], [])
+        assert gin.query_parameter("train/data.DatasetConfig.pack") is packs, run_file
+        assert gin.query_parameter("train_eval/data.data_config_or_none.pack") is packs
+      finally:
+        gin.clear_config()
+    cfg = data.DatasetConfig(mixture_or_task_name=name, task_feature_lengths={"targets": 32},
+                             batch_size=4, shuffle=False, feature_converter="lm", pack=True)
+    batch = next(data.get_dataset(cfg, num_epochs=1).as_numpy_iterator())
+    # 4..8 tokens an example: several examples a row, each its own segment from position 0
+    assert batch["decoder_segment_ids"].max(axis=1).min() >= 3
+    first = batch["decoder_segment_ids"][0]
+    assert (batch["decoder_positions"][0][first == 2] == np.arange((first == 2).sum())).all()
+    with pytest.raises(ConfigError, match=rf"field 'FEATURE_CONVERTER'.*'blocked_lm' reads "
+                       rf"blocks .*{name} has none"):
+      data.get_dataset(dataclasses.replace(cfg, feature_converter="blocked_lm"))
+  finally:
+    seqio.TaskRegistry.remove(name)

@@ -42,7 +42,9 @@ class SaveCheckpointConfig:
   Attributes:
     period: save every this many steps (and always at the end).
     keep: keep the newest N checkpoints (None keeps all).
-    dtype: "float32" or "bfloat16" for saved parameters.
+    dtype: "float32" or "bfloat16" for saved parameters. bfloat16 halves the files, but a
+      run resumed from one goes on from rounded parameters: it no longer ends where an
+      uninterrupted run would (the optimizer state is saved in float32 either way).
     save_dataset: t5x's flag, accepted for its gin files; the data position (batches
       consumed, in `meta`) is always saved, so resuming never repeats or skips data.
     checkpoint_steps: further steps to save at, besides every `period` steps (e.g. the

@@ -267,6 +267,25 @@ def make_train_step(model: DecoderOnlyModel, tx: optax.GradientTransformation, *
   return step_fn
 
 
+# Dense bfloat16 (and float16) peak FLOP/s of one JAX device, from the vendors' data sheets:
+# MFU's denominator when PEAK_FLOPS_PER_SECOND is not set. The first entry whose text is in
+# the device's `device_kind` wins (TPU v2/v3 show each core as a device).
+DEVICE_PEAK_FLOPS = (
+    ("TPU v6 lite", 918e12), ("TPU v5 lite", 197e12), ("TPU v5p", 459e12),
+    ("TPU v5", 459e12), ("TPU v4", 275e12), ("TPU v3", 61.5e12), ("TPU v2", 22.5e12),
+    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12),
+)
+
+
+def device_peak_flops(device_kind: str, compute_dtype: str) -> float | None:
+  """One device's peak FLOP/s for `compute_dtype` from `DEVICE_PEAK_FLOPS`, or None: an
+  unknown device (a CPU's peak depends on its units and clock: measure it, as bench/ does)
+  or float32 compute (whether a GPU's float32 matmuls run as TF32 is a setting)."""
+  if compute_dtype not in ("bfloat16", "float16"):
+    return None
+  return next((peak for kind, peak in DEVICE_PEAK_FLOPS if kind in device_kind), None)
+
+
 def model_flops_per_token(config, *, num_params: int, length: int) -> float:
   """Training FLOPs per token of a decoder (PaLM paper, appendix B).
 
@@ -550,9 +569,11 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
     learning_rate_fn: the schedule, for logging the learning rate.
     precision: compute dtype and loss scaling (gin: PRECISION from gin/precision/*.gin);
       None means the model's own dtype without loss scaling.
-    peak_flops_per_second: peak FLOP/s of one device for the compute dtype; when given, `mfu`
-      = model_flops_per_second / (peak * devices in the mesh) is logged (None: only
-      model_flops_per_second; see `model_flops_per_token`). Rates: `tokens_per_second`
+    peak_flops_per_second: peak FLOP/s of one device for the compute dtype; `mfu` =
+      model_flops_per_second / (peak * devices in the mesh) is logged. None: the device's
+      data-sheet peak for bfloat16/float16 compute on known TPUs and GPUs
+      (`device_peak_flops`); elsewhere only model_flops_per_second (see
+      `model_flops_per_token`). Rates: `tokens_per_second`
       counts every position of the batches (padding included), `target_tokens_per_second`
       the target tokens the loss counts (`target_tokens` per step).
     stop_after_steps: stop (after a checkpoint) once this many steps ran in this call
@@ -670,6 +691,12 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
     last_train, last_eval, last_infer_eval = {}, {}, {}
     progress = Progress(start=start_step, total=total_steps, every=log_every, desc="train")
     tokens_per_batch = cfg.batch_size * length
+    if peak_flops_per_second is None:
+      kind = jax.devices()[0].device_kind
+      peak_flops_per_second = device_peak_flops(kind, policy.compute_dtype)
+      if peak_flops_per_second:
+        log.info("MFU against %s's %s peak, %.0f TFLOP/s a device (PEAK_FLOPS_PER_SECOND "
+                 "sets another)", kind, policy.compute_dtype, peak_flops_per_second / 1e12)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     flops_per_token = model_flops_per_token(model.config, num_params=n_params, length=length)
     if start_step == 0 and total_steps > 0 and train_eval_dataset_cfg is not None:
@@ -717,18 +744,22 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
         progress.update(step, {k: metrics[k] for k in ("loss", "accuracy")})
       else:
         progress.update(step, {})
-      t_pause = time.time()
       evaluates = step % eval_period == 0 or step == total_steps
+      periodic = checkpoint_cfg.saves_at(step, total_steps)
+      stops = stop_after_steps is not None and ran >= stop_after_steps
+      if evaluates or periodic or stops:
+        # The steps still queued on the device count as training, not as the pause.
+        jax.block_until_ready(params)
+      t_pause = time.time()
       if evaluates:
         last_eval = run_eval(step, params) or last_eval
-      periodic = checkpoint_cfg.saves_at(step, total_steps)
       if periodic:
         save(step)
       # After the save: a failure while decoding (memory, a metric's code) loses no step.
       if evaluates and infer_evaluator is not None:
         last_infer_eval = infer_evaluator.evaluate(step, params)["metrics"]
       paused += time.time() - t_pause
-      if stop_after_steps is not None and ran >= stop_after_steps:
+      if stops:
         if not periodic:
           save(step)
         break

@@ -241,6 +241,15 @@ def test_infer_writes_t5x_layout(trained, tiny_model, tmp_path):
     assert r["score"] == pytest.approx(_score_by_hand(model, params, vocab, a, b), abs=1e-3)
   result = json.loads((tmp_path / "infer_result.json").read_text())
   assert result["step"] == STEPS and result["examples"] == {TASK: len(PAIRS)}
+  # predict_with_aux: t5x's {"aux": {"scores"}}, the log-likelihood of each prediction
+  # (here the memorized target, so the score by hand of the target).
+  assert run_binary("infer", common + ["--gin.INFER_MODE='predict_with_aux'"]) == 0
+  with_aux = [json.loads(l) for l in (tmp_path / f"{TASK}-predict_with_aux.jsonl-00000-of-"
+                                      "00001").read_text().splitlines()]
+  for (a, b), r in zip(PAIRS, with_aux, strict=True):
+    assert r["prediction"] == b and set(r["aux"]) == {"scores"}
+    assert r["aux"]["scores"] == pytest.approx(_score_by_hand(model, params, vocab, a, b),
+                                               abs=1e-3)
   assert (tmp_path / "config.gin").exists()
   # Beam search finds the memorized answers too; it does not sample.
   beam_dir = tmp_path / "beam"

@@ -219,6 +219,19 @@ def test_model_flops_per_token_formula():
   assert flops == pytest.approx(3.28e12, rel=0.01)
 
 
+def test_mfu_denominator_from_the_device_kind():
+  """Without PEAK_FLOPS_PER_SECOND, known accelerators get their data-sheet bf16 peak (the
+  kinds as jax names them); a CPU, or float32 compute, gets none (MFU is not logged)."""
+  peak = train_lib.device_peak_flops
+  assert peak("TPU v4", "bfloat16") == 275e12
+  assert peak("TPU v5 lite", "bfloat16") == 197e12 and peak("TPU v5p", "float16") == 459e12
+  assert peak("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+  assert peak("NVIDIA H100 PCIe", "bfloat16") == 756e12
+  assert peak("NVIDIA A100-SXM4-40GB", "bfloat16") == 312e12
+  assert peak("NVIDIA H100 80GB HBM3", "float32") is None
+  assert peak(jax.devices()[0].device_kind, "bfloat16") is None   # this CPU
+
+
 def test_progress_plain_lines_without_a_terminal_and_tqdm_in_one(monkeypatch, capsys):
   p = train_lib.Progress(start=0, total=5, every=2, desc="train")
   for step in range(1, 6):

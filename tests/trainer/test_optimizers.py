@@ -169,7 +169,8 @@ def test_adafactor_factors_only_large_matrices_and_optional_settings():
 
 
 _ADAFACTOR_SETTINGS = {
-    "palm": {},
+    "t5x_defaults": {},
+    "palm": {"factored": False, "momentum": 0.9},  # gin/models/palm_base.gin's
     "unfactored": {"factored": False},
     "momentum": {"momentum": 0.9},
     "momentum_no_update_clip_no_scaling": {"momentum": 0.9, "clipping_threshold": None,

@@ -1,7 +1,8 @@
 """Adafactor's update: `optimizers.adafactor` (fused) against `optimizers.adafactor_chain`.
 
-Both are the same optimizer (PaLM's Adafactor: global-norm clip, factored second moments,
-update clipping, parameter scaling, lr² decay); the chain is optax's transformations one
+Both are the same optimizer (Adafactor with t5x's defaults: global-norm clip, factored
+second moments, update clipping, parameter scaling, lr² decay; `--palm`: PaLM's, unfactored
+with momentum 0.9, as gin/models/palm_base.gin trains); the chain is optax's transformations one
 after the other, the fused one computes the step in fewer passes over memory. The fused
 one timed is the one that trains (per-layer statistics for the stacked layers); the
 agreement check runs it with whole-array statistics, as the chain has them. In one
@@ -29,6 +30,8 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--model", default="small", help="gin/models/palm_<model>.gin")
   p.add_argument("--rounds", type=int, default=20)
+  p.add_argument("--palm", action="store_true",
+                 help="PaLM's settings (factored=False, momentum=0.9) instead of t5x's defaults")
   p.add_argument("--json", default=None, help="write the results here")
   args = p.parse_args(argv)
   benchlib.reexec_with_cpu_malloc()
@@ -50,8 +53,9 @@ def main(argv=None) -> int:
   rng = np.random.default_rng(0)
   grads = [jax.tree.map(lambda x: jnp.asarray(
       rng.normal(size=x.shape).astype(np.float32) * 1e-3), params) for _ in range(2)]
-  txs = {"chain": optimizers.adafactor_chain(learning_rate=schedule),
-         "fused": optimizers.adafactor(learning_rate=schedule)}
+  settings = dict(factored=False, momentum=0.9) if args.palm else {}
+  txs = {"chain": optimizers.adafactor_chain(learning_rate=schedule, **settings),
+         "fused": optimizers.adafactor(learning_rate=schedule, **settings)}
 
   def make_step(tx):
     @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -67,7 +71,7 @@ def main(argv=None) -> int:
   steps = {name: make_step(tx) for name, tx in txs.items()}
   copy = lambda t: jax.tree.map(jnp.copy, t)
   after = {}
-  whole = optimizers.adafactor(learning_rate=schedule, stacked_layers_key=None)
+  whole = optimizers.adafactor(learning_rate=schedule, stacked_layers_key=None, **settings)
   for name, tx, step in (("chain", txs["chain"], steps["chain"]),
                          ("fused", whole, make_step(whole))):  # agreement after 5 steps
     p, s = copy(params), jax.jit(tx.init)(params)
@@ -93,7 +97,8 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     floor_p = jax.block_until_ready(one_pass(floor_p, grads[r % 2]))
     times["one_pass"].append(time.perf_counter() - t)
-  result = {"model": args.model, "num_params": int(n_params), "rounds": args.rounds,
+  result = {"model": args.model, "settings": "palm" if args.palm else "t5x",
+            "num_params": int(n_params), "rounds": args.rounds,
             "max_relative_difference": diff}
   for name, ts in times.items():
     result[f"{name}_ms_median"] = 1e3 * float(np.median(ts))

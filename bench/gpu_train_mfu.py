@@ -114,7 +114,7 @@ def main(argv=None) -> int:
   schedule = optimizers.create_learning_rate_scheduler(
       base_learning_rate=1.0, warmup_steps=1000)
   model = lm.DecoderOnlyModel(config=config, optimizer=optimizers.adafactor(
-      learning_rate=schedule))
+      learning_rate=schedule, factored=False, momentum=0.9))  # PaLM's, as palm_base.gin
   n_params = config.num_params()
   B, L = args.batch * n_dev, args.length
   flops_per_step = train_lib.model_flops_per_token(

@@ -573,9 +573,9 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
       model_flops_per_second / (peak * devices in the mesh) is logged. None: the device's
       data-sheet peak for bfloat16/float16 compute on known TPUs and GPUs
       (`device_peak_flops`); elsewhere only model_flops_per_second (see
-      `model_flops_per_token`). Rates: `tokens_per_second`
-      counts every position of the batches (padding included), `target_tokens_per_second`
-      the target tokens the loss counts (`target_tokens` per step).
+      `model_flops_per_token`). Rates: `tokens_per_second` counts every position of the
+      batches (padding included), `target_tokens_per_second` the target tokens the loss
+      counts (`target_tokens` per step).
     stop_after_steps: stop (after a checkpoint) once this many steps ran in this call
       (for tests of interruption; None runs to `total_steps`).
   Returns:

@@ -35,7 +35,10 @@ class DatasetConfig:
     use_cached: read a seqio cache made by seqio's cache_tasks job.
     pack: pack examples (online, seqio) when the feature converter supports it.
     module: modules to import before looking the task up (registrations).
-    use_memory_cache: cache the preprocessed dataset in memory (small eval sets).
+    use_memory_cache: keep the evaluation's preprocessed batches in memory: the trainer's
+      periodic training evaluation reads them once, not at every evaluation (the
+      inference evaluation and the eval binary keep their examples anyway, as seqio's
+      Evaluator does).
     trim_output_features: trim features longer than their lengths.
     feature_converter: "lm", "blocked_lm" (blocks of the blocks stage) or "prefix_lm".
   """

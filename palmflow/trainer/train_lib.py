@@ -11,6 +11,7 @@ the same parameters as an uninterrupted one.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import sys
@@ -481,6 +482,19 @@ def _batch_multiple(partitioner: Partitioner) -> int:
   return max(1, size // jax.process_count())
 
 
+class InMemoryBatches:
+  """The first `n` batches of a dataset, read once and kept on the host, for
+  `evaluate_loss` (what it reads of a tf.data.Dataset: `element_spec`, and
+  `as_numpy_iterator`)."""
+
+  def __init__(self, ds, n: int):
+    self.element_spec = ds.element_spec
+    self._batches = list(itertools.islice(ds.as_numpy_iterator(), n))
+
+  def as_numpy_iterator(self):
+    return iter(self._batches)
+
+
 def evaluate_loss(eval_fn, params, ds, partitioner: Partitioner, *, max_batches: int,
                   host_batch_size: int | None = None) -> dict:
   """Token-level loss and accuracy over up to `max_batches` batches of `ds`.
@@ -664,11 +678,19 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
                               skip_batches=consumed)
     it = ds.as_numpy_iterator()
 
+    eval_data = []  # the training evaluation's batches, kept when use_memory_cache
+
     def run_eval(step, params):
       if train_eval_dataset_cfg is None:
         return {}
-      eds = data_lib.get_dataset(train_eval_dataset_cfg, shard_index=shard_index,
-                                 num_shards=num_shards, num_epochs=1)
+      if eval_data:
+        eds = eval_data[0]
+      else:
+        eds = data_lib.get_dataset(train_eval_dataset_cfg, shard_index=shard_index,
+                                   num_shards=num_shards, num_epochs=1)
+        if train_eval_dataset_cfg.use_memory_cache:  # read once, not at every evaluation
+          eds = InMemoryBatches(eds, eval_steps)
+          eval_data.append(eds)
       m = evaluate_loss(eval_fn, params, eds, partitioner, max_batches=eval_steps,
                         host_batch_size=train_eval_dataset_cfg.batch_size // num_shards)
       if not m:

@@ -392,3 +392,27 @@ def test_pretraining_packs_a_task_of_targets_online_and_blocked_lm_refuses_it():
       data.get_dataset(dataclasses.replace(cfg, feature_converter="blocked_lm"))
   finally:
     seqio.TaskRegistry.remove(name)
+
+
+def test_training_eval_reads_its_batches_once_with_use_memory_cache(tmp_path, monkeypatch):
+  """DatasetConfig.use_memory_cache (t5x's field, default True): the periodic training
+  evaluation preprocesses its batches once and keeps them; without it, every evaluation
+  reads the split again. The metrics are the same either way."""
+  calls = []
+  read = data.get_dataset
+  monkeypatch.setattr(data, "get_dataset",
+                      lambda cfg, **kw: calls.append(cfg.split) or read(cfg, **kw))
+  logged = {}
+  for cache in (True, False):
+    calls.clear()
+    train_lib.train(
+        model=tiny_model(), train_dataset_cfg=dataset_cfg(),
+        train_eval_dataset_cfg=dataclasses.replace(dataset_cfg("validation"),
+                                                   use_memory_cache=cache),
+        partitioner=partitioning.Partitioner(num_partitions=1), model_dir=tmp_path / str(cache),
+        total_steps=4, eval_period=2, eval_steps=2,
+        checkpoint_cfg=checkpoints.SaveCheckpointConfig(period=100))
+    assert calls.count("validation") == (1 if cache else 3), calls  # at steps 0, 2 and 4
+    logged[cache] = read_metrics(tmp_path / str(cache) / "training_eval" / TASK / "metrics.jsonl")
+  assert [r["step"] for r in logged[True]] == [0, 2, 4]
+  assert logged[True] == logged[False]

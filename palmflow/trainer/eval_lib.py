@@ -17,7 +17,9 @@ With several processes (`jax.distributed`), every process reads the whole split,
 rows of each batch its devices hold and gets the whole result back; process 0 writes the files.
 
 `infer` (the infer binary) needs no metrics and writes t5x's infer layout,
-`<dir>/<task>-<mode>.jsonl-00000-of-00001`, one JSON per example:
+`<dir>/<task>-<mode>.jsonl-00000-of-00001`, one JSON per example, whose "inputs" are its
+texts (`inputs_pretokenized`, `targets_pretokenized`; every feature with
+`include_all_inputs`):
   - `predict`: {"inputs": {...}, "prediction": "decoded text"}
   - `score`: {"inputs": {...}, "score": log-likelihood of the example's targets}
   - `predict_with_aux`: {"inputs": {...}, "prediction": ..., "aux": {"scores": ll}}, where
@@ -630,7 +632,7 @@ def infer(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Partiti
           feature_converter: str = "prefix_lm", temperature: float = 0.0, top_k: int = 0,
           seed: int = 0, module: str | None = None,
           restore_dtype: str | None = None, num_beams: int = 1,
-          use_cached: bool = False) -> dict[str, Any]:
+          use_cached: bool = False, include_all_inputs: bool = False) -> dict[str, Any]:
   """Predictions or scores of a checkpoint on every task of a mixture (t5x's infer).
 
   Args:
@@ -650,6 +652,9 @@ def infer(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Partiti
     temperature, top_k, seed: sampling (temperature 0 is greedy).
     module: modules to import for task registration.
     restore_dtype, num_beams, use_cached: as for `evaluate`.
+    include_all_inputs: write every feature of an example under "inputs" (token ids too);
+      False, as t5x's infer: only its texts (`*_pretokenized`), or every feature of a task
+      that has none.
   Returns:
     {"step", "mode", "files": {task: path}, "examples": {task: count}}.
   """
@@ -705,7 +710,9 @@ def infer(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Partiti
       tmp = path.with_name(path.name + ".tmp")
       with open(tmp, "w", encoding="utf-8") as f:
         for ex, r in zip(task_ds.as_numpy_iterator(), results):
-          inputs = {k: _text(v) for k, v in ex.items()}
+          shown = {k: v for k, v in ex.items() if include_all_inputs
+                   or k.endswith("_pretokenized")} or ex  # a task without texts: all
+          inputs = {k: _text(v) for k, v in shown.items()}
           f.write(json.dumps({"inputs": inputs, **r}, ensure_ascii=False) + "\n")
       tmp.replace(path)
     files[task.name], counts[task.name] = str(path), len(results)

@@ -235,6 +235,16 @@ def test_infer_writes_t5x_layout(trained, tiny_model, tmp_path):
   scored = [json.loads(l) for l in
             (tmp_path / f"{TASK}-score.jsonl-00000-of-00001").read_text().splitlines()]
   assert [(r["inputs"]["inputs_pretokenized"], r["prediction"]) for r in predicted] == PAIRS
+  # t5x's "inputs": the example's texts (include_all_inputs adds its token ids)
+  assert set(predicted[0]) == {"inputs", "prediction"}
+  assert set(predicted[0]["inputs"]) == {"inputs_pretokenized", "targets_pretokenized"}
+  everything = tmp_path / "all"
+  assert run_binary("infer", common + [f"--gin.INFER_OUTPUT_DIR='{everything}'",
+                                       "--gin_bindings=eval_lib.infer.include_all_inputs=True",
+                                       "--gin.INFER_NUM_EXAMPLES=1"]) == 0
+  row = json.loads((everything / f"{TASK}-predict.jsonl-00000-of-00001").read_text())
+  assert {"inputs", "targets", "inputs_pretokenized"} <= set(row["inputs"])
+  assert all(isinstance(t, int) for t in row["inputs"]["inputs"])
   model, vocab, params = tiny_model
   for (a, b), r in zip(PAIRS, scored):
     assert r["inputs"]["targets_pretokenized"] == b

@@ -28,7 +28,7 @@ class EvalSettings:
 @register
 class Evaluate(StageKind):
   kind = "eval"
-  version = "1"
+  version = "2"  # 2: predictions in seqio's layout; decoding stops at the end of the buffer
   produces = "metrics"
   settings_cls = EvalSettings
   slots = {"model": Slot(("checkpoint",), doc="the trained stage"),

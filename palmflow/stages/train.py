@@ -91,7 +91,9 @@ class Train(StageKind):
   kind = "train"
   # 2: Adafactor factors by logical axes (t5x's rules): other optimizer state shapes and
   # steps, so a run of version 1 cannot resume.
-  version = "2"
+  # 3: inference_eval/ in seqio's layout (<task>-<step:06>.jsonl rows with "input"), the
+  # target_tokens metrics, decoding that stops at the end of the buffer.
+  version = "3"
   produces = "checkpoint"
   settings_cls = TrainSettings
   resumable = True

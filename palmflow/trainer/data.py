@@ -130,7 +130,8 @@ def check_converter_keeps_inputs(task, feature_converter: str, field: str) -> No
         hint="use FEATURE_CONVERTER='prefix_lm' for a task with inputs")
 
 
-def check_blocked_examples(task, split: str, lengths: Mapping[str, int]) -> None:
+def check_blocked_examples(task, split: str, lengths: Mapping[str, int], *,
+                           use_cached: bool = False) -> None:
   """Raises ConfigError if a task read with the 'blocked_lm' converter has no blocks.
 
   'blocked_lm' passes blocks made by palmflow's blocks stage through as they are; it needs
@@ -140,7 +141,8 @@ def check_blocked_examples(task, split: str, lengths: Mapping[str, int]) -> None
   import seqio
   plain = [t.name for t in seqio.get_subtasks(task) if split in t.splits and not (
       {"targets_segment_ids", "targets_positions"} <= set(t.get_dataset(
-          sequence_length=dict(lengths), split=split, shuffle=False, num_epochs=1).element_spec))]
+          sequence_length=dict(lengths), split=split, shuffle=False, num_epochs=1,
+          use_cached=use_cached).element_spec))]
   if plain:
     raise ConfigError(
         f"FEATURE_CONVERTER='blocked_lm' reads blocks made by palmflow's blocks stage (with "
@@ -182,7 +184,8 @@ def get_dataset(cfg: DatasetConfig, *, shard_index: int = 0, num_shards: int = 1
   import tensorflow as tf
   task = get_task_or_mixture(cfg.mixture_or_task_name, cfg.module)
   if cfg.feature_converter == "blocked_lm":
-    check_blocked_examples(task, cfg.split, cfg.task_feature_lengths)
+    check_blocked_examples(task, cfg.split, cfg.task_feature_lengths,
+                           use_cached=cfg.use_cached)
   if cfg.batch_size % num_shards:
     raise ConfigError(f"batch size {cfg.batch_size} is not divisible by the {num_shards} "
                       "hosts", field="BATCH_SIZE")

@@ -467,6 +467,10 @@ class InferenceEvaluator:
             field=fields["split"])
       except NothingToEvaluate:
         raise _nothing_to_evaluate(task, mixture_or_task_name, split, fields["split"]) from None
+      if mode == "rank":  # room for every label option, not only the measured targets
+        longest = max(len(o) for o in _label_options(task, mixture_or_task_name)[1])
+        task_feature_lengths["targets"] = max(task_feature_lengths.get("targets", 0), longest)
+        log.info("feature lengths with the longest label option: %s", task_feature_lengths)
     self.task_feature_lengths = dict(task_feature_lengths)
     converter = data_lib.make_feature_converter(feature_converter, pack=False)
     logger_cls, self._captured = _capturing_logger()
@@ -663,6 +667,11 @@ def infer(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Partiti
   top = data_lib.get_task_or_mixture(mixture_or_task_name, module)
   data_lib.check_vocabulary_fits(top, model.config.vocab_size)
   data_lib.check_converter_keeps_inputs(top, feature_converter, "FEATURE_CONVERTER")
+  subtasks = seqio.get_subtasks(top)
+  if not any(split in t.splits for t in subtasks):  # before the checkpoint's restore
+    raise ConfigError(f"no task of {mixture_or_task_name!r} has the split {split!r} (its "
+                      f"splits: {sorted({str(s) for t in subtasks for s in t.splits})})",
+                      field="INFER_SPLIT", hint="choose a split the tasks have")
   if task_feature_lengths is None:
     task_feature_lengths = data_feature_lengths(top, split, num_examples=num_examples,
                                                 seed=seed, use_cached=use_cached,
@@ -717,7 +726,4 @@ def infer(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Partiti
       tmp.replace(path)
     files[task.name], counts[task.name] = str(path), len(results)
     log.info("infer %s: %d examples -> %s", task.name, len(results), path)
-  if not files:
-    raise ConfigError(f"no task of {mixture_or_task_name!r} has the split {split!r}",
-                      field="INFER_SPLIT", hint="choose a split the tasks have")
   return {"step": step, "mode": mode, "files": files, "examples": counts}

@@ -168,7 +168,7 @@ class DecoderOnlyModel:
     `temperature` > 0 keeps the `top_k` most likely tokens (0: all) and is reproducible for
     a given `rng`; top_k=1 is greedy decoding. A row whose buffer fills up before
     `max_decode_length` tokens ends there, as t5x's decoding stops at the end of its buffer:
-    the token that did not fit is the row's last, without an EOS, and 0 follows it.
+    the token predicted at the buffer's last position is the row's last, and 0 follows it.
 
     Returns:
       [batch, max_decode_length] int32 tokens: the EOS, then 0 after it.

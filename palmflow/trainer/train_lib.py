@@ -731,10 +731,11 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
       last_train = logged_line(model_dir / "train" / "metrics.jsonl", start_step) or {}
       if eval_writer is not None:
         logged = logged_line(eval_writer.dir / "metrics.jsonl", start_step)
-        last_eval = logged if _agreed(logged is not None) else run_eval(start_step, params)
+        last_eval = ((logged or {}) if _agreed(logged is not None)
+                     else run_eval(start_step, params))
       if infer_evaluator is not None:
         logged = infer_evaluator.logged(start_step)
-        last_infer_eval = (logged if _agreed(logged is not None)
+        last_infer_eval = ((logged or {}) if _agreed(logged is not None)
                            else infer_evaluator.evaluate(start_step, params)["metrics"])
     # Rates count the steps since the last log line (a resumed run need not start on the
     # LOG_EVERY grid) over the time spent training them: evaluations and checkpoint saves
@@ -766,7 +767,8 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
         progress.update(step, {k: metrics[k] for k in ("loss", "accuracy")})
       else:
         progress.update(step, {})
-      evaluates = step % eval_period == 0 or step == total_steps
+      evaluates = (step % eval_period == 0 or step == total_steps) and (
+          train_eval_dataset_cfg is not None or infer_evaluator is not None)
       periodic = checkpoint_cfg.saves_at(step, total_steps)
       stops = stop_after_steps is not None and ran >= stop_after_steps
       if evaluates or periodic or stops:

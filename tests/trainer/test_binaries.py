@@ -119,7 +119,9 @@ def test_fine_tuning_with_adamw_is_one_flag(pretrained, tmp_path):
   --gin.OPTIMIZER=@optimizers.adamw() is all it takes; the parameters are restored and
   AdamW's moments start from scratch (model-info.txt lists them)."""
   assert _finetune(pretrained, tmp_path, "--gin.TRAIN_STEPS=6",
-                   "--gin.OPTIMIZER=@optimizers.adamw()") == 0
+                   "--gin.OPTIMIZER=@optimizers.adamw()", "--gin.BASE_LEARNING_RATE=0.1") == 0
+  rows = [json.loads(l) for l in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
+  assert rows[-1]["learning_rate"] == pytest.approx(1e-3)     # 0.1 / sqrt(10000)
   state = (tmp_path / "model-info.txt").read_text().split("Optimizer state")[1]
   assert re.search(r"\bmu/embedding ", state) and re.search(r"\bnu/embedding ", state), state
   assert "v_row" not in state and _metric_steps(tmp_path) == [5, 6]

@@ -129,6 +129,31 @@ def test_eval_and_infer_measure_the_feature_lengths_when_none_are_given(trained,
                               f"--gin.INFER_OUTPUT_DIR='{tmp_path / 'none'}'"]) == 2
 
 
+def test_ranking_with_measured_lengths_leaves_room_for_the_longest_label(tmp_path):
+  """TASK_FEATURE_LENGTHS = None in rank mode: the targets' room is the longest label
+  option's too, not only the longest target read (with EVALUATOR_NUM_EXAMPLES = 1, the
+  first example's): a longer option was cut and its log-likelihood inflated."""
+  import seqio
+  from palmflow.trainer import data, eval_lib, lm, models, partitioning
+  pairs = [("red fruit", "fig"), ("blue sky", "a very long label indeed")]
+  name = "pf_rank_room"
+  data.register_task_specs([str(make_task(tmp_path / "data", name, pairs=pairs))])
+  try:
+    vocab = seqio.get_mixture_or_task(name).output_features["targets"].vocabulary
+    model = lm.DecoderOnlyModel(config=models.PaLMConfig(
+        vocab_size=64, num_layers=1, d_model=32, num_heads=2, head_dim=16, d_ff=64))
+    evaluator = eval_lib.InferenceEvaluator(
+        model=model, partitioner=partitioning.Partitioner(num_partitions=1),
+        mixture_or_task_name=name, task_feature_lengths=None, output_dir=str(tmp_path),
+        mode="rank", num_examples=1, batch_size=8)
+    read = len(vocab.encode("fig")) + 1
+    room = len(vocab.encode(pairs[1][1])) + 1
+    assert read < room and evaluator.task_feature_lengths["targets"] == room
+    assert evaluator.task_feature_lengths["inputs"] == len(vocab.encode("red fruit")) + 1
+  finally:
+    seqio.TaskRegistry.remove(name)
+
+
 def test_eval_with_an_lm_converter_on_a_task_with_inputs_is_refused(trained, tmp_path, capsys):
   """The LM converter drops a text-to-text task's inputs: decoding would start after the
   target, and the metrics would mean nothing."""

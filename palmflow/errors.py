@@ -33,6 +33,7 @@ class ConfigError(PalmflowError, ValueError):
       text += f"\n  hint: {hint}"
     super().__init__(text)
     self.path, self.line, self.stage, self.field = path, line, stage, field
+    self.message, self.hint = message, hint
 
 
 class StageFailed(PalmflowError):

@@ -51,6 +51,9 @@ def stage_identity(pipeline: spec_lib.Pipeline, name: str) -> dict:
   except ConfigError as e:
     if e.stage:
       raise
+    if e.field and e.field.startswith("settings"):  # the kind named the setting at fault
+      raise ConfigError(e.message, path=str(pipeline.path), line=st.line, stage=name,
+                        field=e.field, hint=e.hint) from None
     raise ConfigError(str(e), path=str(pipeline.path), line=st.line, stage=name,
                       field="settings") from None
   return identity
@@ -97,13 +100,22 @@ def plan(pipeline: spec_lib.Pipeline, store: Store) -> list[PlannedStage]:
     if latest is None:
       reasons.append("never run")
     else:
+      old_version = latest.get("kind_version")
+      if old_version is None:  # a LATEST record of an older palmflow: its manifest says
+        try:
+          old_version = store.manifest(name, latest["fingerprint"]).get("kind_version")
+        except (OSError, ValueError, KeyError):
+          pass
+      if old_version not in (None, kind.version):
+        reasons.append(f"kind {st.kind} version {old_version} -> {kind.version}")
       changes = fp_lib.diff(latest.get("identity", {}), identity)
       reasons += [f"setting {c}" for c in changes]
       for slot, ref in st.inputs.items():
         if latest.get("inputs", {}).get(slot) != inputs[slot]:
           refs = ref if isinstance(ref, list) else [ref]
-          why = ("will run" if set(refs) & will_run else "changed")
-          reasons.append(f"input '{slot}' ({', '.join(refs)}) {why}")
+          running = [r for r in refs if r in will_run]
+          reasons.append(f"input '{slot}' ({', '.join(running)}) will run" if running
+                         else f"input '{slot}' ({', '.join(refs)}) changed")
       if not reasons:
         reasons.append("code version of kind changed")
     action = "run"

@@ -49,6 +49,8 @@ class TrainSettings:
   def validate(self):
     if self.steps is None and "TRAIN_STEPS" not in self.gin:
       raise ValueError("steps: set steps (relative) or gin.TRAIN_STEPS (absolute)")
+    if self.steps is not None and "TRAIN_STEPS" in self.gin:
+      raise ValueError("steps: set steps (relative) or gin.TRAIN_STEPS (absolute), not both")
     for k in ("MODEL_DIR", "INITIAL_CHECKPOINT_PATH", "MIXTURE_OR_TASK_NAME"):
       if k in self.gin:
         raise ValueError(f"gin.{k}: set by palmflow from the stage's inputs; remove it")
@@ -116,6 +118,14 @@ class Train(StageKind):
     ident["resolved_gin"] = {
         (Path(k).name if names.count(Path(k).name) == 1 else _below(Path(k), [REPO, *search])):
         _normalized_gin(v) for k, v in sorted(texts.items())}
+    # A misspelt macro fails here, before any stage runs (the binary would refuse it only
+    # after the stages upstream of this one had run).
+    try:
+      gin_utils.check_macro_overrides([f"{k} = {gin_value(v)}" for k, v in settings.gin.items()],
+                                      texts)
+    except ConfigError as e:
+      raise ConfigError(e.message, field=f"settings.gin.{e.field.removeprefix('--gin.')}",
+                        hint=e.hint) from None
     return ident
 
   def command(self, ctx) -> tuple[list[str], dict]:

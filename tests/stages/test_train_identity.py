@@ -2,6 +2,8 @@
 runs in, and every one of them even when two share a file name."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from palmflow.stages.train import Train, TrainSettings
 
 
@@ -30,3 +32,24 @@ def test_identity_keeps_both_gin_files_of_one_name_and_ignores_the_current_folde
   again = _identity(tmp_path, gin_files=["exp.gin", "models/palm_tiny.gin"],
                     gin_search_paths=["conf"])
   assert again["resolved_gin"]["palm_tiny.gin"] == ident["resolved_gin"]["palm_tiny.gin"]
+
+
+def test_a_misspelt_macro_fails_validate_before_anything_runs(tmp_path, capsys):
+  """`palmflow validate` (and plan, and run before its first stage) refuses a gin macro no
+  gin file uses, naming the stage's line and the setting; the train binary refused it only
+  after the stages upstream of the train stage had run."""
+  import yaml
+  from palmflow import cli
+  repo = Path(__file__).resolve().parents[2]
+  raw = yaml.safe_load((repo / "pipelines/examples/stdlib_demo.yaml").read_text())
+  raw["stages"]["pretrain"]["settings"]["gin"]["BATCH_SIZ"] = 32
+  path = tmp_path / "p.yaml"
+  path.write_text(yaml.safe_dump(raw, sort_keys=False))
+  assert cli.main(["validate", str(path)]) == 2
+  err = capsys.readouterr().err
+  assert f"{path}:" in err and "stage 'pretrain', field 'settings.gin.BATCH_SIZ'" in err, err
+  assert "macro BATCH_SIZ is not used by any gin file" in err and "BATCH_SIZE" in err
+  raw["stages"]["pretrain"]["settings"]["gin"] = {"TRAIN_STEPS": 10}   # with steps: 300
+  path.write_text(yaml.safe_dump(raw, sort_keys=False))
+  assert cli.main(["validate", str(path)]) == 2
+  assert "not both" in capsys.readouterr().err

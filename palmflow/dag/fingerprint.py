@@ -51,5 +51,24 @@ def diff(old: dict, new: dict) -> list[str]:
     elif k not in b:
       out.append(f"{k} removed (was {a[k]!r})")
     elif a[k] != b[k]:
-      out.append(f"{k}: {a[k]!r} -> {b[k]!r}")
+      out.append(_changed(k, a[k], b[k]))
   return out
+
+
+def _changed(key: str, old, new) -> str:
+  """`key: old -> new`; for texts of several lines (a gin file), only the lines that
+  differ (at most 3 each way), not both whole texts."""
+  if not (isinstance(old, str) and isinstance(new, str) and ("\n" in old or "\n" in new)):
+    return f"{key}: {old!r} -> {new!r}"
+  import difflib
+  diff = list(difflib.ndiff(old.splitlines(), new.splitlines()))
+  gone = [l[2:].strip() for l in diff if l.startswith("- ")]
+  came = [l[2:].strip() for l in diff if l.startswith("+ ")]
+  return f"{key}: {_some_lines(gone)} -> {_some_lines(came)}"
+
+
+def _some_lines(lines: list[str], n: int = 3) -> str:
+  if not lines:
+    return "nothing"
+  more = f" (+{len(lines) - n} more)" if len(lines) > n else ""
+  return "; ".join(repr(x) for x in lines[:n]) + more

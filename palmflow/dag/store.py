@@ -96,4 +96,4 @@ class Store:
                                "finished": manifest.get("finished")})
     write_json(self.root / stage / LATEST, {
         "fingerprint": fingerprint, "identity": manifest["identity"],
-        "inputs": manifest["inputs"]})
+        "inputs": manifest["inputs"], "kind_version": manifest.get("kind_version")})

@@ -171,3 +171,44 @@ def test_validate_checks_the_files_stages_name(tmp_path, capsys):
   line = next(i for i, l in enumerate(bad.read_text().splitlines(), 1) if l == "  pretrain:")
   assert f"{bad}:{line}, stage 'pretrain'" in err and "models/palm_tinny.gin" in err, err
   assert "gin file not found" in err
+
+
+@kinds.register
+class Gather(kinds.StageKind):
+  kind = "test_gather"
+  produces = "report"
+  settings_cls = CountSettings
+  slots = {"up": kinds.Slot(("documents",), many=True)}
+
+  def run(self, ctx):
+    return {"total": 0}
+
+
+MANY = "  e: {kind: test_gather, inputs: {up: [a, d]}}\n"
+
+
+def test_plan_reasons_name_the_kind_version_the_inputs_that_run_and_changed_lines(
+    tmp_path, monkeypatch):
+  """A kind's new version is named (it was shown only when nothing else changed, without
+  the versions); a stage with several inputs names those that will run; a changed text
+  setting (a gin file) shows the lines that differ, not both whole texts."""
+  from palmflow.dag import fingerprint
+  store = Store(tmp_path / "store")
+  executor.run(load(tmp_path, PIPE + MANY),
+               store, log=lambda m: None)
+  monkeypatch.setattr(Count, "version", "7")
+  changed = PIPE.replace("settings: {n: 1000}", "settings: {n: 2000}")
+  plan = {p.name: p for p in executor.plan(
+      load(tmp_path, changed + MANY), store)}
+  assert plan["a"].reasons == ["kind test_count version 1 -> 7"]
+  assert "kind test_count version 1 -> 7" in plan["d"].reasons
+  assert "setting n: 1000 -> 2000" in plan["d"].reasons
+  assert "input 'up' (a, d) will run" in plan["e"].reasons
+  monkeypatch.setattr(Count, "version", "1")
+  plan = {p.name: p for p in executor.plan(
+      load(tmp_path, changed + MANY), store)}
+  assert plan["e"].reasons == ["input 'up' (d) will run"]
+  old = "from x import y\n\nmodels.PaLMConfig:\n  num_layers = 2\n  d_model = 64\n"
+  assert fingerprint.diff({"gin": old}, {"gin": old.replace("= 2", "= 3")}) == [
+      "gin: 'num_layers = 2' -> 'num_layers = 3'"]
+  assert fingerprint.diff({"n": 1}, {"n": 2}) == ["n: 1 -> 2"]

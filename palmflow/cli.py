@@ -90,15 +90,20 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="palmflow", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="cmd", required=True)
-  for name, fn in (("run", cmd_run), ("plan", cmd_plan), ("validate", cmd_validate)):
-    p = sub.add_parser(name)
-    p.add_argument("file")
-    p.add_argument("--store", help="output root (default $PALMFLOW_STORE or ./palmflow_store)")
+  for name, fn, what in (
+      ("run", cmd_run, "run the stages that are not done (reusing the others, resuming training)"),
+      ("plan", cmd_plan, "show which stages would run or be reused, and why; runs nothing"),
+      ("validate", cmd_validate, "check a pipeline file and the files it names; runs nothing")):
+    p = sub.add_parser(name, help=what, description=what)
+    p.add_argument("file", help="the pipeline file (YAML)")
+    if name != "validate":
+      p.add_argument("--store",
+                     help="output root (default $PALMFLOW_STORE or ./palmflow_store)")
     if name == "run":
       p.add_argument("--only", help="comma-separated stages to run; others are skipped (a "
                      "selected stage's upstream must be finished or selected too)")
     p.set_defaults(fn=fn)
-  p = sub.add_parser("kinds")
+  p = sub.add_parser("kinds", help="list the stage kinds, their inputs and settings")
   p.add_argument("--json", action="store_true", help="also print the JSON schemas")
   p.set_defaults(fn=cmd_kinds)
   sub.add_parser("train", help="t5x-compatible train binary (flags as t5x)")
@@ -110,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
   except PalmflowError as e:
     print(f"palmflow: error: {e}", file=sys.stderr)
     return e.exit_code
+  except BrokenPipeError:  # `palmflow plan ... | head`: the reader has what it wanted
+    import os
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
 
 
 if __name__ == "__main__":

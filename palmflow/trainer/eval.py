@@ -1,4 +1,4 @@
-"""The t5x-compatible eval binary: a checkpoint's seqio metrics on a task split.
+r"""The t5x-compatible eval binary: a checkpoint's seqio metrics on a task split.
 
     python -m palmflow.trainer.eval --gin_file=runs/eval.gin --gin_file=models/palm_tiny.gin \
         --task_spec=/store/data/<fp>/task.json --gin.MIXTURE_OR_TASK_NAME=\"demo_data.<fp>\" \

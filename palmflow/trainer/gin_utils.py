@@ -44,8 +44,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                       help="palmflow task.json to register as a seqio task (repeatable)")
   parser.add_argument("--coordinator_address", default=None,
                       help="multi-host: host:port of process 0")
-  parser.add_argument("--process_count", type=int, default=None)
-  parser.add_argument("--process_index", type=int, default=None)
+  parser.add_argument("--process_count", type=int, default=None,
+                      help="multi-host: the number of processes (with --coordinator_address)")
+  parser.add_argument("--process_index", type=int, default=None,
+                      help="multi-host: this process's index, 0 to process_count - 1")
 
 
 def split_gin_shorthand(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -193,9 +195,32 @@ def parse(files: Sequence[str], bindings: Sequence[str], search: str = "", *,
                                           list(bindings), finalize_config=False,
                                           skip_unknown=False)
   except (ValueError, KeyError, ImportError, SyntaxError, NameError) as e:
+    bare = _unquoted_string_binding(bindings)
+    if bare is not None:
+      name, value = bare
+      raise ConfigError(f"gin cannot read the value {value!r}: a string needs quotes that "
+                        "reach gin (the shell removes one pair)", field=f"--gin.{name}",
+                        hint=f"--gin.{name}=\"'{value}'\"") from None
     raise ConfigError(f"gin configuration error: {e}", field="--gin_file/--gin_bindings",
                       hint="check the binding's name against the gin files' configurables"
                       ) from None
+
+
+def _unquoted_string_binding(bindings: Sequence[str]) -> tuple[str, str] | None:
+  """(name, value) of the first `NAME = value` whose value is no gin value: not a Python
+  literal, reference (@, %) or name of a constant, e.g. a string whose quotes the shell
+  removed (`--gin.MIXTURE_OR_TASK_NAME="my_task"`)."""
+  import ast
+  for b in bindings:
+    name, _, value = b.partition("=")
+    value = value.strip()
+    if not _ or value[:1] in ("@", "%", "(", "[", "{") or value in ("None", "True", "False"):
+      continue
+    try:
+      ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      return name.strip(), value
+  return None
   if check_required:
     check_required_macros(texts)
 
@@ -206,8 +231,10 @@ def parse_flags(argv: Sequence[str], description: str,
   rest, shorthand = split_gin_shorthand(argv)
   parser = argparse.ArgumentParser(
       prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog="--gin.NAME=VALUE sets the gin macro NAME, e.g. --gin.TRAIN_STEPS=1000\n"
-             "  --gin.MODEL_DIR=\"'/tmp/run'\" (repeatable; applied after --gin_bindings).")
+      epilog="--gin.NAME=VALUE sets the gin macro NAME, e.g. --gin.BATCH_SIZE=32 (repeatable;\n"
+             "applied after --gin_bindings). A string keeps its quotes past the shell:\n"
+             "  --gin.MIXTURE_OR_TASK_NAME=\"'my_task'\"\n"
+             "  --gin.MIXTURE_OR_TASK_NAME=\\\"my_task\\\"")
   add_flags(parser)
   args = parser.parse_args(rest)
   args.gin_bindings = list(args.gin_bindings) + shorthand

@@ -1,4 +1,4 @@
-"""The t5x-compatible infer binary: predictions or scores of a checkpoint, in t5x's layout.
+r"""The t5x-compatible infer binary: predictions or scores of a checkpoint, in t5x's layout.
 
     python -m palmflow.trainer.infer --gin_file=runs/infer.gin --gin_file=models/palm_tiny.gin \
         --task_spec=/store/data/<fp>/task.json --gin.MIXTURE_OR_TASK_NAME=\"demo_data.<fp>\" \

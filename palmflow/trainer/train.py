@@ -1,4 +1,4 @@
-"""The t5x-compatible train binary.
+r"""The t5x-compatible train binary.
 
 Local (CPU):
     python -m palmflow.trainer.train --gin_file=runs/pretrain.gin \

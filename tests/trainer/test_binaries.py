@@ -284,6 +284,19 @@ def test_missing_required_settings_exit_2_naming_them(tmp_path, capsys):
   assert not (tmp_path / "run").exists()              # nothing ran, nothing was written
 
 
+def test_a_string_without_quotes_names_the_flag_and_how_to_quote_it(tmp_path, capsys):
+  """`--gin.MIXTURE_OR_TASK_NAME="my_task"` reaches gin as my_task (the shell ate the
+  quotes): the error names the flag and shows the quoting, not gin's parse error."""
+  rc = run_binary("train", ["--gin_file=runs/test_pretrain.gin",
+                            "--gin_file=models/palm_tiny.gin",
+                            "--gin.MIXTURE_OR_TASK_NAME=my.task", f"--gin.MODEL_DIR='{tmp_path}'",
+                            f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}"])
+  err = capsys.readouterr().err
+  assert rc == 2, err
+  assert "field '--gin.MIXTURE_OR_TASK_NAME': gin cannot read the value 'my.task'" in err, err
+  assert "hint: --gin.MIXTURE_OR_TASK_NAME=\"'my.task'\"" in err
+
+
 def test_a_setting_the_library_rejects_exits_2_in_one_line(pretrained, tmp_path, capsys):
   """Settings checked inside the run (here NUM_MICROBATCHES against BATCH_SIZE, and an
   odd head_dim that PaLMConfig rejects with a ValueError) end with one line naming them and

@@ -22,6 +22,14 @@ def beam_args(placement: Mapping[str, Any], *, job_name: str) -> list[str]:
   processes instead, as Beam does).
   """
   runner, options, workers = _beam_placement(placement)
+  if runner == "DataflowRunner":
+    from palmflow.errors import ConfigError
+    raise ConfigError(
+        "the store is a local folder, which Dataflow's workers cannot write: a pipeline "
+        "file's Beam stages run where the store is (DirectRunner, or a runner whose workers "
+        "share its filesystem)", field="placement.beam.runner",
+        hint="run the Beam jobs on Dataflow by hand, reading and writing gs:// paths (README, "
+             "'At scale'), or set placement.beam.runner: DirectRunner")
   args = [f"--runner={runner}", f"--job_name={job_name.lower().replace('_', '-')}"]
   if workers:
     options.pop("direct_running_mode")

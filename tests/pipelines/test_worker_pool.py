@@ -188,12 +188,18 @@ def test_placement_decides_whether_a_run_uses_a_pool(monkeypatch):
   for placement in ({"beam": {"options": {**mp, "direct_num_workers": 1}}},
                     {"beam": {"options": {"direct_num_workers": 2}}},
                     {"beam": {"options": {**mp, "direct_running_mode": "multi_threading"}}},
-                    {"beam": {"runner": "DataflowRunner", "options": mp}},
+                    {"beam": {"runner": "FlinkRunner", "options": mp}},
                     {"beam": {"options": mp, "worker_pool": False}}, {}):
     args = common.beam_args(placement, job_name="p-s")
     assert not [a for a in args if "EXTERNAL" in a], placement
     assert "pool" not in common.beam_summary(placement)
   assert started == [2, "closed"]
+  # Dataflow's workers cannot write the local store: refused, saying what to do instead
+  # (the job wrote its outputs on the workers' disks and the stage then found none).
+  from palmflow.errors import ConfigError
+  with pytest.raises(ConfigError, match=r"field 'placement.beam.runner'.*local folder"
+                     r"(.|\n)*hint: run the Beam jobs on Dataflow by hand"):
+    common.beam_args({"beam": {"runner": "DataflowRunner", "options": mp}}, job_name="p-d")
 
 
 def test_pipeline_run_uses_one_pool_and_stops_it(tmp_path, caplog):

@@ -6,6 +6,8 @@ import dataclasses
 import html
 import json
 import logging
+import re
+import textwrap
 from pathlib import Path
 
 from palmflow.dag.kinds import Slot, StageKind, register, setting
@@ -71,14 +73,19 @@ def draw_dag(stages: dict, edges: list[tuple[str, str]], path: Path) -> None:
   # The report reads every stage; draw only its edges from sinks to keep the picture legible.
   has_down = {a for a, b in edges if stages[b]["kind"] != "report"}
   edges = [(a, b) for a, b in edges if stages[b]["kind"] != "report" or a not in has_down]
+  bow = 0.0
   for a, b in edges:
     (x0, y0), (x1, y1) = pos[a], pos[b]
     span = depth[b] - depth[a]
     to_report = stages[b]["kind"] == "report"
+    # An edge that skips a column bows away from the middle row (above it from the upper
+    # half, below from the lower), so that it passes around the boxes between, not through.
+    rad = 0.0 if span <= 1 else (-0.3 if (y0 + y1) / 2 >= 0 else 0.3)
+    bow = max(bow, abs(rad) * (x1 - x0 - 1.9) / 2)
     ax.annotate("", xy=(x1 - 0.95, y1), xytext=(x0 + 0.95, y0),
                 arrowprops=dict(arrowstyle="->", color="#bbb" if to_report else "#444",
                                 linestyle="--" if to_report else "-",
-                                connectionstyle=f"arc3,rad={0.25 if span > 1 else 0.0}"))
+                                connectionstyle=f"arc3,rad={rad}"))
   for n, (x, y) in pos.items():
     info = stages[n]
     color = _KIND_COLORS.get(info["kind"], "#eeeeee")
@@ -90,7 +97,7 @@ def draw_dag(stages: dict, edges: list[tuple[str, str]], path: Path) -> None:
             va="center", fontsize=8)
   ax.set_xlim(-1.2, max(x for x, _ in pos.values()) + 1.2)
   ys = [y for _, y in pos.values()]
-  ax.set_ylim(min(ys) - 0.8, max(ys) + 0.8)
+  ax.set_ylim(min(ys) - 0.8 - bow, max(ys) + 0.8 + bow)
   ax.axis("off")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -109,7 +116,7 @@ def draw_curves(series: dict[str, list[tuple[int, float]]], path: Path, *, title
               label=name)
   ax.set_xlabel("step")
   ax.set_ylabel(ylabel)
-  ax.set_title(title)
+  ax.set_title(textwrap.fill(title, 80), fontsize=9)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
@@ -188,11 +195,17 @@ class Report(StageKind):
                f"`{summ.get('sha256', '')[:16]}`.", ""]
       elif u.kind == "blocks":
         st = summ.get("stats", {})
-        md += [f"## Blocks: `{n}`", "", "| documents | tokens | blocks | block length | "
-               "packing efficiency | task |", "|---|---|---|---|---|---|",
-               f"| {st.get('documents')} | {st.get('tokens')} | {st.get('blocks')} | "
+        docs_in = st.get("documents_in", st.get("documents"))
+        docs_out = st.get("documents_out", docs_in)
+        md += [f"## Blocks: `{n}`", "", "| documents in | documents blocked | tokens | "
+               "blocks | block length | packing efficiency | task |",
+               "|---|---|---|---|---|---|---|",
+               f"| {docs_in} | {docs_out} | {st.get('tokens')} | {st.get('blocks')} | "
                f"{st.get('block_length')} | {st.get('packing_efficiency', 0):.4f} | "
                f"`{summ['task']['name']}` |", ""]
+        if st.get("rejections"):
+          md += ["Documents not blocked: " + ", ".join(
+              f"{k.replace('_', ' ')} {v}" for k, v in sorted(st["rejections"].items())), ""]
       elif u.kind == "mixture":
         md += [f"## Mixture: `{n}`", "", f"Task `{summ['task']['name']}`, rates by "
                f"`{summ['task'].get('rate_by')}`:", "",
@@ -205,8 +218,12 @@ class Report(StageKind):
         md += [""] + [f"**Warning:** {w}" for w in summ.get("warnings", [])] + [""]
       elif u.kind == "dataset":
         st = summ.get("stats", {})
-        md += [f"## Downstream data: `{n}`", "", f"Examples: {st.get('examples')}; labels "
-               f"{summ['task'].get('label_names')}.", ""]
+        examples = st.get("examples")
+        if isinstance(examples, dict):
+          examples = ", ".join(f"{k} {v:,}" for k, v in examples.items())
+        labels = summ["task"].get("label_names")
+        md += [f"## Downstream data: `{n}`", "", f"Examples: {examples}"
+               + (f"; labels: {', '.join(map(str, labels))}" if labels else "") + ".", ""]
       elif u.kind == "train":
         rows = _read_jsonl(u.path / "train" / "metrics.jsonl")
         loss_series[f"{n} (train)"] = [(r["step"], r["loss"]) for r in rows if "loss" in r]
@@ -251,13 +268,17 @@ class Report(StageKind):
                       f"{cut(r.get('target', ''))} |")
           md.append("")
     if loss_series:
-      draw_curves({**loss_series, **eval_loss}, out / "loss.png", title="loss",
+      draw_curves({**loss_series, **eval_loss}, out / "loss.png",
+                  title="loss per target token (every token of a pretraining block; "
+                  "a fine-tuning example's targets)",
                   ylabel="cross-entropy + z-loss per token")
       images.append(("Loss curves", "loss.png"))
     if acc_series:
       draw_curves({**acc_series, **eval_acc}, out / "accuracy.png",
-                  title="token accuracy", ylabel="%")
-      images.append(("Token accuracy", "accuracy.png"))
+                  title="token accuracy (each target token predicted from the true ones "
+                  "before it, EOS included; not the task's accuracy)", ylabel="%")
+      images.append(("Token accuracy (teacher-forced next-token predictions, not the task's "
+                     "metric: see the task metrics)", "accuracy.png"))
     if task_metric_series:
       draw_curves(task_metric_series, out / "task_metrics.png",
                   title="task metrics on the model's predictions during training",
@@ -274,6 +295,13 @@ class Report(StageKind):
     return {"report": str(out / "report.md"), "images": [f for _, f in images] + ["dag.png"]}
 
 
+def _inline(text: str) -> str:
+  """Markdown's `code` and **bold** inside a line, as HTML (the text is already escaped
+  where it came from data)."""
+  text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+  return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
+
+
 def _to_html(md: str, title: str) -> str:
   """A minimal Markdown-to-HTML rendering (headings, tables, images, paragraphs)."""
   body, table = [], []
@@ -281,7 +309,10 @@ def _to_html(md: str, title: str) -> str:
   def flush():
     if table:
       rows = [r for r in table if not set(r.replace("|", "").strip()) <= {"-"}]
-      cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+      # Cells split on the pipes that are not escaped (`\\|` is a pipe inside a cell).
+      cells = [[_inline(c.strip().replace("\\|", "|"))
+                for c in re.split(r"(?<!\\)\|", r.strip().removeprefix("|").removesuffix("|"))]
+               for r in rows]
       body.append("<table>" + "".join(
           "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{c}</{'th' if i == 0 else 'td'}>"
                            for c in row) + "</tr>" for i, row in enumerate(cells)) + "</table>")
@@ -293,12 +324,12 @@ def _to_html(md: str, title: str) -> str:
     flush()
     if line.startswith("#"):
       level = len(line) - len(line.lstrip("#"))
-      body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
+      body.append(f"<h{level}>{_inline(html.escape(line.lstrip('# ')))}</h{level}>")
     elif line.startswith("!["):
       alt, src = line[2:].split("](")
       body.append(f'<img alt="{alt}" src="{src.rstrip(")")}">')
     elif line.strip():
-      body.append(f"<p>{line}</p>")
+      body.append(f"<p>{_inline(line)}</p>")
   flush()
   return (f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
           "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"

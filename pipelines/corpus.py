@@ -72,12 +72,12 @@ def build(p: beam.Pipeline, args) -> None:
   # NULs removed and newlines unified whatever the Unicode form ('' skips only the form).
   from pipelines.transforms.clean import Normalize
   docs = docs | "Normalize" >> Normalize(form=args.normalize or None)
-  filters = json.loads(args.filters or "{}")
-  if filters:
-    from pipelines.transforms.clean import Filter, FilterConfig
-    out = docs | "Filter" >> Filter(FilterConfig(**filters))
-    docs, rej = out.kept, out.rejected
-    rejected.append(rej)
+  # Always filtered: the default FilterConfig rejects only empty (whitespace-only)
+  # documents, which would otherwise be kept and deduplicated against each other.
+  from pipelines.transforms.clean import Filter, FilterConfig
+  out = docs | "Filter" >> Filter(FilterConfig(**json.loads(args.filters or "{}")))
+  docs, rej = out.kept, out.rejected
+  rejected.append(rej)
   if args.dedup in ("exact", "near", "exact+near"):
     from pipelines.transforms import dedup
     if "exact" in args.dedup:

@@ -98,7 +98,7 @@ def _check_source(i: int, s: dict) -> None:
 @register
 class Corpus(StageKind):
   kind = "corpus"
-  version = "1"
+  version = "2"  # 2: empty documents are rejected ('empty') without filters too
   runs_beam = True
   produces = "documents"
   settings_cls = CorpusSettings

@@ -109,3 +109,29 @@ def test_normalize_none_keeps_the_unicode_form_but_still_removes_nuls(tmp_path):
                  for l in f.read_text().splitlines())
   assert texts == ["Another paragraph of text.",
                    "Cafe\u0301 au lait, with a NUL  in the middle of a line.\nnext line"]
+
+
+def test_empty_documents_are_rejected_without_filters(tmp_path):
+  """An empty file (a package's empty __init__.py in the stdlib corpus) was kept as a
+  document of no text, and another empty one was then counted as its exact duplicate."""
+  rows = [{"text": "Some text worth keeping."}, {"text": ""}, {"text": "  \n\n"}]
+  (tmp_path / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
+      pipeline: empties
+      stages:
+        corpus:
+          kind: corpus
+          settings:
+            sources: [{name: s, format: jsonl, path: docs.jsonl}]
+            dedup: exact
+            num_shards: 1
+      """))
+  store = Store(tmp_path / "store")
+  planned, _ = executor.run(spec.load(tmp_path / "p.yaml"), store, log=lambda m: None)
+  d = store.stage_dir("corpus", planned[0].fingerprint)
+  texts = [json.loads(l)["text"] for f in d.glob("documents.jsonl-*")
+           for l in f.read_text().splitlines()]
+  assert texts == ["Some text worth keeping."]
+  stats = json.loads((d / "stats.json").read_text())
+  assert stats["rejections"]["empty"]["count"] == 2, stats["rejections"]
+  assert "exact_duplicate" not in stats["rejections"]

@@ -203,9 +203,10 @@ class Report(StageKind):
                f"| {docs_in} | {docs_out} | {st.get('tokens')} | {st.get('blocks')} | "
                f"{st.get('block_length')} | {st.get('packing_efficiency', 0):.4f} | "
                f"`{summ['task']['name']}` |", ""]
-        if st.get("rejections"):
+        rejected = {k: v for k, v in (st.get("rejections") or {}).items() if v}
+        if rejected:
           md += ["Documents not blocked: " + ", ".join(
-              f"{k.replace('_', ' ')} {v}" for k, v in sorted(st["rejections"].items())), ""]
+              f"{k.replace('_', ' ')} {v}" for k, v in sorted(rejected.items())), ""]
       elif u.kind == "mixture":
         md += [f"## Mixture: `{n}`", "", f"Task `{summ['task']['name']}`, rates by "
                f"`{summ['task'].get('rate_by')}`:", "",

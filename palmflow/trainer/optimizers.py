@@ -15,14 +15,26 @@ import optax
 
 Schedule = Callable[[jax.Array], jax.Array]
 FACTORS = ("constant", "linear_warmup", "rsqrt_decay", "rsqrt_normalized_decay",
-           "linear_decay", "cosine_decay")
+           "linear_decay", "cosine_decay", "decay_every")
 
 
 def create_learning_rate_scheduler(*, factors: str = "constant * linear_warmup * rsqrt_decay",
                                    base_learning_rate: float = 1.0, warmup_steps: int = 10000,
                                    decay_steps: int = 100000,
-                                   min_learning_rate: float = 0.0) -> Schedule:
-  """A schedule that multiplies named factors, as t5x's `create_learning_rate_scheduler`.
+                                   min_learning_rate: float = 0.0, decay_factor: float = 0.5,
+                                   steps_per_decay: int = 20000,
+                                   steps_per_cycle: int | None = None,
+                                   step_offset: int = 0) -> Schedule:
+  """A schedule that multiplies named factors, as t5x's `create_learning_rate_scheduler`
+  (its argument names; `decay_steps` and a non-cyclic `linear_decay` and `cosine_decay` are
+  palmflow's).
+
+  Factors: constant (`base_learning_rate`); linear_warmup (min(1, step / warmup_steps));
+  rsqrt_decay (1 / sqrt(max(step, warmup_steps))); rsqrt_normalized_decay (the same times
+  sqrt(warmup_steps)); linear_decay and cosine_decay (from 1 to 0 over `decay_steps` after
+  `warmup_steps`, then 0; cosine_decay with `steps_per_cycle` set is t5x's instead: cyclic,
+  restarting every `steps_per_cycle` steps); decay_every (times `decay_factor` every
+  `steps_per_decay` steps).
 
   Args:
     factors: `*`-separated names from FACTORS.
@@ -30,6 +42,9 @@ def create_learning_rate_scheduler(*, factors: str = "constant * linear_warmup *
     warmup_steps: linear warmup length; rsqrt decay starts after it.
     decay_steps: steps after warmup over which linear/cosine decay reach 0.
     min_learning_rate: a floor on the result.
+    decay_factor, steps_per_decay: decay_every's factor and period.
+    steps_per_cycle: None, or t5x's cyclic cosine decay's period.
+    step_offset: the steps count from this step (earlier steps are step 0).
   Returns:
     step -> learning rate.
   Raises:
@@ -41,7 +56,7 @@ def create_learning_rate_scheduler(*, factors: str = "constant * linear_warmup *
       raise ValueError(f"unknown learning-rate factor {n!r}; known: {', '.join(FACTORS)}")
 
   def schedule(step):
-    step = jnp.asarray(step, jnp.float32)
+    step = jnp.maximum(jnp.asarray(step, jnp.float32) - step_offset, 0.0)
     lr = jnp.asarray(1.0, jnp.float32)
     w = jnp.maximum(1.0, float(warmup_steps))
     progress = jnp.clip((step - warmup_steps) / max(1, decay_steps), 0.0, 1.0)
@@ -56,8 +71,13 @@ def create_learning_rate_scheduler(*, factors: str = "constant * linear_warmup *
         lr = lr * jnp.sqrt(w) / jnp.sqrt(jnp.maximum(step, w))
       elif n == "linear_decay":
         lr = lr * (1.0 - progress)
+      elif n == "cosine_decay" and steps_per_cycle:
+        cycle = jnp.maximum(0.0, (step - warmup_steps) / float(steps_per_cycle)) % 1.0
+        lr = lr * 0.5 * (1.0 + jnp.cos(jnp.pi * cycle))
       elif n == "cosine_decay":
         lr = lr * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+      elif n == "decay_every":
+        lr = lr * decay_factor ** jnp.floor(step / max(1, steps_per_decay))
     return jnp.maximum(lr, min_learning_rate)
   return schedule
 

@@ -51,6 +51,21 @@ def test_cosine_and_linear_decay_after_warmup_and_floor():
   assert rsqrt_norm(50) == pytest.approx(1.0) and rsqrt_norm(400) == pytest.approx(0.5)
 
 
+def test_t5x_schedule_arguments_decay_every_cyclic_cosine_and_step_offset():
+  every = _sched(factors="constant * decay_every", base_learning_rate=1.0, decay_factor=0.5,
+                 steps_per_decay=10)
+  assert [every(s) for s in (0, 9, 10, 25)] == pytest.approx([1.0, 1.0, 0.5, 0.25])
+  cyclic = _sched(factors="constant * cosine_decay", base_learning_rate=2.0, warmup_steps=0,
+                  steps_per_cycle=100)
+  # restarts every 100 steps (t5x's), where decay_steps' cosine stays at 0
+  for step, want in [(0, 2.0), (50, 1.0), (99, 1.0 + math.cos(math.pi * 0.99)), (100, 2.0),
+                     (150, 1.0)]:
+    assert cyclic(step) == pytest.approx(want, abs=1e-5), step
+  offset = _sched(factors="constant * linear_warmup", base_learning_rate=1.0,
+                  warmup_steps=10, step_offset=100)
+  assert [offset(s) for s in (50, 100, 105, 110)] == pytest.approx([0.0, 0.0, 0.5, 1.0])
+
+
 def test_unknown_factor_is_named():
   with pytest.raises(ValueError, match="'cosine'.*known: constant"):
     optimizers.create_learning_rate_scheduler(factors="constant * cosine")

@@ -204,6 +204,8 @@ def parse(files: Sequence[str], bindings: Sequence[str], search: str = "", *,
     raise ConfigError(f"gin configuration error: {e}", field="--gin_file/--gin_bindings",
                       hint="check the binding's name against the gin files' configurables"
                       ) from None
+  if check_required:
+    check_required_macros(texts)
 
 
 def _unquoted_string_binding(bindings: Sequence[str]) -> tuple[str, str] | None:
@@ -221,8 +223,6 @@ def _unquoted_string_binding(bindings: Sequence[str]) -> tuple[str, str] | None:
     except (ValueError, SyntaxError):
       return name.strip(), value
   return None
-  if check_required:
-    check_required_macros(texts)
 
 
 def parse_flags(argv: Sequence[str], description: str,

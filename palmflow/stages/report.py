@@ -143,7 +143,7 @@ def draw_bars(values: dict[str, float], path: Path, *, title: str) -> None:
 @register
 class Report(StageKind):
   kind = "report"
-  version = "1"
+  version = "2"  # 2: documents in and blocked, the curves' titles, HTML inline code, DAG edges
   produces = "report"
   settings_cls = ReportSettings
   slots = {"stages": Slot(ALL_KINDS, many=True, doc="the stages to report on (list)")}

@@ -144,12 +144,12 @@ class DecoderOnlyModel:
       return total + jnp.where((tok > 0) & (plen - 1 + j < length), here, 0.0)
 
     def step(j, carry):  # option token j - 1 goes in at plen + j - 1; its logits score j
-      last, state, total = carry
-      last, state = decoder.advance(state, last, opts[:, j - 1], plen + j - 1)
-      return last, state, add(j, last, total)
+      state, total = carry
+      last, state = decoder.advance(state, opts[:, j - 1], plen + j - 1)
+      return state, add(j, last, total)
 
     total = add(0, last, jnp.zeros((b * n,), jnp.float32))
-    _, _, total = jax.lax.fori_loop(1, width, step, (last, state, total))
+    _, total = jax.lax.fori_loop(1, width, step, (state, total))
     return total.reshape(b, n)
 
   def predict_batch(self, params, batch: Batch, *, max_decode_length: int,
@@ -199,19 +199,19 @@ class DecoderOnlyModel:
     def step(i, carry):
       # Token i - 1 goes to position plen + i - 1; its logits give token i. A token that
       # does not fit in the buffer ends its row.
-      last, state, out, done, rng = carry
+      state, out, done, rng = carry
       pos = plen + i - 1
-      last, state = decoder.advance(state, last, out[:, i - 1], pos)
+      last, state = decoder.advance(state, out[:, i - 1], pos)
       nxt, rng = choose(last, rng)
       done = done | (pos >= length)
       nxt = jnp.where(done, 0, nxt)
-      return last, state, out.at[:, i].set(nxt), done | (nxt == eos_id), rng
+      return state, out.at[:, i].set(nxt), done | (nxt == eos_id), rng
 
     last, state = decoder.start(buf, plen)
     first, rng = choose(last, rng)
     out = jnp.zeros((b, max_decode_length), jnp.int32).at[:, 0].set(first)
-    carry = (last, state, out, first == eos_id, rng)
-    return jax.lax.fori_loop(1, max_decode_length, step, carry)[2]
+    carry = (state, out, first == eos_id, rng)
+    return jax.lax.fori_loop(1, max_decode_length, step, carry)[1]
 
   def _beam_search(self, decoder: "_Decoder", buf: jax.Array, plen: jax.Array, *,
                    num_beams: int, max_decode_length: int, eos_id: int,
@@ -272,20 +272,20 @@ class DecoderOnlyModel:
       alive = jnp.take_along_axis(seqs, pick[..., None], axis=1)
       source = jnp.take_along_axis(src, pick, axis=1)
       rows = (source + jnp.arange(b)[:, None] * k).reshape(b * k)
-      # The state and the logits move with their beams.
-      return (last[rows], decoder.reorder(state, rows), alive, alive_scores, finished,
-              finished_scores, best_ranks)
+      # The state moves with its beams.
+      return (decoder.reorder(state, rows), alive, alive_scores, finished, finished_scores,
+              best_ranks)
 
     def step(i, carry):
-      last, state, alive = carry[:3]
+      state, alive = carry[:2]
       pos = plen + i - 1
-      last, state = decoder.advance(state, last, alive[:, :, i - 1].reshape(b * k), pos)
-      return extend(i, pos >= length, last, state, alive, *carry[3:])
+      last, state = decoder.advance(state, alive[:, :, i - 1].reshape(b * k), pos)
+      return extend(i, pos >= length, last, state, alive, *carry[2:])
 
     carry = extend(0, jnp.zeros((b * k,), bool), last, state, alive, alive_scores, finished,
                    finished_scores, finished_ranks)
     carry = jax.lax.fori_loop(1, steps, step, carry)
-    _, _, alive, alive_scores, finished, finished_scores, _ = carry
+    _, alive, alive_scores, finished, finished_scores, _ = carry
     return pick_beam(jnp.concatenate([finished, alive], axis=1),
                      jnp.concatenate([finished_scores, alive_scores], axis=1),
                      eos_id=eos_id, alpha=alpha)
@@ -351,11 +351,11 @@ class _Decoder:
     return models.matmul(hidden, self._params["logits_kernel"], False, DTYPES[c.dtype],
                          jnp.float32)
 
-  def advance(self, state, last: jax.Array, tok: jax.Array, pos: jax.Array):
+  def advance(self, state, tok: jax.Array, pos: jax.Array):
     """Puts `tok` ([batch]) at `pos` ([batch]) and returns (its logits, the new state). A row
-    whose `pos` is past the buffer keeps `last` (it cannot grow)."""
+    whose `pos` is past the buffer cannot grow: its logits mean nothing, and every caller
+    masks them (the row has ended, or its option tokens count nothing)."""
     length = state[0].shape[2] if self._cached else state["buf"].shape[1]
-    fits = pos < length
     if self._cached:
       logits, state = self._apply(tok[:, None], cache=state, cache_index=pos)
       logits = logits[:, 0]
@@ -366,7 +366,7 @@ class _Decoder:
       logits = self._apply(buf, causal_attention_mask=state["mask"])
       logits = jnp.take_along_axis(logits, jnp.minimum(pos, length - 1)[:, None, None],
                                    axis=1)[:, 0]
-    return jnp.where(fits[:, None], logits, last), state
+    return logits, state
 
   def reorder(self, state, rows: jax.Array):
     """The state of the rows `rows` (beam search's survivors)."""

@@ -176,7 +176,7 @@ class _MarkovDecoder:
     first = jnp.log(jnp.asarray([1e-9, 0.4, 0.35, 0.25, 1e-9], jnp.float32))
     return jnp.tile(first, (buf.shape[0], 1)), jnp.zeros((buf.shape[0], 1))
 
-  def advance(self, state, last, tok, pos):
+  def advance(self, state, tok, pos):
     return self._logits(tok), state
 
   def reorder(self, state, rows):

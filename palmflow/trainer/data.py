@@ -60,12 +60,14 @@ class DatasetConfig:
 FEATURE_CONVERTERS = ("lm", "blocked_lm", "prefix_lm")
 
 
-def make_feature_converter(name: str, *, pack: bool) -> seqio.FeatureConverter:
-  """The seqio feature converter called `name` (decoder-only models)."""
+def make_feature_converter(name: str, *, pack: bool,
+                           task_name: str | None = None) -> seqio.FeatureConverter:
+  """The seqio feature converter called `name` (decoder-only models); `task_name`, the
+  task or mixture it converts, is named in its errors."""
   import seqio
   from palmflow.trainer.feature_converters import BlockedLMFeatureConverter
   if name == "blocked_lm":
-    return BlockedLMFeatureConverter()
+    return BlockedLMFeatureConverter(task_name=task_name)
   if name == "lm":
     return seqio.LMFeatureConverter(pack=pack)
   if name == "prefix_lm":
@@ -130,28 +132,6 @@ def check_converter_keeps_inputs(task, feature_converter: str, field: str) -> No
         hint="use FEATURE_CONVERTER='prefix_lm' for a task with inputs")
 
 
-def check_blocked_examples(task, split: str, lengths: Mapping[str, int], *,
-                           use_cached: bool = False) -> None:
-  """Raises ConfigError if a task read with the 'blocked_lm' converter has no blocks.
-
-  'blocked_lm' passes blocks made by palmflow's blocks stage through as they are; it needs
-  their `targets_segment_ids` and `targets_positions`. Without this check, any other task
-  failed inside tf.data with a KeyError.
-  """
-  import seqio
-  plain = [t.name for t in seqio.get_subtasks(task) if split in t.splits and not (
-      {"targets_segment_ids", "targets_positions"} <= set(t.get_dataset(
-          sequence_length=dict(lengths), split=split, shuffle=False, num_epochs=1,
-          use_cached=use_cached).element_spec))]
-  if plain:
-    raise ConfigError(
-        f"FEATURE_CONVERTER='blocked_lm' reads blocks made by palmflow's blocks stage (with "
-        f"targets_segment_ids and targets_positions), and {', '.join(plain)} has none",
-        field="FEATURE_CONVERTER",
-        hint="use FEATURE_CONVERTER='lm' for a task of targets (pretrain.gin packs them "
-             "online: train/data.DatasetConfig.pack = True), or 'prefix_lm' for one with inputs")
-
-
 def check_vocabulary_fits(task, vocab_size: int) -> None:
   """Raises ConfigError if a feature's vocabulary has more ids than the model's embedding.
 
@@ -182,14 +162,12 @@ def get_dataset(cfg: DatasetConfig, *, shard_index: int = 0, num_shards: int = 1
   """
   import seqio
   import tensorflow as tf
-  task = get_task_or_mixture(cfg.mixture_or_task_name, cfg.module)
-  if cfg.feature_converter == "blocked_lm":
-    check_blocked_examples(task, cfg.split, cfg.task_feature_lengths,
-                           use_cached=cfg.use_cached)
+  get_task_or_mixture(cfg.mixture_or_task_name, cfg.module)
   if cfg.batch_size % num_shards:
     raise ConfigError(f"batch size {cfg.batch_size} is not divisible by the {num_shards} "
                       "hosts", field="BATCH_SIZE")
-  converter = make_feature_converter(cfg.feature_converter, pack=cfg.pack)
+  converter = make_feature_converter(cfg.feature_converter, pack=cfg.pack,
+                                     task_name=cfg.mixture_or_task_name)
   ds = seqio.get_dataset(
       cfg.mixture_or_task_name, task_feature_lengths=dict(cfg.task_feature_lengths),
       dataset_split=cfg.split, shuffle=cfg.shuffle, num_epochs=num_epochs,

@@ -460,6 +460,9 @@ class InferenceEvaluator:
     data_lib.check_vocabulary_fits(task, model.config.vocab_size)
     data_lib.check_converter_keeps_inputs(task, feature_converter, fields["converter"])
     self.vocab_digest = _task_vocab_digest(task)
+    self._labels, options = (None, None)
+    if mode == "rank":
+      self._labels, options = _label_options(task, mixture_or_task_name)
     if task_feature_lengths is None:
       try:
         task_feature_lengths = data_feature_lengths(
@@ -468,7 +471,7 @@ class InferenceEvaluator:
       except NothingToEvaluate:
         raise _nothing_to_evaluate(task, mixture_or_task_name, split, fields["split"]) from None
       if mode == "rank":  # room for every label option, not only the measured targets
-        longest = max(len(o) for o in _label_options(task, mixture_or_task_name)[1])
+        longest = max(len(o) for o in options)
         task_feature_lengths["targets"] = max(task_feature_lengths.get("targets", 0), longest)
         log.info("feature lengths with the longest label option: %s", task_feature_lengths)
     self.task_feature_lengths = dict(task_feature_lengths)
@@ -484,9 +487,6 @@ class InferenceEvaluator:
     if not self._evaluator.eval_tasks:
       # seqio skips such tasks with an info log, and the run would "succeed" with no metrics.
       raise _nothing_to_evaluate(task, mixture_or_task_name, split, fields["split"])
-    self._labels, options = (None, None)
-    if mode == "rank":
-      self._labels, options = _label_options(task, mixture_or_task_name)
     self._mode, self._json_write_n_results = mode, json_write_n_results
     self._fns_args = dict(
         model=model, partitioner=partitioner, batch_size=batch_size, mode=mode,

@@ -333,7 +333,8 @@ def evaluate(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Part
     split: the split to evaluate.
     batch_size: examples per model call (a multiple of the data-parallel devices).
     mode: "predict" (decode) or "rank" (score each label option; classification tasks).
-    max_decode_length: decode steps (default: the targets length).
+    max_decode_length: decode steps (default: the targets length; with measured lengths
+      and the 'lm' converter, the longest example's, and the buffer gets that room).
     num_examples: evaluate only the first N examples.
     json_write_n_results: write at most N predictions to the JSONL (None: all).
     feature_converter: "prefix_lm" (text-to-text) or "lm".
@@ -401,6 +402,22 @@ def data_feature_lengths(task, split: str, *, num_examples: int | None = None, s
         hint="choose a split with examples, or set TASK_FEATURE_LENGTHS")
   log.info("feature lengths from the %s split's longest examples: %s", split, lengths)
   return lengths
+
+
+def _room_to_continue(lengths: dict[str, int], max_decode_length: int | None
+                      ) -> tuple[dict[str, int], int]:
+  """(feature lengths, decode steps) for decoding an 'lm' task with measured lengths.
+
+  With the LM converter an example's targets are the prompt that decoding continues, in
+  the same buffer: measured to the longest example, it would leave that example no room.
+  The buffer gets `max_decode_length` more positions (default: as many as the longest
+  example has).
+  """
+  room = max_decode_length or lengths["targets"]
+  lengths = dict(lengths, targets=lengths["targets"] + room)
+  log.info("feature lengths with room to decode %d tokens after each example: %s", room,
+           lengths)
+  return lengths, room
 
 
 class NothingToEvaluate(ConfigError):
@@ -474,6 +491,9 @@ class InferenceEvaluator:
         longest = max(len(o) for o in options)
         task_feature_lengths["targets"] = max(task_feature_lengths.get("targets", 0), longest)
         log.info("feature lengths with the longest label option: %s", task_feature_lengths)
+      elif feature_converter == "lm":
+        task_feature_lengths, max_decode_length = _room_to_continue(task_feature_lengths,
+                                                                    max_decode_length)
     self.task_feature_lengths = dict(task_feature_lengths)
     converter = data_lib.make_feature_converter(feature_converter, pack=False)
     logger_cls, self._captured = _capturing_logger()
@@ -650,7 +670,8 @@ def infer(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Partiti
     mode: "predict", "score" (needs targets) or "predict_with_aux".
     split: the split to run on.
     batch_size: examples per model call (a multiple of the data-parallel devices).
-    max_decode_length: decode steps (default: the targets length).
+    max_decode_length: decode steps (default: the targets length; with measured lengths
+      and the 'lm' converter, the longest example's, and the buffer gets that room).
     num_examples: only the first N examples of each task.
     feature_converter: "prefix_lm" (text-to-text) or "lm".
     temperature, top_k, seed: sampling (temperature 0 is greedy).
@@ -676,6 +697,9 @@ def infer(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Partiti
     task_feature_lengths = data_feature_lengths(top, split, num_examples=num_examples,
                                                 seed=seed, use_cached=use_cached,
                                                 field="INFER_SPLIT")
+    if feature_converter == "lm" and mode != "score":
+      task_feature_lengths, max_decode_length = _room_to_continue(task_feature_lengths,
+                                                                  max_decode_length)
   length = sum(task_feature_lengths.values())
   step, params = load_params(model, checkpoint_path, partitioner, length,
                              vocab_digest=_task_vocab_digest(top), dtype=restore_dtype)

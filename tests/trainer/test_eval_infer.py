@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from palmflow.trainer import checkpoints as ckpt_lib
+import tiny_text_task
 from tiny_text_task import PAIRS, make_task, model_flags, run_binary
 
 TASK = "pf_evalinfer_map"
@@ -150,6 +151,45 @@ def test_ranking_with_measured_lengths_leaves_room_for_the_longest_label(tmp_pat
     room = len(vocab.encode(pairs[1][1])) + 1
     assert read < room and evaluator.task_feature_lengths["targets"] == room
     assert evaluator.task_feature_lengths["inputs"] == len(vocab.encode("red fruit")) + 1
+  finally:
+    seqio.TaskRegistry.remove(name)
+
+
+def test_lm_decoding_with_measured_lengths_leaves_room_after_the_longest_example(tmp_path):
+  """TASK_FEATURE_LENGTHS = None with the LM converter in predict mode: an example is the
+  prompt that decoding continues in the same buffer, so the buffer is the longest example
+  plus the decode steps (default: as many again); it was the longest example alone, which
+  then had no room to decode."""
+  import seqio
+  import tensorflow as tf
+  from palmflow.trainer import eval_lib, lm, models, partitioning
+  texts = ["red fruit", "a yellow fruit and a blue sky"]
+  vocab = seqio.SentencePieceVocabulary(str(tiny_text_task.make_vocab(
+      tmp_path / "spm.model", [f"{a} {b}" for a, b in PAIRS] * 20 + texts * 20)))
+  name = "pf_lm_room"
+  seqio.TaskRegistry.add(
+      name, source=seqio.FunctionDataSource(
+          lambda split, shuffle_files, seed=None: tf.data.Dataset.from_tensor_slices(
+              {"targets": texts}), splits=["validation"]),
+      preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
+      output_features={"targets": seqio.Feature(vocab)},
+      metric_fns=[lambda targets, predictions: {"n": len(predictions)}])
+  try:
+    model = lm.DecoderOnlyModel(config=models.PaLMConfig(
+        vocab_size=64, num_layers=1, d_model=32, num_heads=2, head_dim=16, d_ff=64))
+    longest = len(vocab.encode(texts[1])) + 1  # + EOS
+
+    def evaluator(**kw):
+      return eval_lib.InferenceEvaluator(
+          model=model, partitioner=partitioning.Partitioner(num_partitions=1),
+          mixture_or_task_name=name, task_feature_lengths=None, output_dir=str(tmp_path),
+          feature_converter="lm", batch_size=8, **kw)
+    e = evaluator()
+    assert e.task_feature_lengths == {"targets": 2 * longest}
+    assert e._fns_args["max_decode_length"] == longest
+    e = evaluator(max_decode_length=3)
+    assert e.task_feature_lengths == {"targets": longest + 3}
+    assert e._fns_args["max_decode_length"] == 3
   finally:
     seqio.TaskRegistry.remove(name)
 

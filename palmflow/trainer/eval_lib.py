@@ -43,6 +43,7 @@ import seqio
 from palmflow.errors import ConfigError
 from palmflow.trainer import checkpoints as ckpt_lib
 from palmflow.trainer import data as data_lib
+from palmflow.trainer import summaries
 from palmflow.trainer.lm import DecoderOnlyModel
 from palmflow.trainer.partitioning import Partitioner
 
@@ -516,6 +517,7 @@ class InferenceEvaluator:
     self._fns = None
     self._examples: dict[str, list] = {}
     self._summary_writers: dict[str, Any] = {}
+    self._restart_steps: dict[str, int] = {}
 
   def evaluate(self, step: int, params) -> dict[str, Any]:
     """{"step", "metrics": {task: {name: value}}, "predictions_files": {task: path},
@@ -557,16 +559,30 @@ class InferenceEvaluator:
       out[t.name] = metrics
     return out
 
+  def resume_after(self, step: int) -> None:
+    """For a run resumed at `step`: drops what an earlier run evaluated after it (predictions
+    files and metrics lines; this run evaluates those steps again), and TensorBoard drops
+    it when it reads this run's events (`summaries.EventWriter`'s restart marker, from
+    `step` + 1, or `step` itself where its evaluation was not logged)."""
+    from palmflow.trainer.train_lib import logged_line, truncate_metrics
+    if jax.process_index() != 0:
+      return
+    for t in self._evaluator.eval_tasks:
+      metrics_file = self._out / f"{t.name}-metrics.jsonl"
+      truncate_metrics(metrics_file, step)
+      self._restart_steps[t.name] = step + (logged_line(metrics_file, step) is not None)
+    for f in self._out.glob("*.jsonl"):
+      number = f.stem.rsplit("-", 1)[-1]
+      if number.isdigit() and int(number) > step:
+        f.unlink()
+
   def _summarize(self, task: str, step: int, metrics: dict[str, float]) -> None:
     """TensorBoard scalars `eval/<metric>` in `<output_dir>/<task>/`, as seqio's
     TensorBoardLogger writes t5x's."""
-    import tensorflow as tf
     if task not in self._summary_writers:
-      self._summary_writers[task] = tf.summary.create_file_writer(str(self._out / task))
-    with self._summary_writers[task].as_default():
-      for k, v in metrics.items():
-        tf.summary.scalar(f"eval/{k}", float(v), step=int(step))
-    self._summary_writers[task].flush()
+      self._summary_writers[task] = summaries.EventWriter(
+          self._out / task, restart_step=self._restart_steps.get(task))
+    self._summary_writers[task].scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
 
   def _write_predictions(self, path: Path, task: str, option_scores: dict) -> None:
     """`<task>-<step:06>.jsonl`: the example's features ("input"), target, prediction (or

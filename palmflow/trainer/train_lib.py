@@ -30,6 +30,7 @@ from palmflow.trainer import checkpoints as ckpt_lib
 from palmflow.trainer import data as data_lib
 from palmflow.trainer import optimizers
 from palmflow.trainer import precision as precision_lib
+from palmflow.trainer import summaries
 from palmflow.trainer.lm import DecoderOnlyModel
 from palmflow.trainer.partitioning import Partitioner
 
@@ -37,16 +38,20 @@ log = logging.getLogger("palmflow.train")
 
 
 class MetricsWriter:
-  """Appends metrics to `<dir>/metrics.jsonl` and TensorBoard event files in `<dir>`."""
+  """Appends metrics to `<dir>/metrics.jsonl` and TensorBoard event files in `<dir>`.
 
-  def __init__(self, directory: Path, *, tensorboard: bool = True):
+  `restart_step`: the first step this run logs; TensorBoard drops what an interrupted run
+  logged there and after (`summaries.EventWriter`).
+  """
+
+  def __init__(self, directory: Path, *, tensorboard: bool = True,
+               restart_step: int | None = None):
     self.dir = Path(directory)
     self.dir.mkdir(parents=True, exist_ok=True)
     self._tb = None
     self._enabled = jax.process_index() == 0
     if tensorboard and self._enabled:
-      import tensorflow as tf
-      self._tb = tf.summary.create_file_writer(str(self.dir))
+      self._tb = summaries.EventWriter(self.dir, restart_step=restart_step)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self._enabled:
@@ -55,11 +60,7 @@ class MetricsWriter:
       f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}})
               + "\n")
     if self._tb is not None:
-      import tensorflow as tf
-      with self._tb.as_default():
-        for k, v in metrics.items():
-          tf.summary.scalar(k, float(v), step=int(step))
-      self._tb.flush()
+      self._tb.scalars(step, metrics)
 
 
 def _inference_evaluator(cfg: data_lib.DatasetConfig, *, model, partitioner, output_dir: Path,
@@ -80,17 +81,11 @@ def _inference_evaluator(cfg: data_lib.DatasetConfig, *, model, partitioner, out
     log.warning("no inference evaluation: %s (set INFER_EVAL_MIXTURE_OR_TASK_NAME = None to "
                 "silence this)", e)
     return None
-  if jax.process_index() == 0:
-    for f in output_dir.glob("*-metrics.jsonl"):
-      _truncate_metrics(f, start_step)
-    for f in output_dir.glob("*.jsonl"):
-      step = f.stem.rsplit("-", 1)[-1]
-      if step.isdigit() and int(step) > start_step:
-        f.unlink()
+  evaluator.resume_after(start_step)
   return evaluator
 
 
-def _truncate_metrics(path: Path, max_step: int) -> None:
+def truncate_metrics(path: Path, max_step: int) -> None:
   """Drops logged lines after `max_step` (a resumed run re-logs those steps).
 
   A line that is not a whole JSON record (the run was killed while appending it) is dropped
@@ -650,15 +645,17 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
     first_step = start_step - consumed  # the step this run's data started at
 
     writes = jax.process_index() == 0  # one process writes the files, as MetricsWriter
-    train_writer = MetricsWriter(model_dir / "train")
+    train_writer = MetricsWriter(model_dir / "train", restart_step=start_step + 1)
     if writes:
-      _truncate_metrics(model_dir / "train" / "metrics.jsonl", start_step)
+      truncate_metrics(model_dir / "train" / "metrics.jsonl", start_step)
     eval_writer = None
     if train_eval_dataset_cfg is not None:
-      eval_writer = MetricsWriter(model_dir / "training_eval" /
-                                  train_eval_dataset_cfg.mixture_or_task_name)
+      eval_dir = model_dir / "training_eval" / train_eval_dataset_cfg.mixture_or_task_name
       if writes:
-        _truncate_metrics(eval_writer.dir / "metrics.jsonl", start_step)
+        truncate_metrics(eval_dir / "metrics.jsonl", start_step)
+      # A step whose evaluation was not logged is evaluated again (at 0, or when resumed).
+      logged = logged_line(eval_dir / "metrics.jsonl", start_step) is not None
+      eval_writer = MetricsWriter(eval_dir, restart_step=start_step + logged)
     infer_evaluator = None
     if infer_eval_dataset_cfg is not None:
       infer_evaluator = _inference_evaluator(

@@ -6,6 +6,7 @@ exactly for the parameters to match.
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import signal
@@ -24,12 +25,28 @@ TASK = "pf_resume_map"
 STEPS = 12
 
 
-def _flags(task_json: Path, model_dir: Path, keep: str) -> list[str]:
+def _flags(task_json: Path, model_dir: Path, keep: str, evals: bool = False) -> list[str]:
+  """The run's flags; `evals`: with training and inference evaluations every 2 steps."""
   return ["--gin_file=runs/test_pretrain.gin", *model_flags(task_json, TASK),
           f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={STEPS}",
           "--gin.FEATURE_CONVERTER='prefix_lm'", "--gin.DROPOUT_RATE=0.1",
           "--gin.CHECKPOINT_PERIOD=2", f"--gin.CHECKPOINTS_TO_KEEP={keep}", "--gin.LOG_EVERY=2",
-          "--gin.LR_FACTORS='constant'", "--gin.BASE_LEARNING_RATE=0.02"]
+          "--gin.LR_FACTORS='constant'", "--gin.BASE_LEARNING_RATE=0.02",
+          *([f"--gin.TRAIN_EVAL_MIXTURE_OR_TASK_NAME='{TASK}'",
+             f"--gin.INFER_EVAL_MIXTURE_OR_TASK_NAME='{TASK}'"] if evals else [])]
+
+
+def _logged_steps(path: Path) -> list[int]:
+  return [json.loads(l)["step"] for l in path.read_text().splitlines()]
+
+
+def _tensorboard(directory: Path, tag: str) -> list[tuple[int, float]]:
+  """(step, value) of `tag` as TensorBoard shows them (its orphaned-data purge included)."""
+  from tensorboard.backend.event_processing import plugin_event_accumulator
+  from tensorboard.util import tensor_util
+  acc = plugin_event_accumulator.EventAccumulator(str(directory), size_guidance={"tensors": 0})
+  acc.Reload()
+  return [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
 
 
 def _start(flags: list[str], log: Path) -> subprocess.Popen:
@@ -50,7 +67,7 @@ def _flat(tree, prefix=""):
 def test_killed_run_resumes_to_the_uninterrupted_parameters(tmp_path, caplog):
   task_json = make_task(tmp_path / "data", TASK)
   killed, whole = tmp_path / "killed", tmp_path / "whole"
-  victim = _start(_flags(task_json, killed, "3"), tmp_path / "killed.log")
+  victim = _start(_flags(task_json, killed, "3", evals=True), tmp_path / "killed.log")
   reference = _start(_flags(task_json, whole, "None"), tmp_path / "whole.log")
   try:
     deadline = time.time() + 240
@@ -79,8 +96,11 @@ def test_killed_run_resumes_to_the_uninterrupted_parameters(tmp_path, caplog):
   half.mkdir()
   (half / "_CHECKPOINT_METADATA").write_text("{}")
 
+  # What the killed run logged after the checkpoint it resumes from is orphaned.
+  assert max(_logged_steps(killed / "train" / "metrics.jsonl")) > previous
+
   caplog.set_level(logging.INFO, logger="palmflow")
-  assert run_binary("train", _flags(task_json, killed, "3")) == 0
+  assert run_binary("train", _flags(task_json, killed, "3", evals=True)) == 0
   text = caplog.text
   assert (f"checkpoint {ckpt_lib.step_dir(killed, latest)} is corrupt or unreadable" in text
           and f"falling back to {ckpt_lib.step_dir(killed, previous)}" in text), text
@@ -89,6 +109,21 @@ def test_killed_run_resumes_to_the_uninterrupted_parameters(tmp_path, caplog):
   # keep-N: the newest three remain.
   assert ckpt_lib.finished_steps(killed) == [STEPS - 4, STEPS - 2, STEPS]
   assert ckpt_lib.finished_steps(whole) == list(range(2, STEPS + 1, 2))
+
+  # Each step is logged once, in metrics.jsonl and as TensorBoard shows the event files:
+  # the resumed run's restart marker drops the killed run's orphaned steps.
+  for directory, jsonl, tag, key, want_steps in [
+      (killed / "train", killed / "train" / "metrics.jsonl", "loss", "loss",
+       range(2, STEPS + 1, 2)),
+      (killed / "training_eval" / TASK, killed / "training_eval" / TASK / "metrics.jsonl",
+       "loss", "loss", range(0, STEPS + 1, 2)),
+      (killed / "inference_eval" / TASK, killed / "inference_eval" / f"{TASK}-metrics.jsonl",
+       "eval/accuracy", "accuracy", range(2, STEPS + 1, 2))]:
+    logged = [json.loads(l) for l in jsonl.read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(want_steps), jsonl
+    shown = _tensorboard(directory, tag)
+    assert [step for step, _ in shown] == list(want_steps), (directory, shown)
+    assert [v for _, v in shown] == pytest.approx([r[key] for r in logged]), directory
 
   meta = ckpt_lib.read_meta(ckpt_lib.step_dir(killed, STEPS))
   assert meta["step"] == STEPS and meta["data_batches_consumed"] == STEPS

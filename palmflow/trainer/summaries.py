@@ -1,0 +1,40 @@
+"""TensorBoard event files: scalars (as `tf.summary.scalar` writes them), and the restart
+marker of a resumed run.
+
+A run killed after step T resumes from its last checkpoint, step S < T, and logs steps
+S+1..T again. Its event files still hold the first run's S+1..T, which TensorBoard would draw
+beside the new ones. A writer made with `restart_step=S + 1` starts its file with the
+`SessionLog.START` event of that step: when TensorBoard reads it, it drops what earlier
+files logged at that step and after (its purge of orphaned data), as it did for TensorFlow's
+restarted sessions. The metrics.jsonl files beside them are cut at S by the trainer.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+class EventWriter:
+  """One new event file in `directory`."""
+
+  def __init__(self, directory: str | Path, *, restart_step: int | None = None):
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    self._event = event_pb2.Event
+    self._writer = EventFileWriter(str(directory))
+    if restart_step is not None:
+      self._writer.add_event(event_pb2.Event(
+          wall_time=time.time(), step=int(restart_step),
+          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+      self._writer.flush()
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    """Writes each value under its name at `step`, and flushes."""
+    from tensorboard.plugins.scalar import summary_v2
+    for name, value in values.items():
+      self._writer.add_event(self._event(wall_time=time.time(), step=int(step),
+                                         summary=summary_v2.scalar_pb(name, float(value))))
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()

@@ -119,6 +119,7 @@ class RestoreCheckpointConfig:
   dtype: str | None = None
 
   def __post_init__(self):
+    check_local_path(self.path, "RestoreCheckpointConfig.path (INITIAL_CHECKPOINT_PATH)")
     if self.mode not in ("specific", "latest"):
       raise ConfigError(f"mode must be 'specific' or 'latest', not {self.mode!r}",
                         field="RestoreCheckpointConfig.mode",
@@ -176,6 +177,26 @@ def _manager(directory: Path, *, keep: int | None = None, read_only: bool = Fals
           # A killed run leaves `checkpoint_<step>.orbax-checkpoint-tmp-*`: removed on resume.
           cleanup_tmp_directories=not read_only),
       item_handlers=_handlers())
+
+
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# The binaries' path settings, checked by `check_local_path` before anything is written.
+PATH_MACROS = ("MODEL_DIR", "INITIAL_CHECKPOINT_PATH", "CHECKPOINT_PATH", "EVAL_OUTPUT_DIR",
+               "INFER_OUTPUT_DIR")
+
+
+def check_local_path(value: str | Path | None, field: str) -> None:
+  """Raises ConfigError for a URI (gs://, s3://, ...): the trainer's own files (metrics,
+  predictions, config.gin, checkpoint listings) go through the local filesystem, where
+  pathlib would make `gs://b/run` a local folder named `gs:` and the run would seem to
+  work."""
+  m = _URI.match(str(value)) if value is not None else None
+  if m:
+    raise ConfigError(
+        f"{str(value)!r} is a {m.group(1)}:// URI; palmflow's trainer reads and writes its "
+        "directories through the local filesystem, so a bucket must be mounted",
+        field=field, hint=f"mount the bucket (e.g. gcsfuse for gs://) and give the local path "
+                          f"of {str(value)!r} there")
 
 
 def step_dir(directory: str | Path, step: int) -> Path:

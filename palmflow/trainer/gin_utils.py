@@ -176,6 +176,19 @@ def check_required_macros(texts: dict[str, str]) -> None:
               + (f" (see the 'Required' header of {where[0]})" if where else "")))
 
 
+def check_local_paths() -> None:
+  """Raises ConfigError for a path macro (MODEL_DIR, CHECKPOINT_PATH, ...) bound to a URI,
+  before anything is written (`checkpoints.check_local_path`)."""
+  from palmflow.trainer import checkpoints
+  for name in checkpoints.PATH_MACROS:
+    try:
+      value = gin.query_parameter(f"%{name}")
+    except ValueError:  # not a macro of this binary's files
+      continue
+    if isinstance(value, (str, Path)):
+      checkpoints.check_local_path(value, f"--gin.{name}")
+
+
 def parse(files: Sequence[str], bindings: Sequence[str], search: str = "", *,
           check_required: bool = False) -> None:
   """Parses gin files then bindings (after checking macro overrides), with clear errors.
@@ -288,6 +301,7 @@ def run_main(argv: list[str], *, name: str, doc: str, fn_path: str, output_macro
     args = parse_flags(argv[1:], doc, prog=f"palmflow {name}")
     setup_runtime(args)
     parse(args.gin_file, args.gin_bindings, args.gin_search_paths, check_required=True)
+    check_local_paths()
     module, func = fn_path.split(":")
     configured = gin.get_configurable(getattr(importlib.import_module(module), func))
     out = Path(gin.query_parameter(f"%{output_macro}"))

@@ -608,6 +608,7 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
                              ("log_every", log_every, "LOG_EVERY")):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
       raise ConfigError(f"train.{name} must be an int >= 1, got {value!r}", field=macro)
+  ckpt_lib.check_local_path(model_dir, "MODEL_DIR")
   model_dir = Path(model_dir)
   model_dir.mkdir(parents=True, exist_ok=True)
   policy = precision or precision_lib.PrecisionPolicy(compute_dtype=model.config.dtype)

@@ -284,6 +284,35 @@ def test_missing_required_settings_exit_2_naming_them(tmp_path, capsys):
   assert not (tmp_path / "run").exists()              # nothing ran, nothing was written
 
 
+@pytest.mark.parametrize("binary,run_file,macro", [
+    ("train", "runs/test_pretrain.gin", "MODEL_DIR"),
+    ("train", "runs/test_finetune.gin", "INITIAL_CHECKPOINT_PATH"),
+    ("eval", "runs/test_eval.gin", "EVAL_OUTPUT_DIR"),
+    ("infer", "runs/test_infer.gin", "CHECKPOINT_PATH")])
+def test_a_cloud_storage_path_is_refused_before_anything_is_written(
+    binary, run_file, macro, tmp_path, capsys, monkeypatch):
+  """A gs:// path would become a local folder named 'gs:' (pathlib), and the run would seem
+  to work: it is refused naming the flag, with what to do, and nothing is written."""
+  monkeypatch.chdir(tmp_path)
+  settings = {"MODEL_DIR": f"'{tmp_path / 'run'}'", "CHECKPOINT_PATH": f"'{tmp_path / 'c'}'",
+              "INITIAL_CHECKPOINT_PATH": f"'{tmp_path / 'c'}'",
+              "EVAL_OUTPUT_DIR": f"'{tmp_path / 'eval'}'",
+              "INFER_OUTPUT_DIR": f"'{tmp_path / 'infer'}'",
+              "MIXTURE_OR_TASK_NAME": "'some_task'", "TRAIN_STEPS": "4",
+              "TASK_FEATURE_LENGTHS": LENGTHS, macro: "'gs://bucket/dir'"}
+  files = [run_file, "models/palm_tiny.gin"]
+  text = "\n".join(gin_utils.gin_texts(files, gin_utils.search_paths("")).values())
+  rc = run_binary(binary, [f"--gin_file={f}" for f in files] + [
+      f"--gin.{name}={value}" for name, value in settings.items()
+      if re.search(rf"^{name} = ", text, re.M)])     # the macros this binary's files define
+  err = capsys.readouterr().err
+  assert rc == 2, err
+  assert (f"field '--gin.{macro}': 'gs://bucket/dir' is a gs:// URI; palmflow's trainer "
+          "reads and writes its directories through the local filesystem") in err, err
+  assert "hint: mount the bucket (e.g. gcsfuse for gs://)" in err
+  assert not list(tmp_path.iterdir())                # no 'gs:' folder, no config.gin
+
+
 def test_a_string_without_quotes_names_the_flag_and_how_to_quote_it(tmp_path, capsys):
   """`--gin.MIXTURE_OR_TASK_NAME="my_task"` reaches gin as my_task (the shell ate the
   quotes): the error names the flag and shows the quoting, not gin's parse error."""

@@ -119,7 +119,7 @@ class RestoreCheckpointConfig:
   dtype: str | None = None
 
   def __post_init__(self):
-    check_local_path(self.path, "RestoreCheckpointConfig.path (INITIAL_CHECKPOINT_PATH)")
+    check_local_path(self.path, "RestoreCheckpointConfig.path")
     if self.mode not in ("specific", "latest"):
       raise ConfigError(f"mode must be 'specific' or 'latest', not {self.mode!r}",
                         field="RestoreCheckpointConfig.mode",
@@ -179,8 +179,10 @@ def _manager(directory: Path, *, keep: int | None = None, read_only: bool = Fals
       item_handlers=_handlers())
 
 
-_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-# The binaries' path settings, checked by `check_local_path` before anything is written.
+# `gs://b/x`, or `gs:/b/x` as pathlib writes it (two characters at least: not `C:/`).
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
+# The binaries' path settings, checked by `gin_utils.check_local_paths` before anything is
+# written.
 PATH_MACROS = ("MODEL_DIR", "INITIAL_CHECKPOINT_PATH", "CHECKPOINT_PATH", "EVAL_OUTPUT_DIR",
                "INFER_OUTPUT_DIR")
 
@@ -195,8 +197,8 @@ def check_local_path(value: str | Path | None, field: str) -> None:
     raise ConfigError(
         f"{str(value)!r} is a {m.group(1)}:// URI; palmflow's trainer reads and writes its "
         "directories through the local filesystem, so a bucket must be mounted",
-        field=field, hint=f"mount the bucket (e.g. gcsfuse for gs://) and give the local path "
-                          f"of {str(value)!r} there")
+        field=field, hint="mount the bucket (e.g. gcsfuse for gs://) and give the local path "
+                          "there")
 
 
 def step_dir(directory: str | Path, step: int) -> Path:

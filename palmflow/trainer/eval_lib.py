@@ -334,8 +334,9 @@ def evaluate(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Part
     split: the split to evaluate.
     batch_size: examples per model call (a multiple of the data-parallel devices).
     mode: "predict" (decode) or "rank" (score each label option; classification tasks).
-    max_decode_length: decode steps (default: the targets length; with measured lengths
-      and the 'lm' converter, the longest example's, and the buffer gets that room).
+    max_decode_length: decode steps (default: the targets length; when decoding with
+      measured lengths and the 'lm' converter, the longest example's, and the buffer gets
+      that room after it).
     num_examples: evaluate only the first N examples.
     json_write_n_results: write at most N predictions to the JSONL (None: all).
     feature_converter: "prefix_lm" (text-to-text) or "lm".
@@ -560,17 +561,16 @@ class InferenceEvaluator:
     return out
 
   def resume_after(self, step: int) -> None:
-    """For a run resumed at `step`: drops what an earlier run evaluated after it (predictions
-    files and metrics lines; this run evaluates those steps again), and TensorBoard drops
-    it when it reads this run's events (`summaries.EventWriter`'s restart marker, from
-    `step` + 1, or `step` itself where its evaluation was not logged)."""
-    from palmflow.trainer.train_lib import logged_line, truncate_metrics
+    """For a run that evaluates the steps after `step` (again): drops what an earlier run
+    wrote for them (predictions files, metrics lines), and TensorBoard drops their points
+    when it reads this run's events (`summaries.EventWriter`'s restart marker at `step` +
+    1)."""
+    from palmflow.trainer.train_lib import truncate_metrics
     if jax.process_index() != 0:
       return
     for t in self._evaluator.eval_tasks:
-      metrics_file = self._out / f"{t.name}-metrics.jsonl"
-      truncate_metrics(metrics_file, step)
-      self._restart_steps[t.name] = step + (logged_line(metrics_file, step) is not None)
+      truncate_metrics(self._out / f"{t.name}-metrics.jsonl", step)
+      self._restart_steps[t.name] = step + 1
     for f in self._out.glob("*.jsonl"):
       number = f.stem.rsplit("-", 1)[-1]
       if number.isdigit() and int(number) > step:
@@ -686,8 +686,9 @@ def infer(*, model: DecoderOnlyModel, checkpoint_path: str, partitioner: Partiti
     mode: "predict", "score" (needs targets) or "predict_with_aux".
     split: the split to run on.
     batch_size: examples per model call (a multiple of the data-parallel devices).
-    max_decode_length: decode steps (default: the targets length; with measured lengths
-      and the 'lm' converter, the longest example's, and the buffer gets that room).
+    max_decode_length: decode steps (default: the targets length; when decoding with
+      measured lengths and the 'lm' converter, the longest example's, and the buffer gets
+      that room after it).
     num_examples: only the first N examples of each task.
     feature_converter: "prefix_lm" (text-to-text) or "lm".
     temperature, top_k, seed: sampling (temperature 0 is greedy).

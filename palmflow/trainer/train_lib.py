@@ -40,8 +40,8 @@ log = logging.getLogger("palmflow.train")
 class MetricsWriter:
   """Appends metrics to `<dir>/metrics.jsonl` and TensorBoard event files in `<dir>`.
 
-  `restart_step`: the first step this run logs; TensorBoard drops what an interrupted run
-  logged there and after (`summaries.EventWriter`).
+  `restart_step`: the first step this run logs (a fresh run too); TensorBoard drops what an
+  interrupted run logged there and after (`summaries.EventWriter`).
   """
 
   def __init__(self, directory: Path, *, tensorboard: bool = True,
@@ -64,10 +64,9 @@ class MetricsWriter:
 
 
 def _inference_evaluator(cfg: data_lib.DatasetConfig, *, model, partitioner, output_dir: Path,
-                         start_step: int, **settings):
+                         **settings):
   """The trainer's inference evaluation on `cfg`'s task (None, with a warning, for a task
-  with nothing to evaluate, as t5x skips it), after dropping what an earlier run wrote
-  beyond `start_step` (a resumed run evaluates those steps again)."""
+  with nothing to evaluate, as t5x skips it)."""
   from palmflow.trainer import eval_lib
   try:
     evaluator = eval_lib.InferenceEvaluator(
@@ -81,7 +80,6 @@ def _inference_evaluator(cfg: data_lib.DatasetConfig, *, model, partitioner, out
     log.warning("no inference evaluation: %s (set INFER_EVAL_MIXTURE_OR_TASK_NAME = None to "
                 "silence this)", e)
     return None
-  evaluator.resume_after(start_step)
   return evaluator
 
 
@@ -645,25 +643,39 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
         total_steps=total_steps, vocab_digest=vocab_digest)
     first_step = start_step - consumed  # the step this run's data started at
 
+    # What an earlier run logged after `start_step` is dropped (this run logs those steps
+    # again), and so is `start_step`'s evaluation where this run evaluates it again: at
+    # step 0, and when resumed at an evaluation step whose evaluation was not (wholly)
+    # logged. The killed run saved that step's checkpoint before its inference evaluation
+    # (and may have died in it); what it logged is read back, and a run resumed at its end
+    # still reports the end's results.
     writes = jax.process_index() == 0  # one process writes the files, as MetricsWriter
+    resumed_at_eval = bool(consumed) and (start_step % eval_period == 0
+                                          or start_step == total_steps)
     train_writer = MetricsWriter(model_dir / "train", restart_step=start_step + 1)
     if writes:
       truncate_metrics(model_dir / "train" / "metrics.jsonl", start_step)
-    eval_writer = None
+    eval_writer, logged_eval, eval_again = None, None, False
     if train_eval_dataset_cfg is not None:
       eval_dir = model_dir / "training_eval" / train_eval_dataset_cfg.mixture_or_task_name
+      if resumed_at_eval:
+        logged_eval = logged_line(eval_dir / "metrics.jsonl", start_step)
+      eval_again = ((start_step == 0 and total_steps > 0)
+                    or (resumed_at_eval and not _agreed(logged_eval is not None)))
       if writes:
-        truncate_metrics(eval_dir / "metrics.jsonl", start_step)
-      # A step whose evaluation was not logged is evaluated again (at 0, or when resumed).
-      logged = logged_line(eval_dir / "metrics.jsonl", start_step) is not None
-      eval_writer = MetricsWriter(eval_dir, restart_step=start_step + logged)
-    infer_evaluator = None
+        truncate_metrics(eval_dir / "metrics.jsonl", start_step - eval_again)
+      eval_writer = MetricsWriter(eval_dir, restart_step=start_step - eval_again + 1)
+    infer_evaluator, logged_infer, infer_again = None, None, False
     if infer_eval_dataset_cfg is not None:
       infer_evaluator = _inference_evaluator(
           infer_eval_dataset_cfg, model=model, partitioner=partitioner,
-          output_dir=model_dir / "inference_eval", start_step=start_step,
-          mode=infer_eval_mode, num_examples=evaluator_num_examples,
-          json_write_n_results=json_write_n_results)
+          output_dir=model_dir / "inference_eval", mode=infer_eval_mode,
+          num_examples=evaluator_num_examples, json_write_n_results=json_write_n_results)
+    if infer_evaluator is not None:
+      if resumed_at_eval:
+        logged_infer = infer_evaluator.logged(start_step)
+      infer_again = resumed_at_eval and not _agreed(logged_infer is not None)
+      infer_evaluator.resume_after(start_step - infer_again)
 
     step_fn = partition_train_step(
         partitioner, make_train_step(model, tx, num_microbatches=num_microbatches,
@@ -719,22 +731,14 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
                  "sets another)", kind, policy.compute_dtype, peak_flops_per_second / 1e12)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     flops_per_token = model_flops_per_token(model.config, num_params=n_params, length=length)
-    if start_step == 0 and total_steps > 0 and train_eval_dataset_cfg is not None:
-      last_eval = run_eval(0, params)
-    if consumed and (start_step % eval_period == 0 or start_step == total_steps):
-      # Resumed at an evaluation step: the killed run saved this step's checkpoint before
-      # its inference evaluation (and may have died in it), and a run resumed at its end
-      # still reports the end's results. What was logged is read back; what is missing
-      # is evaluated now.
+    if resumed_at_eval:
       last_train = logged_line(model_dir / "train" / "metrics.jsonl", start_step) or {}
-      if eval_writer is not None:
-        logged = logged_line(eval_writer.dir / "metrics.jsonl", start_step)
-        last_eval = ((logged or {}) if _agreed(logged is not None)
-                     else run_eval(start_step, params))
-      if infer_evaluator is not None:
-        logged = infer_evaluator.logged(start_step)
-        last_infer_eval = ((logged or {}) if _agreed(logged is not None)
-                           else infer_evaluator.evaluate(start_step, params)["metrics"])
+      last_eval = logged_eval or {}
+      last_infer_eval = logged_infer or {}
+    if eval_again:
+      last_eval = run_eval(start_step, params)
+    if infer_again:
+      last_infer_eval = infer_evaluator.evaluate(start_step, params)["metrics"]
     # Rates count the steps since the last log line (a resumed run need not start on the
     # LOG_EVERY grid) over the time spent training them: evaluations and checkpoint saves
     # in between are left out.

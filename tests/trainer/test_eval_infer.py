@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from palmflow.trainer import checkpoints as ckpt_lib
-import tiny_text_task
 from tiny_text_task import PAIRS, make_task, model_flags, run_binary
 
 TASK = "pf_evalinfer_map"
@@ -155,17 +154,19 @@ def test_ranking_with_measured_lengths_leaves_room_for_the_longest_label(tmp_pat
     seqio.TaskRegistry.remove(name)
 
 
-def test_lm_decoding_with_measured_lengths_leaves_room_after_the_longest_example(tmp_path):
-  """TASK_FEATURE_LENGTHS = None with the LM converter in predict mode: an example is the
-  prompt that decoding continues in the same buffer, so the buffer is the longest example
-  plus the decode steps (default: as many again); it was the longest example alone, which
-  then had no room to decode."""
+def test_lm_decoding_with_measured_lengths_leaves_room_after_the_longest_example(
+    trained, tmp_path, caplog):
+  """TASK_FEATURE_LENGTHS = None with the LM converter, decoding: an example is the prompt
+  that decoding continues in the same buffer, so the buffer is the longest example plus the
+  decode steps (default: as many again); it was the longest example alone, which then had no
+  room to decode. Ranking and scoring decode nothing and get no room."""
+  import logging
   import seqio
   import tensorflow as tf
   from palmflow.trainer import eval_lib, lm, models, partitioning
-  texts = ["red fruit", "a yellow fruit and a blue sky"]
-  vocab = seqio.SentencePieceVocabulary(str(tiny_text_task.make_vocab(
-      tmp_path / "spm.model", [f"{a} {b}" for a, b in PAIRS] * 20 + texts * 20)))
+  task_json, ckpt = trained
+  vocab = seqio.SentencePieceVocabulary(str(task_json.parent / "spm.model"))
+  texts = [f"{a} {b}" for a, b in PAIRS]
   name = "pf_lm_room"
   seqio.TaskRegistry.add(
       name, source=seqio.FunctionDataSource(
@@ -177,7 +178,7 @@ def test_lm_decoding_with_measured_lengths_leaves_room_after_the_longest_example
   try:
     model = lm.DecoderOnlyModel(config=models.PaLMConfig(
         vocab_size=64, num_layers=1, d_model=32, num_heads=2, head_dim=16, d_ff=64))
-    longest = len(vocab.encode(texts[1])) + 1  # + EOS
+    longest = max(len(vocab.encode(t)) for t in texts) + 1  # + EOS
 
     def evaluator(**kw):
       return eval_lib.InferenceEvaluator(
@@ -190,6 +191,19 @@ def test_lm_decoding_with_measured_lengths_leaves_room_after_the_longest_example
     e = evaluator(max_decode_length=3)
     assert e.task_feature_lengths == {"targets": longest + 3}
     assert e._fns_args["max_decode_length"] == 3
+    caplog.set_level(logging.INFO)
+    flags = [f for f in model_flags(task_json, TASK) if "TASK_FEATURE_LENGTHS" not in f]
+    for mode, lengths in (("predict", 2 * longest), ("score", longest)):
+      caplog.clear()
+      assert run_binary("infer", ["--gin_file=runs/test_infer.gin", *flags,
+                                  f"--gin.MIXTURE_OR_TASK_NAME='{name}'",
+                                  "--gin.FEATURE_CONVERTER='lm'", f"--gin.INFER_MODE='{mode}'",
+                                  f"--gin.CHECKPOINT_PATH='{ckpt}'",
+                                  f"--gin.INFER_OUTPUT_DIR='{tmp_path / 'infer'}'"]) == 0
+      rows = (tmp_path / "infer" / f"{name}-{mode}.jsonl-00000-of-00001").read_text()
+      assert len(rows.splitlines()) == len(texts)
+      assert (f"room to decode {longest} tokens after each example: {{'targets': {lengths}}}"
+              in caplog.text) == (mode == "predict"), caplog.text
   finally:
     seqio.TaskRegistry.remove(name)
 

@@ -416,3 +416,30 @@ def test_training_eval_reads_its_batches_once_with_use_memory_cache(tmp_path, mo
     logged[cache] = read_metrics(tmp_path / str(cache) / "training_eval" / TASK / "metrics.jsonl")
   assert [r["step"] for r in logged[True]] == [0, 2, 4]
   assert logged[True] == logged[False]
+
+
+def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(tmp_path):
+  """A rerun that starts over at step 0 evaluates step 0 again: the killed run's lines and
+  TensorBoard points of step 0 and after are dropped (step 0's was kept, and then showed
+  twice)."""
+  from tensorboard.backend.event_processing import plugin_event_accumulator
+
+  def run():
+    return train_lib.train(
+        model=tiny_model(), train_dataset_cfg=dataset_cfg(),
+        train_eval_dataset_cfg=dataset_cfg("validation"),
+        partitioner=partitioning.Partitioner(num_partitions=1), model_dir=tmp_path,
+        total_steps=4, eval_period=2, eval_steps=1, log_every=1,
+        checkpoint_cfg=checkpoints.SaveCheckpointConfig(period=100))
+  first = run()
+  import shutil
+  shutil.rmtree(checkpoints.step_dir(tmp_path, 4))      # as if killed before saving it
+  second = run()
+  assert second["eval"] == pytest.approx(first["eval"])
+  for directory, want in [(tmp_path / "train", [1, 2, 3, 4]),
+                          (tmp_path / "training_eval" / TASK, [0, 2, 4])]:
+    assert [r["step"] for r in read_metrics(directory / "metrics.jsonl")] == want
+    acc = plugin_event_accumulator.EventAccumulator(str(directory),
+                                                    size_guidance={"tensors": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Tensors("loss")] == want, directory

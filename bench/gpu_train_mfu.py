@@ -1,14 +1,15 @@
 """bf16 MFU of a ~1B-parameter PaLM trained through train_lib's step (issue #4.10, accelerator).
 
-Prepared for a lent GPU (one H200); self-contained: synthetic tokens, no data pipeline, no
-checkpoints. It builds a PaLM decoder of ~1.0B parameters (16 layers, d_model 2048, 16 heads
-of 128 with multi-query attention, SwiGLU d_ff 8192, 32k shared vocabulary), jits
+Prepared for a lent GPU (one H100 or H200); self-contained: synthetic tokens, no data
+pipeline, no checkpoints. It builds a PaLM decoder of ~1.0B parameters (16 layers, d_model
+2048, 16 heads of 128 with multi-query attention, SwiGLU d_ff 8192, 32k shared vocabulary),
+jits
 `train_lib.make_train_step` through the `Partitioner` exactly as `train_lib.train` does
 (donated state, pinned shardings, `shard_batch` of a host batch every step), trains a handful
 of steps in bfloat16 (float32 parameters and Adafactor state), and prints
 
   * the measured peak of a large bf16 x bf16 -> f32 matmul on this device, and the spec peak
-    (H200 SXM: 989 TFLOP/s dense bf16);
+    (H100 and H200 SXM: 989 TFLOP/s dense bf16; H100 PCIe: 756);
   * step time, tokens/s, model FLOP/s (`train_lib.model_flops_per_token`: 6N + 12 L H Q T,
     no rematerialisation counted) and MFU against both peaks (target >= 50%; PaLM reported
     46.2% on TPU v4).
@@ -19,15 +20,18 @@ of steps in bfloat16 (float32 parameters and Adafactor state), and prints
 
 It needs jax (with the accelerator's plugin), flax, optax and orbax-checkpoint, not
 TensorFlow, seqio, gin or Beam (the train step's modules import without them), and runs
-from an uninstalled checkout, as on a lent H200 whose image has those packages:
+from an uninstalled checkout, as on a lent GPU whose image has those packages:
     PYTHONUNBUFFERED=1 python3 bench/gpu_train_mfu.py --json $OUT/gpu.json
 
-Exit status 0 whatever the MFU; `--json PATH` writes the numbers.
+Exit status 0 whatever the MFU; `--json PATH` writes the numbers. A setting that runs out
+of device memory is retried with rematerialised layers, then with half the batch (each
+retry is printed and listed in the JSON), so one call on a lent device gives a number.
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import os
 import sys
@@ -37,7 +41,6 @@ from pathlib import Path
 # Let XLA take most of the GPU's memory up front (must precede the first jax import).
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
 
-SPEC_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,7 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--peak_size", type=int, default=8192, help="n of the n^3 peak matmul")
   p.add_argument("--spec_peak_tflops", type=float, default=None,
-                 help="dense bf16 spec peak of one device (default: by device name)")
+                 help="dense bf16 spec peak of one device (default: by device name, "
+                      "train_lib.DEVICE_PEAK_FLOPS)")
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
   if args.tiny:
@@ -69,42 +73,30 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-def main(argv=None) -> int:
-  args = parse_args(argv)
+def _out_of_memory(e: Exception) -> bool:
+  text = str(e)
+  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def _smaller(args: argparse.Namespace) -> argparse.Namespace | None:
+  """The next setting to try after running out of memory: rematerialised layers first, then
+  half the batch; None when the batch is 1 already."""
+  if not args.remat:
+    return argparse.Namespace(**{**vars(args), "remat": True})
+  if args.batch > 1:
+    return argparse.Namespace(**{**vars(args), "batch": args.batch // 2})
+  return None
+
+
+def _timed_steps(args: argparse.Namespace, n_dev: int):
+  """Builds the model and trains it: (seconds per timed step, first step's seconds, losses,
+  parameters, global batch, length, model FLOPs per step)."""
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
   import numpy as np
-
-  try:
-    import palmflow  # noqa: F401
-  except ImportError:  # run from a checkout that is not installed (a lent accelerator)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
   from palmflow.trainer import lm, models, optimizers, train_lib
   from palmflow.trainer.partitioning import Partitioner
-
-  devices = jax.devices()
-  kind = devices[0].device_kind
-  n_dev = len(devices)
-  print(f"jax {jax.__version__}; {n_dev} x {kind} ({jax.default_backend()})", flush=True)
-
-  # Peak: a large bf16 x bf16 product accumulating in float32 (what the model's matmuls do).
-  n = args.peak_size
-  a = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(jnp.bfloat16)
-  b = jax.random.normal(jax.random.PRNGKey(2), (n, n), jnp.float32).astype(jnp.bfloat16)
-  dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-  jax.block_until_ready(dot(a, b))
-  best = float("inf")
-  for _ in range(10):
-    t = time.perf_counter()
-    jax.block_until_ready(dot(a, b))
-    best = min(best, time.perf_counter() - t)
-  measured_peak = 2 * n ** 3 / best
-  spec = args.spec_peak_tflops or next(
-      (v for k, v in SPEC_PEAK_TFLOPS.items() if k in kind), None)
-  print(f"peak bf16 matmul ({n}^3): {measured_peak / 1e12:.1f} TFLOP/s measured"
-        + (f"; spec {spec:.0f} TFLOP/s" if spec else ""), flush=True)
-  del a, b
 
   config = models.PaLMConfig(
       vocab_size=args.vocab, num_layers=args.layers, d_model=args.d_model,
@@ -164,6 +156,60 @@ def main(argv=None) -> int:
   if args.warmup > 1:
     run(args.warmup - 1)
   seconds = run(args.steps) / args.steps
+  return seconds, t_compile, losses, n_params, B, L, flops_per_step
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  import jax
+  import jax.numpy as jnp
+
+  try:
+    import palmflow  # noqa: F401
+  except ImportError:  # run from a checkout that is not installed (a lent accelerator)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+  devices = jax.devices()
+  kind = devices[0].device_kind
+  n_dev = len(devices)
+  print(f"jax {jax.__version__}; {n_dev} x {kind} ({jax.default_backend()})", flush=True)
+
+  # Peak: a large bf16 x bf16 product accumulating in float32 (what the model's matmuls do).
+  n = args.peak_size
+  a = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(jnp.bfloat16)
+  b = jax.random.normal(jax.random.PRNGKey(2), (n, n), jnp.float32).astype(jnp.bfloat16)
+  dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  jax.block_until_ready(dot(a, b))
+  best = float("inf")
+  for _ in range(10):
+    t = time.perf_counter()
+    jax.block_until_ready(dot(a, b))
+    best = min(best, time.perf_counter() - t)
+  measured_peak = 2 * n ** 3 / best
+  from palmflow.trainer import train_lib
+  known = train_lib.device_peak_flops(kind, "bfloat16")  # data-sheet dense bf16 peaks
+  spec = args.spec_peak_tflops or (known / 1e12 if known else None)
+  print(f"peak bf16 matmul ({n}^3): {measured_peak / 1e12:.1f} TFLOP/s measured"
+        + (f"; spec {spec:.0f} TFLOP/s" if spec else ""), flush=True)
+  del a, b
+
+  out_of_memory = []  # the settings that did not fit
+  while True:
+    try:
+      seconds, t_compile, losses, n_params, B, L, flops_per_step = _timed_steps(args, n_dev)
+      break
+    except Exception as e:  # noqa: BLE001 - XLA reports running out of memory as it likes
+      smaller = _smaller(args) if _out_of_memory(e) else None
+      if smaller is None:
+        raise
+      print(f"out of device memory with batch {args.batch}{' and remat' * args.remat} "
+            f"({str(e).splitlines()[0][:160]}); retrying with batch {smaller.batch}"
+            f"{' and remat' * smaller.remat}", flush=True)
+    # Out of the handler, the failed attempt's arrays are garbage (its traceback is gone).
+    out_of_memory.append({"batch": args.batch, "remat": args.remat})
+    args = smaller
+    gc.collect()
+    jax.clear_caches()
   tokens_per_s = B * L / seconds
   flops = flops_per_step / seconds
   mfu_measured = flops / (measured_peak * n_dev)
@@ -188,6 +234,7 @@ def main(argv=None) -> int:
         "model_flops_per_second": flops, "measured_peak_flops": measured_peak,
         "spec_peak_tflops": spec, "mfu_measured_peak": mfu_measured, "mfu_spec_peak": mfu_spec,
         "first_step_seconds": t_compile, "losses": losses, "memory": mem,
+        "out_of_memory": out_of_memory,
         "args": vars(args)}, indent=1))
     print(f"wrote {args.json}")
   return 0

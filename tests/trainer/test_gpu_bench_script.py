@@ -49,3 +49,39 @@ def test_gpu_script_runs_without_tensorflow_seqio_gin_or_beam(tmp_path):
   assert f"palmflow from {REPO / 'palmflow' / '__init__.py'}" in proc.stdout, proc.stdout
   assert result["seconds_per_step"] > 0 and 0 < result["mfu_measured_peak"] < 1, result
   assert all(map(math.isfinite, result["losses"])) and len(result["losses"]) >= 2, result
+
+
+def test_gpu_script_retries_a_setting_that_runs_out_of_memory(tmp_path, monkeypatch, capsys):
+  """Device time is scarce: a setting that runs out of memory is retried with remat, then
+  with half the batch, and the JSON lists what did not fit; any other error is raised."""
+  import importlib.util
+  import pytest
+  from palmflow.trainer import train_lib
+  spec = importlib.util.spec_from_file_location("gpu_train_mfu",
+                                                REPO / "bench" / "gpu_train_mfu.py")
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  partition = train_lib.partition_train_step
+  failures = []
+
+  def failing(*args, **kwargs):
+    step = partition(*args, **kwargs)
+
+    def run(*a):  # each step call takes the next of `failures`: an error, or None to run
+      error = failures.pop(0)
+      if error:
+        raise error
+      return step(*a)
+    return run
+  monkeypatch.setattr(train_lib, "partition_train_step", failing)
+  oom = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.1GiB")
+  failures[:] = [oom, oom] + [None] * 99
+  out = tmp_path / "gpu.json"
+  assert script.main(["--tiny", "--batch", "2", "--json", str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert result["out_of_memory"] == [{"batch": 2, "remat": False}, {"batch": 2, "remat": True}]
+  assert result["args"]["batch"] == 1 and result["args"]["remat"]
+  assert "out of device memory with batch 2 (RESOURCE_EXHAUSTED" in capsys.readouterr().out
+  failures[:] = [ValueError("a bug, not memory")] + [None] * 99
+  with pytest.raises(ValueError, match="a bug"):
+    script.main(["--tiny", "--json", str(out)])

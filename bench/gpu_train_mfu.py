@@ -206,7 +206,7 @@ def main(argv=None) -> int:
             f"({str(e).splitlines()[0][:160]}); retrying with batch {smaller.batch}"
             f"{' and remat' * smaller.remat}", flush=True)
     # Out of the handler, the failed attempt's arrays are garbage (its traceback is gone).
-    out_of_memory.append({"batch": args.batch, "remat": args.remat})
+    out_of_memory.append({"batch_per_device": args.batch, "remat": args.remat})
     args = smaller
     gc.collect()
     jax.clear_caches()
@@ -226,7 +226,9 @@ def main(argv=None) -> int:
         + (f"; vs spec {spec:.0f} TFLOP/s: {100 * mfu_spec:.1f}%" if spec else "")
         + " (target >= 50%)")
   if mem:
-    print("device memory: " + ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in mem.items()))
+    print("device memory" + (" (the process's peak: failed tries included)" if out_of_memory
+                             else "") + ": "
+          + ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in mem.items()))
   if args.json:
     Path(args.json).write_text(json.dumps({
         "device": kind, "devices": n_dev, "jax": jax.__version__, "params": n_params,

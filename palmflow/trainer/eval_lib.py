@@ -540,9 +540,10 @@ class InferenceEvaluator:
         files[t.name] = str(path)
         if jax.process_index() == 0:  # every process computed the same; one writes
           self._write_predictions(path, t.name, fns.option_scores)
+          # The metrics line last: it is what marks the step evaluated (`logged`).
+          self._summarize(t.name, step, metrics.get(t.name, {}))
           _append_metrics_line(self._out / f"{t.name}-metrics.jsonl", step,
                                metrics.get(t.name, {}))
-          self._summarize(t.name, step, metrics.get(t.name, {}))
     finally:
       fns.set_params(None)  # the parameters are not kept alive here
     log.info("eval at step %d: %s", step, metrics)
@@ -575,6 +576,8 @@ class InferenceEvaluator:
       number = f.stem.rsplit("-", 1)[-1]
       if number.isdigit() and int(number) > step:
         f.unlink()
+    for f in self._out.glob("*.jsonl.tmp"):  # a predictions file a killed run was writing
+      f.unlink()
 
   def _summarize(self, task: str, step: int, metrics: dict[str, float]) -> None:
     """TensorBoard scalars `eval/<metric>` in `<output_dir>/<task>/`, as seqio's

@@ -56,11 +56,13 @@ class MetricsWriter:
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self._enabled:
       return
+    # The events first: a run killed between the two has not logged the step (its line is
+    # missing), so the resumed run logs it again and its marker drops the stray points.
+    if self._tb is not None:
+      self._tb.scalars(step, metrics)
     with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
       f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}})
               + "\n")
-    if self._tb is not None:
-      self._tb.scalars(step, metrics)
 
 
 def _inference_evaluator(cfg: data_lib.DatasetConfig, *, model, partitioner, output_dir: Path,

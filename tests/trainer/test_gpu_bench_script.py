@@ -53,35 +53,43 @@ def test_gpu_script_runs_without_tensorflow_seqio_gin_or_beam(tmp_path):
 
 def test_gpu_script_retries_a_setting_that_runs_out_of_memory(tmp_path, monkeypatch, capsys):
   """Device time is scarce: a setting that runs out of memory is retried with remat, then
-  with half the batch, and the JSON lists what did not fit; any other error is raised."""
+  with half the batch, after the failed try's arrays are freed; the JSON lists what did not
+  fit; any other error is raised."""
   import importlib.util
+  import weakref
+  import jax
   import pytest
   from palmflow.trainer import train_lib
+  # The script sets XLA_PYTHON_CLIENT_MEM_FRACTION if unset: not for the later tests.
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
   spec = importlib.util.spec_from_file_location("gpu_train_mfu",
                                                 REPO / "bench" / "gpu_train_mfu.py")
   script = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(script)
   partition = train_lib.partition_train_step
-  failures = []
+  failures, failed_params = [], []
 
   def failing(*args, **kwargs):
     step = partition(*args, **kwargs)
 
-    def run(*a):  # each step call takes the next of `failures`: an error, or None to run
+    def run(params, *rest):  # each step takes the next of `failures`: an error, or None
       error = failures.pop(0)
       if error:
-        raise error
-      return step(*a)
+        failed_params.append(weakref.ref(jax.tree.leaves(params)[0]))
+        raise error()
+      return step(params, *rest)
     return run
   monkeypatch.setattr(train_lib, "partition_train_step", failing)
-  oom = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.1GiB")
+  oom = lambda: RuntimeError("RESOURCE_EXHAUSTED: Out of memory while allocating 9.1GiB")
   failures[:] = [oom, oom] + [None] * 99
   out = tmp_path / "gpu.json"
-  assert script.main(["--tiny", "--batch", "2", "--json", str(out)]) == 0
+  assert script.main(["--tiny", "--json", str(out)]) == 0   # --tiny: batch 2 a device
   result = json.loads(out.read_text())
-  assert result["out_of_memory"] == [{"batch": 2, "remat": False}, {"batch": 2, "remat": True}]
+  assert result["out_of_memory"] == [{"batch_per_device": 2, "remat": False},
+                                     {"batch_per_device": 2, "remat": True}]
   assert result["args"]["batch"] == 1 and result["args"]["remat"]
   assert "out of device memory with batch 2 (RESOURCE_EXHAUSTED" in capsys.readouterr().out
-  failures[:] = [ValueError("a bug, not memory")] + [None] * 99
+  assert len(failed_params) == 2 and all(ref() is None for ref in failed_params)
+  failures[:] = [lambda: ValueError("a bug, not memory")] + [None] * 99
   with pytest.raises(ValueError, match="a bug"):
     script.main(["--tiny", "--json", str(out)])

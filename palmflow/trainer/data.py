@@ -177,7 +177,14 @@ def get_dataset(cfg: DatasetConfig, *, shard_index: int = 0, num_shards: int = 1
   ds = ds.batch(cfg.batch_size // num_shards, drop_remainder=num_epochs is None)
   if skip_batches:
     ds = ds.skip(skip_batches)
-  return ds.prefetch(tf.data.AUTOTUNE)
+  # No tf.data autotuning thread: with TF 2.21, a training run's iterator often kept its
+  # destructor waiting on that thread's sleep (13-16 s of 50 s demo runs, after the last
+  # step; the thread sleeps up to a minute between tunings), and the steps were as fast
+  # without it. The parallel maps take TF's default parallelism; the prefetch buffer keeps
+  # its own tuning.
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 def as_numpy(batch: Mapping[str, tf.Tensor]) -> dict[str, np.ndarray]:

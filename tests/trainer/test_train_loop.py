@@ -443,3 +443,12 @@ def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(tmp_path):
                                                     size_guidance={"tensors": 0})
     acc.Reload()
     assert [e.step for e in acc.Tensors("loss")] == want, directory
+
+
+def test_the_training_data_runs_without_the_tf_data_autotuning_thread():
+  """get_dataset turns tf.data's autotuning thread off: with TF 2.21 it often kept a
+  finished run's iterator waiting for its sleep (up to a minute) before the binary could
+  exit. The batches come as before."""
+  ds = data.get_dataset(dataset_cfg(), num_epochs=1)
+  assert ds.options().autotune.enabled is False
+  assert next(ds.as_numpy_iterator())["decoder_target_tokens"].shape == (BATCH, LENGTH)

@@ -23,9 +23,10 @@ TensorFlow, seqio, gin or Beam (the train step's modules import without them), a
 from an uninstalled checkout, as on a lent GPU whose image has those packages:
     PYTHONUNBUFFERED=1 python3 bench/gpu_train_mfu.py --json $OUT/gpu.json
 
-Exit status 0 whatever the MFU; `--json PATH` writes the numbers. A setting that runs out
-of device memory is retried with rematerialised layers, then with half the batch (each
-retry is printed and listed in the JSON), so one call on a lent device gives a number.
+Exit status 0 whatever the MFU; `--json PATH` writes the numbers. A setting whose steps run
+out of device memory is retried with rematerialised layers, then with half the batch (each
+retry is printed and listed in the JSON), so one call on a lent device gives a number;
+parameters and optimizer state that do not fit end the run at once (ParametersDoNotFit).
 """
 from __future__ import annotations
 
@@ -73,7 +74,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
+class ParametersDoNotFit(Exception):
+  """The model's state does not fit on the device, whatever the batch (not retried)."""
+
+
 def _out_of_memory(e: Exception) -> bool:
+  if isinstance(e, ParametersDoNotFit):
+    return False
   text = str(e)
   return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
@@ -120,10 +127,17 @@ def _timed_steps(args: argparse.Namespace, n_dev: int):
   # As train_lib.train: sharded init, optimizer state on the mesh, donated pinned state.
   partitioner = Partitioner(num_partitions=1)
   init_fn = functools.partial(model.init, batch_size=1, length=L)
-  variables, abstract = partitioner.sharded_init(init_fn, jax.random.PRNGKey(0))
-  params = variables["params"]
-  tx = optimizers.with_param_axes(model.optimizer, nn.get_partition_spec(abstract["params"]))
-  opt_state = train_lib.place_on_mesh(jax.jit(tx.init)(params), partitioner.mesh)
+  try:
+    variables, abstract = partitioner.sharded_init(init_fn, jax.random.PRNGKey(0))
+    params = variables["params"]
+    tx = optimizers.with_param_axes(model.optimizer,
+                                    nn.get_partition_spec(abstract["params"]))
+    opt_state = train_lib.place_on_mesh(jax.jit(tx.init)(params), partitioner.mesh)
+  except Exception as e:  # noqa: BLE001
+    if _out_of_memory(e):  # no retry with remat or a smaller batch can make these fit
+      raise ParametersDoNotFit(f"the parameters and optimizer state alone exceed the "
+                               f"device's memory: {str(e).splitlines()[0][:160]}") from None
+    raise
   step_fn = train_lib.partition_train_step(
       partitioner, train_lib.make_train_step(model, tx, num_microbatches=1, dropout_seed=0,
                                              learning_rate_fn=schedule),

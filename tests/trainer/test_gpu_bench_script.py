@@ -93,3 +93,10 @@ def test_gpu_script_retries_a_setting_that_runs_out_of_memory(tmp_path, monkeypa
   failures[:] = [lambda: ValueError("a bug, not memory")] + [None] * 99
   with pytest.raises(ValueError, match="a bug"):
     script.main(["--tiny", "--json", str(out)])
+  # The model's state itself not fitting is not retried: no batch or remat changes it.
+  def state_too_big(*args):
+    raise oom()
+  monkeypatch.setattr(train_lib, "place_on_mesh", state_too_big)
+  with pytest.raises(script.ParametersDoNotFit, match="optimizer state alone exceed"):
+    script.main(["--tiny", "--json", str(out)])
+  assert "retrying" not in capsys.readouterr().out

@@ -552,10 +552,9 @@ class InferenceEvaluator:
   def logged(self, step: int) -> dict[str, dict] | None:
     """{task: metrics} that an earlier evaluation of `step` wrote to `output_dir` (its
     predictions file and metrics line for every task), or None if any is missing."""
-    from palmflow.trainer.train_lib import logged_line
     out = {}
     for t in self._evaluator.eval_tasks:
-      metrics = logged_line(self._out / f"{t.name}-metrics.jsonl", step)
+      metrics = summaries.logged_line(self._out / f"{t.name}-metrics.jsonl", step)
       if metrics is None or not predictions_path(self._out, t.name, step).exists():
         return None
       out[t.name] = metrics
@@ -566,11 +565,10 @@ class InferenceEvaluator:
     wrote for them (predictions files, metrics lines), and TensorBoard drops their points
     when it reads this run's events (`summaries.EventWriter`'s restart marker at `step` +
     1)."""
-    from palmflow.trainer.train_lib import truncate_metrics
     if jax.process_index() != 0:
       return
     for t in self._evaluator.eval_tasks:
-      truncate_metrics(self._out / f"{t.name}-metrics.jsonl", step)
+      summaries.truncate_metrics(self._out / f"{t.name}-metrics.jsonl", step)
       self._restart_steps[t.name] = step + 1
     for f in self._out.glob("*.jsonl"):
       number = f.stem.rsplit("-", 1)[-1]

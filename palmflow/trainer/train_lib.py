@@ -85,45 +85,6 @@ def _inference_evaluator(cfg: data_lib.DatasetConfig, *, model, partitioner, out
   return evaluator
 
 
-def truncate_metrics(path: Path, max_step: int) -> None:
-  """Drops logged lines after `max_step` (a resumed run re-logs those steps).
-
-  A line that is not a whole JSON record (the run was killed while appending it) is dropped
-  with a warning. The file is replaced atomically.
-  """
-  if not path.exists():
-    return
-  keep = []
-  for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-    if not line.strip():
-      continue
-    try:
-      step = json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-      log.warning("%s:%d: dropping a partly written metrics line (the run was interrupted "
-                  "while writing it)", path, number)
-      continue
-    if step <= max_step:
-      keep.append(line)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text("".join(l + "\n" for l in keep), encoding="utf-8")
-  tmp.replace(path)
-
-
-def logged_line(path: Path, step: int) -> dict | None:
-  """The metrics logged for `step` in a metrics.jsonl (without "step"), or None."""
-  if not path.exists():
-    return None
-  for line in path.read_text(encoding="utf-8").splitlines():
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError:
-      continue
-    if isinstance(record, dict) and record.get("step") == step:
-      return {k: v for k, v in record.items() if k != "step"}
-  return None
-
-
 def _agreed(flag: bool) -> bool:
   """Process 0's `flag` on every process (they must take the same branches around
   collectives, and only process 0 writes the files the flag is read from)."""
@@ -656,16 +617,16 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
                                           or start_step == total_steps)
     train_writer = MetricsWriter(model_dir / "train", restart_step=start_step + 1)
     if writes:
-      truncate_metrics(model_dir / "train" / "metrics.jsonl", start_step)
+      summaries.truncate_metrics(model_dir / "train" / "metrics.jsonl", start_step)
     eval_writer, logged_eval, eval_again = None, None, False
     if train_eval_dataset_cfg is not None:
       eval_dir = model_dir / "training_eval" / train_eval_dataset_cfg.mixture_or_task_name
       if resumed_at_eval:
-        logged_eval = logged_line(eval_dir / "metrics.jsonl", start_step)
+        logged_eval = summaries.logged_line(eval_dir / "metrics.jsonl", start_step)
       eval_again = ((start_step == 0 and total_steps > 0)
                     or (resumed_at_eval and not _agreed(logged_eval is not None)))
       if writes:
-        truncate_metrics(eval_dir / "metrics.jsonl", start_step - eval_again)
+        summaries.truncate_metrics(eval_dir / "metrics.jsonl", start_step - eval_again)
       eval_writer = MetricsWriter(eval_dir, restart_step=start_step - eval_again + 1)
     infer_evaluator, logged_infer, infer_again = None, None, False
     if infer_eval_dataset_cfg is not None:
@@ -734,7 +695,7 @@ def train(*, model: DecoderOnlyModel, train_dataset_cfg: data_lib.DatasetConfig,
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     flops_per_token = model_flops_per_token(model.config, num_params=n_params, length=length)
     if resumed_at_eval:
-      last_train = logged_line(model_dir / "train" / "metrics.jsonl", start_step) or {}
+      last_train = summaries.logged_line(model_dir / "train" / "metrics.jsonl", start_step) or {}
       last_eval = logged_eval or {}
       last_infer_eval = logged_infer or {}
     if eval_again:

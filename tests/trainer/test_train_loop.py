@@ -24,7 +24,7 @@ import tensorflow as tf
 import progressions
 from palmflow.errors import ConfigError
 from palmflow.trainer import (checkpoints, data, gin_utils, lm, models, optimizers, partitioning,
-                              precision, train_lib)
+                              precision, summaries, train_lib)
 
 GIN_DIR = pathlib.Path(__file__).resolve().parents[2] / "gin"
 VOCAB, LENGTH, BATCH = 64, 32, 8
@@ -349,7 +349,7 @@ def test_a_resume_drops_a_half_written_metrics_line_and_later_steps(tmp_path, ca
   path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
                   '{"step": 3, "loss": 1.2}\n{"step": 4, "lo')
   caplog.set_level("WARNING", logger="palmflow")
-  train_lib.truncate_metrics(path, 2)
+  summaries.truncate_metrics(path, 2)
   assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
   assert f"{path}:4: dropping a partly written metrics line" in caplog.text
   assert not list(tmp_path.glob("*.tmp"))
